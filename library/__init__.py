@@ -1,0 +1,1 @@
+"""Shared code behind the suite's scripts: model I/O, datasets, configs, the training loop."""

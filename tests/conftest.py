@@ -1,0 +1,27 @@
+"""Shared fixtures. Everything runs offline on tiny models generated here."""
+
+import os
+import tempfile
+
+# No test may reach a model hub or a user's cache: fail fast instead of downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-empty-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from library.testing import write_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """The tiny SD1/SD2 models (folders + single files), tokenizers and DreamBooth dataset."""
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
