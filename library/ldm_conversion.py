@@ -209,6 +209,19 @@ def infer_architecture(
     )
 
 
+def vae_only_architecture(state_dict: dict[str, torch.Tensor]) -> LdmArchitecture:
+    """The architecture of a file that holds only a VAE (``--vae``)."""
+    config = {
+        "model": {
+            "params": {
+                "scale_factor": VAE_SCALE_FACTOR,
+                "first_stage_config": {"params": {"ddconfig": _infer_vae_params(state_dict)}},
+            }
+        }
+    }
+    return LdmArchitecture(v2=False, original_config=config, text_config={}, sample_size=64)
+
+
 def unet_config_from_ldm(arch: LdmArchitecture, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     config = create_unet_diffusers_config_from_ldm(arch.original_config, state_dict)
     config["sample_size"] = arch.sample_size

@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from library import ldm_conversion as conv
 from library.errors import CheckpointError, TokenizerNotFoundError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.noise import make_training_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,6 @@ class StableDiffusionModel:
     def base_model_version(self) -> str:
         """kohya's ``ss_base_model_version`` value."""
         return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_parameterization else "")
-
-
-def make_noise_scheduler(v_parameterization: bool) -> DDPMScheduler:
-    """The DDPM schedule SD1.x/SD2.x were trained with (as kohya builds it)."""
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-    )
 
 
 def load_stable_diffusion(
@@ -113,7 +102,14 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableD
         v_parameterization = prediction == "v_prediction"
     tokenizer = _load_tokenizer_folder(path / "tokenizer", path)
     return StableDiffusionModel(
-        text_encoder, vae, unet, tokenizer, make_noise_scheduler(v_parameterization), v2, v_parameterization, str(path)
+        text_encoder,
+        vae,
+        unet,
+        tokenizer,
+        make_training_scheduler(v_parameterization),
+        v2,
+        v_parameterization,
+        str(path),
     )
 
 
@@ -175,7 +171,7 @@ def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, 
         vae,
         unet,
         tokenizer,
-        make_noise_scheduler(v_parameterization),
+        make_training_scheduler(v_parameterization),
         v2,
         v_parameterization,
         str(path),
@@ -209,6 +205,32 @@ def _not_sd_message(path: Path, state_dict: dict[str, torch.Tensor]) -> str:
     else:
         hint = f"first key is '{keys[0]}'" if keys else "it holds no tensors"
     return f"'{path}' is not a Stable Diffusion checkpoint (no model.diffusion_model.* keys): {hint}"
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """kohya's ``--vae``: a diffusers VAE folder (or model folder), or a single file holding an LDM
+    VAE (``encoder.*``, as released VAEs ship) or a whole LDM model (``first_stage_model.*``)."""
+    path = Path(path)
+    if path.is_dir():
+        subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+        try:
+            return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"--vae '{path}' is not a diffusers VAE folder: {str(err).splitlines()[0]}") from err
+    state_dict = read_state_dict(path)
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state_dict):
+        raise CheckpointError(
+            f"--vae '{path}' is a bare diffusers VAE state dict: pass the folder with its config.json"
+        )
+    if not any(k.startswith(conv.VAE_PREFIX) for k in state_dict):
+        state_dict = {conv.VAE_PREFIX + k: v for k, v in state_dict.items()}
+    if f"{conv.VAE_PREFIX}encoder.conv_in.weight" not in state_dict:
+        raise CheckpointError(f"--vae '{path}' holds no VAE weights (no encoder.conv_in.weight)")
+    vae_config = conv.vae_config_from_ldm(conv.vae_only_architecture(state_dict), state_dict)
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(vae_config)
+    _assign(vae, conv.convert_vae_from_ldm(state_dict, vae_config), path, "VAE")
+    return vae.to(dtype) if dtype is not None else vae
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from library.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models import (
     TOKENIZER_IDS,
     StableDiffusionModel,
-    make_noise_scheduler,
     save_diffusers_folder,
     save_ldm_checkpoint,
 )
+from library.noise import make_training_scheduler
 
 TEXT_WIDTH = 64
 # Words of the fixture captions get whole-word BPE tokens; anything else falls back to bytes.
@@ -185,7 +185,7 @@ def build_tiny_model(v2: bool, tokenizer: CLIPTokenizer, seed: int = 0) -> Stabl
         vae=vae,
         unet=unet,
         tokenizer=tokenizer,
-        noise_scheduler=make_noise_scheduler(v_parameterization=v2),
+        noise_scheduler=make_training_scheduler(v_parameterization=v2),
         v2=v2,
         v_parameterization=v2,
         source="tiny",

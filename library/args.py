@@ -1,0 +1,397 @@
+"""kohya's command-line flags, ``--config_file`` toml handling and argument checks.
+
+Flag names, types and defaults are kohya sd-scripts' (including odd defaults such as
+``--learning_rate 2e-6`` and ``--caption_extension .caption``), so existing command lines and
+config files work unchanged. Unlike kohya, a config file key that no flag knows is an error, and
+kohya flags this suite does not implement are refused when set instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from library.errors import ConfigError
+
+
+def int_or_float(value: str) -> int | float:
+    """kohya's step-or-ratio values: ``500`` steps, ``0.1`` or ``10%`` of the training steps."""
+    if value.endswith("%"):
+        return float(value[:-1]) / 100
+    number = float(value)
+    return int(number) if number >= 1 and number.is_integer() else number
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, help="diffusers folder or .safetensors/.ckpt file")
+    g.add_argument("--v2", action="store_true", help="SD2.x model (detected from single files)")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD2.x 768-v)")
+    g.add_argument("--tokenizer_cache_dir", type=str, help="folder holding the CLIP tokenizer (kohya layout)")
+    g.add_argument("--vae", type=str, help="replace the VAE: diffusers folder or single file")
+    g.add_argument("--clip_skip", type=int, help="use the output of the n-th last text encoder layer")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    g.add_argument("--lowram", action="store_true", help="accepted for compatibility (models load lazily)")
+    g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--train_data_dir", type=str, help="parent of DreamBooth 'N_class' folders, or --in_json images")
+    g.add_argument("--reg_data_dir", type=str, help="parent of regularization 'N_class' folders")
+    g.add_argument("--in_json", type=str, help="fine-tuning metadata json")
+    g.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the --in_json dataset")
+    g.add_argument("--dataset_config", type=Path, help="dataset toml/json (kohya's [general]/[[datasets]] schema)")
+    g.add_argument("--resolution", type=str, help="'512' or 'width,height'")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--caption_extension", type=str, default=".caption")
+    g.add_argument("--caption_extention", type=str, help="kohya's misspelled alias of --caption_extension")
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--caption_separator", type=str, default=",")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--keep_tokens_separator", type=str, default="")
+    g.add_argument("--secondary_separator", type=str)
+    g.add_argument("--enable_wildcard", action="store_true")
+    g.add_argument("--caption_prefix", type=str)
+    g.add_argument("--caption_suffix", type=str)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--token_warmup_min", type=int, default=1)
+    g.add_argument("--token_warmup_step", type=float, default=0)
+    g.add_argument("--color_aug", action="store_true")
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--face_crop_aug_range", type=str)
+    g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")
+    g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8)
+    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--max_token_length", type=int, choices=[75, 150, 225])
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--debug_dataset", action="store_true", help="print batches and stop")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str)
+    g.add_argument("--output_name", type=str)
+    g.add_argument("--save_model_as", choices=["safetensors", "ckpt", "pt"], default="safetensors")
+    g.add_argument("--save_precision", choices=["float", "fp16", "bf16"])
+    g.add_argument("--save_every_n_epochs", type=int)
+    g.add_argument("--save_every_n_steps", type=int)
+    g.add_argument("--save_n_epoch_ratio", type=int)
+    g.add_argument("--save_last_n_epochs", type=int)
+    g.add_argument("--save_last_n_steps", type=int)
+    g.add_argument("--save_last_n_epochs_state", type=int)
+    g.add_argument("--save_last_n_steps_state", type=int)
+    g.add_argument("--save_state", action="store_true", help="save optimizer/scheduler/RNG state with each save")
+    g.add_argument("--save_state_on_train_end", action="store_true")
+    g.add_argument("--resume", type=str, help="state folder written by --save_state")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--full_fp16", action="store_true")
+    g.add_argument("--full_bf16", action="store_true")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--xformers", action="store_true")
+    g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (the default here)")
+    g.add_argument("--mem_eff_attn", action="store_true")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
+    g.add_argument("--ddp_timeout", type=int, help="seconds; multi-process only")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--training_comment", type=str)
+    g.add_argument("--no_metadata", action="store_true")
+    for name in ("title", "author", "description", "license", "tags"):
+        g.add_argument(f"--metadata_{name}", type=str)
+
+
+def add_noise_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("noise and loss")
+    g.add_argument("--noise_offset", type=float)
+    g.add_argument("--noise_offset_random_strength", action="store_true")
+    g.add_argument("--adaptive_noise_scale", type=float)
+    g.add_argument("--multires_noise_iterations", type=int)
+    g.add_argument("--multires_noise_discount", type=float, default=0.3)
+    g.add_argument("--ip_noise_gamma", type=float)
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true")
+    g.add_argument("--min_snr_gamma", type=float)
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
+    g.add_argument("--v_pred_like_loss", type=float)
+    g.add_argument("--debiased_estimation_loss", action="store_true")
+    g.add_argument("--zero_terminal_snr", action="store_true")
+    g.add_argument("--min_timestep", type=int)
+    g.add_argument("--max_timestep", type=int)
+    g.add_argument("--loss_type", choices=["l1", "l2", "huber", "smooth_l1"], default="l2")
+    g.add_argument("--huber_schedule", choices=["constant", "exponential", "snr"], default="snr")
+    g.add_argument("--huber_c", type=float, default=0.1)
+    g.add_argument("--huber_scale", type=float, default=1.0)
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Lion, Adafactor, ...")
+    g.add_argument("--optimizer_args", type=str, nargs="*", help="key=value, values parsed as Python literals")
+    g.add_argument("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
+    g.add_argument("--use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
+    g.add_argument("--learning_rate", type=float, default=2.0e-6)
+    g.add_argument("--lr_scheduler", type=str, default="constant")
+    g.add_argument("--lr_warmup_steps", type=int_or_float, default=0)
+    g.add_argument("--lr_decay_steps", type=int_or_float, default=0)
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float)
+    g.add_argument("--lr_scheduler_type", type=str, default="", help="any torch scheduler class, dotted path")
+    g.add_argument("--lr_scheduler_args", type=str, nargs="*")
+
+
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network")
+    g.add_argument("--network_module", type=str, help="e.g. networks.lora, networks.lilora, networks.lowrank_ffn")
+    g.add_argument("--network_dim", type=int)
+    g.add_argument("--network_alpha", type=float, default=1)
+    g.add_argument("--network_dropout", type=float)
+    g.add_argument("--network_args", type=str, nargs="*", help="key=value pairs for the network module")
+    g.add_argument("--network_weights", type=str, help="start from these weights")
+    g.add_argument("--dim_from_weights", action="store_true")
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+    g.add_argument("--unet_lr", type=float)
+    g.add_argument("--text_encoder_lr", type=float, nargs="*")
+    g.add_argument("--scale_weight_norms", type=float)
+    g.add_argument("--base_weights", type=str, nargs="*")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sample images")
+    g.add_argument("--sample_prompts", type=str, help=".txt (kohya prompt lines), .toml or .json")
+    g.add_argument("--sample_every_n_steps", type=int)
+    g.add_argument("--sample_every_n_epochs", type=int)
+    g.add_argument("--sample_at_first", action="store_true")
+    g.add_argument("--sample_sampler", type=str, default="ddim")
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--logging_dir", type=str, help="TensorBoard folder")
+    g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"])
+    g.add_argument("--log_prefix", type=str)
+    g.add_argument("--log_tracker_name", type=str)
+    g.add_argument("--log_config", action="store_true", help="log the arguments to the tracker")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("config files")
+    g.add_argument("--config_file", type=str, help="toml of these flags (CLI flags override it)")
+    g.add_argument("--output_config", action="store_true", help="write non-default flags to --config_file, exit")
+
+
+def train_network_parser() -> argparse.ArgumentParser:
+    """kohya's train_network.py flags (SD1.x/SD2.x)."""
+    parser = argparse.ArgumentParser(
+        prog="train_network.py", description="Train a LoRA-style network on SD1.x/SD2.x", allow_abbrev=False
+    )
+    for add in (
+        add_model_args,
+        add_dataset_args,
+        add_training_args,
+        add_noise_args,
+        add_optimizer_args,
+        add_network_args,
+        add_sampling_args,
+        add_logging_args,
+        add_config_args,
+    ):
+        add(parser)
+    return parser
+
+
+# kohya flags with no counterpart here: accepted at their defaults (GUI-exported configs list them
+# all), refused with a clear message when set.
+UNSUPPORTED_KOHYA_FLAGS = {
+    "deepspeed": "DeepSpeed",
+    "zero_stage": "DeepSpeed",
+    "fp8_base": "float8 base weights",
+    "fp8_base_unet": "float8 base weights",
+    "huggingface_repo_id": "uploading to the Hugging Face hub",
+    "resume_from_huggingface": "resuming from the Hugging Face hub",
+    "save_state_to_huggingface": "uploading to the Hugging Face hub",
+    "dataset_class": "custom dataset classes",
+    "masked_loss": "masked loss",
+    "alpha_mask": "alpha-mask loss",
+    "conditioning_data_dir": "masked loss",
+    "weighted_captions": "weighted captions",
+    "validation_split": "validation splits",
+    "fused_backward_pass": "fused backward passes",
+    "cpu_offload_checkpointing": "checkpoint offloading",
+    "wandb_api_key": "wandb keys in config files",
+}
+_UNSUPPORTED_FALSEY = (None, False, "", 0, 0.0, [], "none", "None")
+
+
+def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
+    """Turn flattened toml keys into command-line tokens so argparse types and validates them."""
+    actions = {a.dest: a for a in parser._actions}  # argparse has no public lookup by dest
+    unknown = [k for k in config if k not in actions and k not in UNSUPPORTED_KOHYA_FLAGS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise ConfigError(f"{source}: unknown keys: {', '.join(hints)}")
+    argv: list[str] = []
+    for key, value in config.items():
+        if key in UNSUPPORTED_KOHYA_FLAGS:
+            if value not in _UNSUPPORTED_FALSEY:
+                raise ConfigError(f"{source}: '{key}' ({UNSUPPORTED_KOHYA_FLAGS[key]}) is not supported by this suite")
+            continue
+        action = actions[key]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+            if value:
+                argv.append(action.option_strings[0])
+            continue
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if action.nargs not in ("*", "+") and isinstance(value, list):
+            if key == "resolution":
+                values = [",".join(str(v) for v in value)]
+            else:
+                raise ConfigError(f"{source}: '{key}' takes one value, got a list")
+        argv.append(action.option_strings[0])
+        argv.extend(str(v) for v in values)
+    return argv
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """kohya's ``--config_file``: every table's keys are flattened; returns them as argv tokens."""
+    config_path = Path(path if path.endswith(".toml") else f"{path}.toml")
+    if not config_path.is_file():
+        raise ConfigError(f"--config_file '{config_path}' does not exist")
+    try:
+        raw = toml.load(config_path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot parse --config_file '{config_path}': {err}") from err
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for sub_key, sub_value in items:
+            if isinstance(sub_value, dict):
+                raise ConfigError(f"{config_path}: nested table '{key}.{sub_key}' is not supported")
+            flat[sub_key] = sub_value
+    return _config_to_argv(flat, parser, str(config_path))
+
+
+def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, path: str) -> Path:
+    """kohya's ``--output_config``: the flags that differ from their defaults, as a flat toml."""
+    config_path = Path(path if path.endswith(".toml") else f"{path}.toml")
+    if config_path.exists():
+        raise ConfigError(f"--output_config: '{config_path}' exists; refusing to overwrite it")
+    skip = {"config_file", "output_config"}
+    changed = {}
+    for key, value in vars(args).items():
+        if key in skip or value == parser.get_default(key):
+            continue
+        changed[key] = str(value) if isinstance(value, Path) else value
+    config_path.write_text(toml.dumps(changed))
+    return config_path
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with kohya's precedence: command line > ``--config_file`` > defaults."""
+    args = parser.parse_args(argv)
+    if args.config_file and not args.output_config:
+        file_argv = read_config_file(args.config_file, parser)
+        args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def parse_resolution(value: str | tuple | list | None) -> tuple[int, int] | None:
+    """``"512"`` -> (512, 512); ``"768,512"`` -> (768, 512) (width, height), as kohya."""
+    if value is None or isinstance(value, tuple):
+        return value
+    parts = value if isinstance(value, list) else str(value).split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError as err:
+        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}") from err
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2:
+        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}")
+    return sizes[0], sizes[1]
+
+
+def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    """kohya's ``key=value`` lists (``--network_args``): split on the first '='; values stay strings."""
+    result = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag}: expected key=value, got {pair!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def verify_training_args(args: argparse.Namespace) -> None:
+    """Normalise kohya's flag interactions and refuse impossible combinations before anything runs."""
+    if args.caption_extention is not None:
+        args.caption_extension = args.caption_extention
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.use_8bit_adam:
+        args.optimizer_type = "AdamW8bit"
+    if args.use_lion_optimizer:
+        args.optimizer_type = "Lion"
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            setattr(args, name, None)
+    args.resolution = parse_resolution(args.resolution)
+    checks = [
+        (args.pretrained_model_name_or_path is None, "--pretrained_model_name_or_path is required"),
+        (args.output_dir is None and not args.debug_dataset, "--output_dir is required"),
+        (
+            args.cache_latents and (args.color_aug or args.random_crop),
+            "--color_aug/--random_crop change images each epoch and cannot be used with --cache_latents",
+        ),
+        (args.full_fp16 and args.mixed_precision != "fp16", "--full_fp16 needs --mixed_precision fp16"),
+        (args.full_bf16 and args.mixed_precision != "bf16", "--full_bf16 needs --mixed_precision bf16"),
+        (
+            args.adaptive_noise_scale is not None and args.noise_offset is None,
+            "--adaptive_noise_scale needs --noise_offset",
+        ),
+        (
+            args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization,
+            "--scale_v_pred_loss_like_noise_pred needs --v_parameterization",
+        ),
+        (args.v_pred_like_loss is not None and args.v_parameterization, "--v_pred_like_loss is for epsilon models"),
+        (
+            args.network_train_unet_only and args.network_train_text_encoder_only,
+            "--network_train_unet_only and --network_train_text_encoder_only exclude each other",
+        ),
+        (args.bucket_reso_steps % 64 != 0, "--bucket_reso_steps must be a multiple of 64 for SD1.x/SD2.x"),
+        (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
+        (
+            args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep,
+            "--min_timestep must be below --max_timestep",
+        ),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise ConfigError(message)

@@ -1,0 +1,28 @@
+"""What every script does around its ``main``: logging set-up and one-line user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from library.errors import SuiteError
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes and diffusers log CUDA-only notes on CPU machines; keep the console readable.
+    for noisy in ("bitsandbytes", "diffusers.models.modeling_utils", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run ``main``; a :class:`SuiteError` becomes ``error: <message>`` on stderr and exit status 2."""
+    configure_logging()
+    try:
+        main()
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,321 @@
+"""The accelerate training loop shared by train_network.py and distill_unet.py.
+
+A script builds its models and a :class:`TrainingTask` (what one step computes, what is trained,
+how a checkpoint is written); :class:`TrainingRun` owns everything else: epochs, gradient
+accumulation, gradient sync across processes, clipping, the LR schedule, the progress bar,
+TensorBoard scalars, save/sample cadence with kohya's file names and rotation, and exact resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from library.errors import ConfigError
+from library.saving import model_file_name, rotate, state_dir_name
+
+logger = logging.getLogger(__name__)
+TRAIN_STATE_FILE = "train_state.json"
+
+
+class TrainingTask(Protocol):
+    """What a training script plugs into :class:`TrainingRun`."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def checkpoint_objects(self) -> list[Any]:
+        """Objects with state_dict/load_state_dict saved in --save_state folders (besides optimizer/RNG)."""
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to backpropagate, plus extra scalars to log."""
+
+    def after_optimizer_step(self) -> dict[str, float]: ...
+
+    def save_model(self, path: Path, epoch: int, step: int) -> None: ...
+
+    def sample(self, epoch: int | None, step: int) -> None: ...
+
+
+def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Accelerator:
+    """Accelerator with kohya's logging layout ``logging_dir/<log_prefix><YYYYmmddHHMMSS>``."""
+    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    if log_with and not args.logging_dir:
+        raise ConfigError("--log_with needs --logging_dir")
+    project = None
+    if log_with:
+        stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        project = ProjectConfiguration(project_dir=str(Path(args.logging_dir) / f"{args.log_prefix or ''}{stamp}"))
+    handlers = (
+        [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))] if args.ddp_timeout else []
+    )
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=project,
+        kwargs_handlers=handlers,
+        rng_types=[],  # each process manages its own RNG; see TrainingRun.run
+    )
+    if log_with:
+        config = {k: str(v) for k, v in vars(args).items()} if args.log_config else {}
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=config)
+    return accelerator
+
+
+@dataclass
+class Schedule:
+    """How many steps and epochs a run takes (kohya's rules)."""
+
+    max_train_steps: int
+    num_epochs: int
+    updates_per_epoch: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, batches_per_epoch: int) -> Schedule:
+        updates = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        if updates == 0:
+            raise ConfigError("the dataset yields no batches: check the image folders and --train_batch_size")
+        steps = args.max_train_epochs * updates if args.max_train_epochs else args.max_train_steps
+        return cls(max_train_steps=steps, num_epochs=math.ceil(steps / updates), updates_per_epoch=updates)
+
+
+@dataclass
+class SaveOptions:
+    output_dir: Path
+    output_name: str
+    extension: str
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps_state: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    sample_every_n_epochs: int | None = None
+    sample_every_n_steps: int | None = None
+    sample_at_first: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, default_name: str, num_epochs: int) -> SaveOptions:
+        every_n_epochs = args.save_every_n_epochs
+        if args.save_n_epoch_ratio:
+            every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
+        names = [f for f in cls.__dataclass_fields__ if f not in ("output_dir", "output_name", "extension")]
+        values = {name: getattr(args, name, None) for name in names}
+        values["save_every_n_epochs"] = every_n_epochs
+        return cls(
+            output_dir=Path(args.output_dir),
+            output_name=args.output_name or default_name,
+            extension=args.save_model_as,
+            **{k: v for k, v in values.items() if v is not None},
+        )
+
+
+class TrainingRun:
+    """Runs a :class:`TrainingTask` to ``schedule.max_train_steps`` optimizer steps."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        task: TrainingTask,
+        dataloader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        schedule: Schedule,
+        saving: SaveOptions,
+        lr_descriptions: list[str],
+        max_grad_norm: float = 1.0,
+        seed: int | None = None,
+    ):
+        self.accelerator = accelerator
+        self.task = task
+        self.dataloader = dataloader
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.schedule = schedule
+        self.saving = saving
+        self.lr_descriptions = lr_descriptions
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        accelerator.register_for_checkpointing(*task.checkpoint_objects())
+
+    # ---- resume ---------------------------------------------------------------------------
+
+    def resume(self, state_dir: str) -> None:
+        """Restore optimizer, scheduler, RNG, trained weights and counters from a --save_state folder."""
+        path = Path(state_dir)
+        if not (path / TRAIN_STATE_FILE).is_file():
+            raise ConfigError(f"--resume '{path}' is not a state folder written by --save_state")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / TRAIN_STATE_FILE).read_text())
+        self.global_step = state["current_step"]
+        self.epoch = state["current_epoch"]
+        self.step_in_epoch = state.get("batches_in_epoch", 0)
+        logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch + 1)
+
+    def _save_state(self, name: str) -> None:
+        path = self.saving.output_dir / name
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            (path / TRAIN_STATE_FILE).write_text(
+                json.dumps(
+                    {
+                        "current_epoch": self.epoch,
+                        "current_step": self.global_step,
+                        "batches_in_epoch": self.step_in_epoch,
+                    }
+                )
+            )
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self.accelerator.num_processes > 1 and self.seed is not None:
+            # Same init on every rank (done before this), different noise per rank from here on.
+            torch.manual_seed(self.seed + 1_000_003 * self.accelerator.process_index + self.global_step)
+        progress = tqdm(
+            total=self.schedule.max_train_steps,
+            initial=self.global_step,
+            desc="steps",
+            disable=not self.accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        if self.saving.sample_at_first and self.global_step == 0:
+            self._sample(epoch=None)
+        while self.epoch < self.schedule.num_epochs and self.global_step < self.schedule.max_train_steps:
+            self._run_epoch(progress)
+        progress.close()
+        self._finish()
+
+    def _run_epoch(self, progress: tqdm) -> None:
+        accelerator = self.accelerator
+        self.task.on_epoch_start(self.epoch)
+        batches = self.dataloader
+        if self.step_in_epoch:
+            batches = accelerator.skip_first_batches(self.dataloader, self.step_in_epoch)
+        epoch_loss, epoch_count = 0.0, 0
+        for batch in batches:
+            with accelerator.accumulate():
+                loss, extra = self.task.training_step(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    self._sync_and_clip()
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.step_in_epoch += 1
+            epoch_loss += loss.item()
+            epoch_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.global_step += 1
+            extra.update(self.task.after_optimizer_step())
+            average = epoch_loss / epoch_count
+            progress.update(1)
+            progress.set_postfix(avr_loss=f"{average:.4f}")
+            self._log({"loss/current": loss.item(), "loss/average": average, **extra})
+            self._step_checkpoints()
+            if self.global_step >= self.schedule.max_train_steps:
+                break
+        self._log({"loss/epoch": epoch_loss / max(epoch_count, 1)})
+        finished_epoch = self.step_in_epoch >= len(self.dataloader)
+        self.epoch += 1 if finished_epoch else 0
+        self.step_in_epoch = 0 if finished_epoch else self.step_in_epoch
+        if finished_epoch:
+            self._epoch_checkpoints()
+
+    def _sync_and_clip(self) -> None:
+        params = self.task.trainable_parameters()
+        if self.accelerator.num_processes > 1:
+            # The network is patched into the UNet rather than wrapped by DDP, so gradients are
+            # averaged here: one flat all-reduce, with absent grads as zeros so ranks line up.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            for param, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                param.grad = synced
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+
+    def _log(self, values: dict[str, float]) -> None:
+        if not self.accelerator.trackers:
+            return
+        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr()):
+            values[f"lr/{description}"] = lr
+        self.accelerator.log(values, step=self.global_step)
+
+    # ---- checkpoints and samples ----------------------------------------------------------
+
+    def _save_model(self, name: str, epoch: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.saving.output_dir.mkdir(parents=True, exist_ok=True)
+            self.task.save_model(self.saving.output_dir / name, epoch, self.global_step)
+
+    def _step_checkpoints(self) -> None:
+        s, step = self.saving, self.global_step
+        if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < self.schedule.max_train_steps:
+            self._save_model(model_file_name(s.output_name, s.extension, step=step), self.epoch + 1)
+            if self.accelerator.is_main_process:
+                rotate(
+                    s.output_dir, s.output_name, s.save_last_n_steps, by_step=True, state=False, extension=s.extension
+                )
+            if s.save_state:
+                self._save_state(state_dir_name(s.output_name, step=step))
+                if self.accelerator.is_main_process:
+                    rotate(s.output_dir, s.output_name, s.save_last_n_steps_state, by_step=True, state=True)
+        if s.sample_every_n_steps and step % s.sample_every_n_steps == 0:
+            self._sample(epoch=None)
+
+    def _epoch_checkpoints(self) -> None:
+        s, epoch = self.saving, self.epoch
+        last = epoch >= self.schedule.num_epochs or self.global_step >= self.schedule.max_train_steps
+        if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and not last:
+            self._save_model(model_file_name(s.output_name, s.extension, epoch=epoch), epoch)
+            if self.accelerator.is_main_process:
+                rotate(
+                    s.output_dir,
+                    s.output_name,
+                    s.save_last_n_epochs,
+                    by_step=False,
+                    state=False,
+                    extension=s.extension,
+                )
+            if s.save_state:
+                self._save_state(state_dir_name(s.output_name, epoch=epoch))
+                if self.accelerator.is_main_process:
+                    rotate(s.output_dir, s.output_name, s.save_last_n_epochs_state, by_step=False, state=True)
+        if s.sample_every_n_epochs and epoch % s.sample_every_n_epochs == 0:
+            self._sample(epoch=epoch)
+
+    def _sample(self, epoch: int | None) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.task.sample(epoch, self.global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self) -> None:
+        s = self.saving
+        self._save_model(model_file_name(s.output_name, s.extension), self.epoch)
+        if s.save_state or s.save_state_on_train_end:
+            self._save_state(state_dir_name(s.output_name))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()

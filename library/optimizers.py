@@ -1,0 +1,172 @@
+"""Optimizer and learning-rate scheduler factories with kohya's names and argument syntax."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_optimizer_args(pairs: list[str] | None, flag: str = "--optimizer_args") -> dict[str, Any]:
+    """``betas=0.9,0.99 weight_decay=0.01`` -> {"betas": (0.9, 0.99), "weight_decay": 0.01} (as kohya)."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag}: expected key=value, got {pair!r}")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value.strip()  # kohya keeps unparsable values as strings
+    return parsed
+
+
+def _import(path: str, what: str) -> Callable:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--optimizer_type {what}: cannot import {path} ({err})") from err
+
+
+def _bnb(name: str) -> Callable:
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError as err:
+        raise ConfigError(f"--optimizer_type {name} needs bitsandbytes") from err
+    return getattr(bnb_optim, name)
+
+
+def _adafactor(kwargs: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
+    from transformers.optimization import Adafactor
+
+    kwargs.setdefault("relative_step", True)
+    kwargs.setdefault("scale_parameter", kwargs["relative_step"])
+    kwargs.setdefault("warmup_init", False)
+    return Adafactor, kwargs
+
+
+# kohya's optimizer names (case-insensitive) -> how to build them.
+_OPTIMIZERS: dict[str, Callable[[str], Callable]] = {
+    "adamw": lambda _: torch.optim.AdamW,
+    "adamw8bit": lambda _: _bnb("AdamW8bit"),
+    "pagedadamw": lambda _: _bnb("PagedAdamW"),
+    "pagedadamw8bit": lambda _: _bnb("PagedAdamW8bit"),
+    "pagedadamw32bit": lambda _: _bnb("PagedAdamW32bit"),
+    "lion": lambda n: _import("lion_pytorch.Lion", n),
+    "lion8bit": lambda _: _bnb("Lion8bit"),
+    "pagedlion8bit": lambda _: _bnb("PagedLion8bit"),
+    "sgdnesterov": lambda _: torch.optim.SGD,
+    "sgdnesterov8bit": lambda _: _bnb("SGD8bit"),
+    "prodigy": lambda n: _import("prodigyopt.Prodigy", n),
+    "dadaptation": lambda n: _import("dadaptation.DAdaptAdam", n),
+    "dadaptadam": lambda n: _import("dadaptation.DAdaptAdam", n),
+    "dadaptadagrad": lambda n: _import("dadaptation.DAdaptAdaGrad", n),
+    "dadaptadan": lambda n: _import("dadaptation.DAdaptAdan", n),
+    "dadaptlion": lambda n: _import("dadaptation.DAdaptLion", n),
+    "dadaptsgd": lambda n: _import("dadaptation.DAdaptSGD", n),
+}
+_ADAPTIVE = ("prodigy", "dadapt")
+
+
+def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> tuple[str, torch.optim.Optimizer]:
+    """Build ``--optimizer_type`` over ``param_groups``; returns (kohya's logged name, optimizer)."""
+    name = args.optimizer_type or "AdamW"
+    key = name.lower()
+    kwargs = parse_optimizer_args(args.optimizer_args)
+    lr = args.learning_rate
+    if key in _OPTIMIZERS:
+        optimizer_class = _OPTIMIZERS[key](name)
+        if key.startswith("sgdnesterov"):
+            kwargs.setdefault("momentum", 0.9)
+            kwargs["nesterov"] = True
+        if key.startswith(_ADAPTIVE) and lr <= 0.1:
+            logger.warning("%s adapts the learning rate itself; kohya recommends --learning_rate 1.0", name)
+    elif key == "adafactor":
+        optimizer_class, kwargs = _adafactor(kwargs)
+        if kwargs["relative_step"]:
+            lr = None  # Adafactor computes its own step size; group lrs are dropped as kohya does
+            for group in param_groups:
+                group.pop("lr", None)
+    elif "." in name:
+        optimizer_class = _import(name, name)
+    elif hasattr(torch.optim, name):
+        optimizer_class = getattr(torch.optim, name)
+    else:
+        known = (
+            "AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, DAdaptAdam, ... or pkg.module.Class"
+        )
+        raise ConfigError(f"--optimizer_type '{name}' is unknown (known: {known})")
+    try:
+        optimizer = (
+            optimizer_class(param_groups, lr=lr, **kwargs)
+            if lr is not None
+            else optimizer_class(param_groups, **kwargs)
+        )
+    except TypeError as err:
+        raise ConfigError(f"--optimizer_args do not fit {optimizer_class.__name__}: {err}") from err
+    logged = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
+    if kwargs:
+        logged += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    return logged, optimizer
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer, "train") and hasattr(optimizer, "eval") and "ScheduleFree" in type(optimizer).__name__
+
+
+def resolve_steps(value: int | float, total_steps: int) -> int:
+    """kohya's int-or-ratio step counts: ``0.1`` is 10% of ``total_steps``."""
+    return int(value) if isinstance(value, int) or value >= 1 else int(math.floor(value * total_steps))
+
+
+def make_lr_scheduler(
+    args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_training_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``--lr_scheduler`` by transformers' names (diffusers' ``piecewise_constant`` too), or a custom class."""
+    warmup = resolve_steps(args.lr_warmup_steps, num_training_steps)
+    if args.lr_scheduler_type:
+        scheduler_class = _import(args.lr_scheduler_type, "--lr_scheduler_type")
+        return scheduler_class(optimizer, **parse_optimizer_args(args.lr_scheduler_args, "--lr_scheduler_args"))
+    name = args.lr_scheduler
+    if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, initial_lr=args.learning_rate)
+    if name == "piecewise_constant":
+        from diffusers.optimization import get_scheduler as diffusers_scheduler
+
+        rules = parse_optimizer_args(args.lr_scheduler_args, "--lr_scheduler_args").get("step_rules")
+        return diffusers_scheduler(name, optimizer, step_rules=rules)
+    from transformers.optimization import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    if name not in {s.value for s in SchedulerType}:
+        raise ConfigError(f"--lr_scheduler '{name}' is unknown (known: {', '.join(s.value for s in SchedulerType)})")
+    specific: dict[str, Any] = {}
+    if name == "cosine_with_restarts":
+        specific["num_cycles"] = args.lr_scheduler_num_cycles
+    elif name == "polynomial":
+        specific["power"] = args.lr_scheduler_power
+    elif name == "cosine_with_min_lr":
+        specific["min_lr_rate"] = args.lr_scheduler_min_lr_ratio or 0.0
+    elif name == "warmup_stable_decay":
+        specific["num_decay_steps"] = resolve_steps(args.lr_decay_steps, num_training_steps)
+        specific["min_lr_ratio"] = args.lr_scheduler_min_lr_ratio or 0.0
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=specific or None,
+    )

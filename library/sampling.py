@@ -1,0 +1,182 @@
+"""Sample images during training from kohya's prompt files.
+
+A prompt file is ``.txt`` (one prompt per line, ``#`` comments, options ``--n`` negative prompt,
+``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss`` sampler), ``.toml``
+(``[prompt]`` defaults with ``[[prompt.subset]]`` entries) or ``.json`` (a list of strings or
+dicts), as in kohya's sd-scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import diffusers
+import toml
+import torch
+from diffusers import StableDiffusionPipeline
+
+from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+SAMPLER_ALIASES = {f"k_{name}": name for name in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    sample_steps: int = 30
+    scale: float = 7.5
+    seed: int | None = None
+    sampler: str | None = None
+
+
+def _clamp_size(value: int) -> int:
+    return max(64, value - value % 8)
+
+
+def parse_prompt_line(line: str) -> SamplePrompt:
+    """kohya's ``prompt --n negative --w 512 --h 512 --s 30 --l 7.5 --d 42 --ss euler_a``."""
+    parts = line.split(" --")
+    fields: dict = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        option, _, value = part.strip().partition(" ")
+        value = value.strip()
+        try:
+            if option == "n":
+                fields["negative_prompt"] = value
+            elif option == "w":
+                fields["width"] = _clamp_size(int(value))
+            elif option == "h":
+                fields["height"] = _clamp_size(int(value))
+            elif option == "s":
+                fields["sample_steps"] = min(1000, max(1, int(value)))
+            elif option == "l":
+                fields["scale"] = float(value)
+            elif option == "d":
+                fields["seed"] = int(value)
+            elif option == "ss":
+                fields["sampler"] = value
+            else:
+                logger.warning("sample prompt option --%s is not used for SD1.x/SD2.x and is ignored", option)
+        except ValueError as err:
+            raise ConfigError(f"sample prompt option --{option} has a bad value {value!r}: {line!r}") from err
+    return SamplePrompt(**fields)
+
+
+def _from_dict(entry: dict, defaults: SamplePrompt) -> SamplePrompt:
+    names = {"prompt", "negative_prompt", "width", "height", "sample_steps", "scale", "seed"}
+    known = {k: v for k, v in entry.items() if k in names}
+    if "sample_sampler" in entry:
+        known["sampler"] = entry["sample_sampler"]
+    unknown = set(entry) - names - {"sample_sampler", "enum"}
+    if unknown:
+        raise ConfigError(f"sample prompt keys not understood: {', '.join(sorted(unknown))}")
+    prompt = replace(defaults, **known)
+    return replace(prompt, width=_clamp_size(prompt.width), height=_clamp_size(prompt.height))
+
+
+def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
+    """Read a kohya prompt file (.txt, .toml or .json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--sample_prompts '{path}' does not exist")
+    if path.suffix == ".toml":
+        data = toml.load(path).get("prompt", {})
+        defaults = _from_dict({k: v for k, v in data.items() if k != "subset"} | {"prompt": ""}, SamplePrompt(""))
+        return [_from_dict(entry, defaults) for entry in data.get("subset", [])]
+    if path.suffix == ".json":
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return [parse_prompt_line(e) if isinstance(e, str) else _from_dict(e, SamplePrompt("")) for e in entries]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [parse_prompt_line(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def make_sampler(name: str, v_parameterization: bool):
+    """A diffusers scheduler for kohya's sampler name, on SD's training noise schedule."""
+    name = SAMPLER_ALIASES.get(name, name)
+    if name not in SAMPLERS:
+        raise ConfigError(f"--sample_sampler '{name}' is unknown (known: {', '.join(sorted(SAMPLERS))})")
+    class_name, extra = SAMPLERS[name]
+    return getattr(diffusers, class_name)(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+        **extra,
+    )
+
+
+def sample_file_name(output_name: str | None, prompt_index: int, seed: int | None, *, epoch=None, step=0) -> str:
+    """kohya's ``<name>_<e000001|000500>_<ii>_<timestamp>[_seed].png``."""
+    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    prefix = f"{output_name}_" if output_name else ""
+    seed_suffix = f"_{seed}" if seed is not None else ""
+    return f"{prefix}{number}_{prompt_index:02d}_{time.strftime('%Y%m%d%H%M%S')}{seed_suffix}.png"
+
+
+def generate_samples(
+    components: dict,
+    prompts: list[SamplePrompt],
+    encode_prompts: Callable[[list[str]], torch.Tensor],
+    *,
+    default_sampler: str,
+    v_parameterization: bool,
+    out_dir: Path,
+    output_name: str | None,
+    epoch: int | None,
+    step: int,
+    device: torch.device,
+) -> list[Path]:
+    """Render each prompt with the current weights and save PNGs; training RNG is left untouched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for index, prompt in enumerate(prompts):
+            scheduler = make_sampler(prompt.sampler or default_sampler, v_parameterization)
+            pipeline = StableDiffusionPipeline(
+                **components,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
+            embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
+            image = pipeline(
+                prompt_embeds=embeds[:1],
+                negative_prompt_embeds=embeds[1:],
+                width=prompt.width,
+                height=prompt.height,
+                num_inference_steps=prompt.sample_steps,
+                guidance_scale=prompt.scale,
+                generator=generator,
+            ).images[0]
+            path = out_dir / sample_file_name(output_name, index, prompt.seed, epoch=epoch, step=step)
+            image.save(path)
+            written.append(path)
+    return written

@@ -1,0 +1,32 @@
+"""Train a LoRA-style network on SD1.x/SD2.x with kohya sd-scripts' flags and config files.
+
+accelerate launch train_network.py --config_file my.toml
+python train_network.py --pretrained_model_name_or_path model.safetensors --network_module networks.lora ...
+"""
+
+from __future__ import annotations
+
+from library.args import parse_args, train_network_parser, write_config_file
+from library.cli import run_cli
+
+
+def setup_parser():
+    """kohya's entry point name, kept for tools that build train_network's parser."""
+    return train_network_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = setup_parser()
+    args = parse_args(parser, argv)
+    if args.output_config:
+        if not args.config_file:
+            parser.error("--output_config needs --config_file PATH to write to")
+        print(f"wrote {write_config_file(args, parser, args.config_file)}")
+        return
+    from library.network_training import NetworkTrainer  # heavy imports only when training
+
+    NetworkTrainer(args).train()
+
+
+if __name__ == "__main__":
+    run_cli(main)
