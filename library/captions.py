@@ -88,10 +88,7 @@ def process_caption(
     ``epoch`` counts from 1 as in kohya's loop (``caption_dropout_every_n_epochs`` drops all
     captions when ``epoch % n == 0``); ``step`` and ``max_train_steps`` drive token warmup.
     """
-    if options.caption_prefix:
-        caption = options.caption_prefix + " " + caption
-    if options.caption_suffix:
-        caption = caption + " " + options.caption_suffix
+    caption = _add_prefix_and_suffix(caption, options.caption_prefix, options.caption_suffix)
     dropped = options.caption_dropout_rate > 0 and rng.random() < options.caption_dropout_rate
     every_n = options.caption_dropout_every_n_epochs
     if dropped or (every_n > 0 and epoch % every_n == 0):
@@ -102,6 +99,17 @@ def process_caption(
     if options.secondary_separator:
         caption = caption.replace(options.secondary_separator, options.caption_separator)
     return caption
+
+
+def _add_prefix_and_suffix(caption: str, prefix: str | None, suffix: str | None) -> str:
+    """Join with a space, to every line: kohya adds them to the whole text, so with several caption
+    lines (wildcards, fine-tuning metadata) only the first line got the prefix and the last the suffix."""
+    lines = caption.split("\n")
+    if prefix:
+        lines = [prefix + " " + line for line in lines]
+    if suffix:
+        lines = [line + " " + suffix for line in lines]
+    return "\n".join(lines)
 
 
 def _expand_wildcards(caption: str, rng: np.random.Generator) -> str:

@@ -30,6 +30,14 @@ def test_prefix_and_suffix_are_joined_with_a_space():
     assert run(caption_prefix="photo,", caption_suffix=", 4k") == "photo, " + CAPTION + " , 4k"
 
 
+def test_every_caption_line_gets_the_prefix_and_suffix():
+    # kohya adds them to the text before choosing a line, so only the first/last line had them
+    results = {
+        run("one\ntwo", enable_wildcard=True, caption_prefix="p", caption_suffix="s", seed=s) for s in range(20)
+    }
+    assert results == {"p one s", "p two s"}
+
+
 def test_only_the_first_line_is_used_without_wildcards():
     assert run("first line\nsecond line") == "first line"
 
