@@ -346,6 +346,10 @@ def _dataset_blueprint(
     values = {key: _lookup(key, levels) for key in _DATASET_FIELDS}
     if values["batch_size"] < 1:
         raise ConfigError(f"{where}: batch_size must be at least 1, got {values['batch_size']}")
+    if not 0 <= values["validation_split"] < 1:
+        raise ConfigError(f"{where}: validation_split must be in [0, 1), got {values['validation_split']}")
+    if values["validation_split"] and not all(s.metadata_file is None for s in subsets):
+        raise ConfigError(f"{where}: validation_split works on DreamBooth datasets only, as in kohya")
     return DatasetBlueprint(
         where=where,
         is_dreambooth=all(s.metadata_file is None for s in subsets),

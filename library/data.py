@@ -99,8 +99,12 @@ class BucketedDataset:
         }
 
 
-def build_bucketed_dataset(blueprint: DatasetBlueprint) -> BucketedDataset:
-    """Load the subsets' images and captions, balance regularization images, assign buckets."""
+def build_bucketed_dataset(blueprint: DatasetBlueprint, *, validation: bool = False, seed: int = 0) -> BucketedDataset:
+    """Load the subsets' images and captions, balance regularization images, assign buckets.
+
+    With ``validation_split``, the training part (``validation=False``) or the validation part of
+    each non-reg subset is kept; validation images have 1 repeat and no reg images, as in kohya.
+    """
     subsets, counts, train, reg, tag_frequency = [], [], [], [], {}
     for subset in blueprint.subsets:
         if subset.num_repeats < 1:
@@ -110,23 +114,54 @@ def build_bucketed_dataset(blueprint: DatasetBlueprint) -> BucketedDataset:
             logger.warning("%s: skipped, the same image_dir/metadata_file is already in this dataset", subset.where)
             continue
         images = load_subset_images(subset, len(subsets))
-        if subset.metadata_file is None or images.records:
-            counted = tag_frequency.setdefault(images.tag_frequency_name, {})
-            for tag, count in count_tags(images.counted_captions).items():
-                counted[tag] = counted.get(tag, 0) + count
+        records = images.records
+        if records and blueprint.validation_split > 0:
+            records = _split_for_validation(records, blueprint, subset, validation, seed)
+        if subset.metadata_file is None:  # kohya counts DreamBooth captions, and fine-tuning tags
+            _add_tag_counts(tag_frequency, images.tag_frequency_name, [r.caption for r in records])
+        elif records:
+            _add_tag_counts(tag_frequency, images.tag_frequency_name, images.counted_captions)
         if not images.records:
-            logger.warning(
-                "%s: skipped, no images found in %s", subset.where, subset.image_dir or subset.metadata_file
-            )
+            source = subset.image_dir or subset.metadata_file
+            logger.warning("%s: skipped, no images found in %s", subset.where, source)
+        if not records:
             continue
         subsets.append(subset)
-        counts.append(len(images.records))
-        (reg if subset.is_reg else train).extend(images.records)
+        counts.append(len(records))
+        (reg if subset.is_reg else train).extend(records)
     num_train = sum(r.num_repeats for r in train)
     num_reg = sum(r.num_repeats for r in reg)
     records = train + _balance_regularization(reg, num_train, blueprint.where)
     buckets = _assign_buckets(records, blueprint)
     return BucketedDataset(blueprint, subsets, counts, records, buckets, tag_frequency, num_train, num_reg)
+
+
+def _add_tag_counts(tag_frequency: dict[str, dict[str, int]], name: str, captions: list[str]) -> None:
+    counted = tag_frequency.setdefault(name, {})
+    for tag, count in count_tags(captions).items():
+        counted[tag] = counted.get(tag, 0) + count
+
+
+def _split_for_validation(
+    records: list[ImageRecord], blueprint: DatasetBlueprint, subset: SubsetBlueprint, validation: bool, seed: int
+) -> list[ImageRecord]:
+    """kohya's split_train_val: shuffle, then the first ceil(n * (1 - split)) images train.
+
+    kohya shuffles with the unseeded global RNG when validation_seed is unset (train and validation
+    sets may then overlap) and sizes the validation part with round(), which can overlap too; here
+    the shuffle is seeded and the validation part is exactly the rest.
+    """
+    if subset.is_reg:
+        return [] if validation else records
+    validation_seed = blueprint.validation_seed if blueprint.validation_seed is not None else seed
+    order = np.random.default_rng([validation_seed % 2**63]).permutation(len(records))
+    shuffled = [records[i] for i in order]
+    train_count = math.ceil(len(records) * (1 - blueprint.validation_split))
+    if not validation:
+        return shuffled[:train_count]
+    for record in shuffled[train_count:]:
+        record.num_repeats = 1
+    return shuffled[train_count:]
 
 
 def _same_source(a: SubsetBlueprint, b: SubsetBlueprint) -> bool:
@@ -338,10 +373,19 @@ class DatasetGroup(torch.utils.data.Dataset):
                 jobs.append(CacheJob(record, subset.flip_aug, subset.alpha_mask, interpolation))
         return sorted(jobs, key=lambda job: (str(job.record.path), job.condition))
 
-    def metadata(self, *, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> dict[str, str]:
+    def metadata(
+        self,
+        *,
+        validation: DatasetGroup | None = None,
+        num_processes: int = 1,
+        gradient_accumulation_steps: int = 1,
+    ) -> dict[str, str]:
         """The dataset-related ``ss_*`` metadata, formatted as kohya formats it (see dataset_metadata)."""
         return dataset_metadata(
-            self, num_processes=num_processes, gradient_accumulation_steps=gradient_accumulation_steps
+            self,
+            validation=validation,
+            num_processes=num_processes,
+            gradient_accumulation_steps=gradient_accumulation_steps,
         )
 
 
@@ -445,11 +489,31 @@ def make_dataloader(group: DatasetGroup, num_workers: int = 0, persistent_worker
 def build_dataset_group(
     blueprints: list[DatasetBlueprint], tokenizer, *, max_token_length: int | None = None, seed: int = 0
 ) -> DatasetGroup:
-    """Load every dataset of the run; raise if no training image is left."""
-    datasets = [build_bucketed_dataset(blueprint) for blueprint in blueprints]
+    """Load every dataset of the run (their training part); raise if no training image is left."""
+    datasets = [build_bucketed_dataset(blueprint, seed=seed) for blueprint in blueprints]
     if not any(dataset.num_train_images for dataset in datasets):
         sources = ", ".join(subset.where for blueprint in blueprints for subset in blueprint.subsets)
         raise DatasetError(f"no training images found ({sources})")
+    for dataset in datasets:
+        _log_summary(dataset)
+    return DatasetGroup(datasets, tokenizer, max_token_length=max_token_length, seed=seed)
+
+
+def build_validation_group(
+    blueprints: list[DatasetBlueprint], tokenizer, *, max_token_length: int | None = None, seed: int = 0
+) -> DatasetGroup | None:
+    """The validation part of the datasets with ``validation_split``, or ``None`` when none has one.
+
+    ``seed`` must be the one given to :func:`build_dataset_group`, so that the parts are disjoint.
+    """
+    datasets = [
+        build_bucketed_dataset(blueprint, validation=True, seed=seed)
+        for blueprint in blueprints
+        if blueprint.validation_split > 0
+    ]
+    datasets = [dataset for dataset in datasets if dataset.records]
+    if not datasets:
+        return None
     for dataset in datasets:
         _log_summary(dataset)
     return DatasetGroup(datasets, tokenizer, max_token_length=max_token_length, seed=seed)

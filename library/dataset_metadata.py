@@ -16,7 +16,13 @@ if TYPE_CHECKING:
     from library.data import BucketedDataset, DatasetGroup
 
 
-def dataset_metadata(group: DatasetGroup, *, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> dict:
+def dataset_metadata(
+    group: DatasetGroup,
+    *,
+    validation: DatasetGroup | None = None,
+    num_processes: int = 1,
+    gradient_accumulation_steps: int = 1,
+) -> dict[str, str]:
     """``ss_num_train_images``, ``ss_num_batches_per_epoch``, ..., as strings.
 
     ``ss_num_batches_per_epoch`` is kohya's ``len(train_dataloader)`` after ``accelerator.prepare``,
@@ -24,7 +30,7 @@ def dataset_metadata(group: DatasetGroup, *, num_processes: int = 1, gradient_ac
     """
     metadata: dict[str, Any] = {
         "ss_num_train_images": group.num_train_images,
-        "ss_num_validation_images": 0,
+        "ss_num_validation_images": validation.num_train_images if validation is not None else 0,
         "ss_num_reg_images": group.num_reg_images,
         "ss_num_batches_per_epoch": math.ceil(len(group) / num_processes),
     }

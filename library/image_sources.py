@@ -45,11 +45,11 @@ class ImageRecord:
 
 @dataclass
 class SubsetImages:
-    """A subset's images and the captions kohya counts for ``ss_tag_frequency``."""
+    """A subset's images, and what kohya counts for ``ss_tag_frequency`` under which name."""
 
     records: list[ImageRecord]
-    tag_frequency_name: str
-    counted_captions: list[str] = field(default_factory=list)
+    tag_frequency_name: str  # the folder name (DreamBooth) or metadata file name (fine-tuning)
+    counted_captions: list[str] = field(default_factory=list)  # fine-tuning: the metadata tags
 
 
 def load_record_image(record: ImageRecord, with_alpha: bool = False) -> np.ndarray:
@@ -86,7 +86,7 @@ def _load_dreambooth(subset: SubsetBlueprint, subset_index: int) -> SubsetImages
         ImageRecord(path, str(path), caption, subset_index, subset.is_reg, subset.num_repeats, size)
         for path, caption, size in zip(paths, captions, sizes)
     ]
-    return SubsetImages(records, folder.name, captions)
+    return SubsetImages(records, folder.name)
 
 
 def _dreambooth_captions(paths: list[Path], subset: SubsetBlueprint) -> list[str]:

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from library.config import build_blueprints
-from library.data import BatchKey, batch_latents, build_dataset_group, make_dataloader
+from library.data import BatchKey, batch_latents, build_dataset_group, build_validation_group, make_dataloader
 from library.errors import DatasetError
 from tests.library.dataset_helpers import PoolingVAE, copy_tiny_dataset, dataset_args, pooled_latents
 
@@ -321,3 +321,64 @@ def test_missing_captions_fall_back_to_class_tokens_then_empty(tmp_path, data, t
     assert (
         "no .txt caption file for reg_00.png, reg_01.png in" in caplog.text and "using an empty caption" in caplog.text
     )
+
+
+# --- crops without buckets, validation split, cached image info ----------------------------------
+
+
+def test_random_crop_without_buckets_takes_unscaled_windows(data, tokenizer):
+    group = group_from_flags(data, tokenizer, random_crop=True)
+    wide = data.subject / "toy_04.png"  # 128x64
+    windows = set()
+    for epoch in (1, 2, 3):
+        for batch in epoch_batches(group, epoch):
+            if batch["image_keys"][0] == str(wide):
+                image, full = batch["images"][0], pixels(wide)
+                (left,) = [x for x in range(65) if torch.equal(image, full[:, :, x : x + 64])]
+                windows.add(left)
+    assert len(windows) > 3
+
+
+def test_face_crop_centres_the_face_named_in_the_file(data, tokenizer):
+    (data.subject / "toy_04.png").rename(data.subject / "toy_04_70_30_20_20.png")
+    group = group_from_flags(data, tokenizer, face_crop_aug_range="2.0,2.0")
+    face = data.subject / "toy_04_70_30_20_20.png"
+    (image,) = [b["images"][0] for b in epoch_batches(group, 1) if b["image_keys"][0] == str(face)][:1]
+    # the face (20px) already spans the wanted share at scale 1: a 64x64 window centred on x=70, y=30
+    assert torch.equal(image, pixels(face)[:, 0:64, 70 - 32 : 70 + 32])
+    records = {r.path.name: r.caption for r in group.datasets[0].records}
+    assert records["toy_04_70_30_20_20.png"] == "sks toy, red, cube, on the table"  # toy_04.txt
+
+
+def test_validation_split_keeps_the_parts_disjoint(tmp_path, data, tokenizer):
+    config = tmp_path / "split.toml"
+    config.write_text(
+        f"[general]\nresolution = 64\ncaption_extension = '.txt'\n[[datasets]]\nvalidation_split = 0.25\n"
+        f"[[datasets.subsets]]\nimage_dir = '{data.subject}'\nnum_repeats = 3\n"
+        f"[[datasets.subsets]]\nimage_dir = '{data.reg}'\nis_reg = true\n"
+    )
+    blueprints = build_blueprints(dataset_args(dataset_config=str(config)))
+    train = build_dataset_group(blueprints, tokenizer, seed=5)
+    validation = build_validation_group(blueprints, tokenizer, seed=5)
+    train_keys = {r.key for r in train.datasets[0].records if not is_reg(r.key)}
+    validation_keys = {r.key for r in validation.datasets[0].records}
+    assert len(train_keys) == 5 and len(validation_keys) == 1  # ceil(6 * 0.75) and the rest
+    assert train_keys | validation_keys == {str(p) for p in data.subject.glob("*.png")}
+    assert (train.num_train_images, train.num_reg_images, validation.num_train_images) == (15, 2, 1)
+    assert validation.num_reg_images == 0  # reg images are never validated
+    assert train.metadata(validation=validation)["ss_num_validation_images"] == "1"
+    without_split = build_blueprints(dataset_args(train_data_dir=str(data.train_data_dir), resolution="64"))
+    assert build_validation_group(without_split, tokenizer) is None
+
+
+def test_cache_info_writes_and_reads_kohyas_image_info_file(data, tokenizer):
+    group_from_flags(data, tokenizer, cache_info=True)
+    cache = json.loads((data.subject / "metadata_cache.json").read_text())
+    assert cache[str(data.subject / "toy_04.png")] == {
+        "caption": "sks toy, red, cube, on the table",
+        "resolution": [128, 64],
+    }
+    # the cache is trusted: a caption edited afterwards is not seen, as in kohya
+    (data.subject / "toy_04.txt").write_text("changed")
+    group = group_from_flags(data, tokenizer, cache_info=True)
+    assert {r.path.name: r.caption for r in group.datasets[0].records}["toy_04.png"].startswith("sks toy")
