@@ -13,7 +13,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from library.data import BucketedDataset, DatasetGroup
+    from library.data import DatasetGroup
+    from library.datasets import BucketedDataset
 
 
 def dataset_metadata(

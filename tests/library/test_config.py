@@ -237,3 +237,30 @@ def test_resolution_forms(value, expected):
 def test_bad_resolution_names_the_flag(value):
     with pytest.raises(ConfigError, match="--resolution must be SIZE or WIDTH,HEIGHT"):
         parse_resolution(value)
+
+
+@pytest.mark.parametrize(
+    ("dataset_keys", "subset_keys", "message"),
+    [
+        (
+            "validation_split = 1.0",
+            "image_dir = '{dir}'",
+            r"datasets\[0\] in .*: validation_split must be in \[0, 1\)",
+        ),
+        ("validation_split = 0.1", "metadata_file = 'm.json'", "validation_split works on DreamBooth datasets only"),
+        ("batch_size = 0", "image_dir = '{dir}'", "batch_size must be at least 1"),
+        ("resize_interpolation = 'sinc'", "image_dir = '{dir}'", "resize_interpolation 'sinc' is not one of"),
+    ],
+)
+def test_dataset_values_are_checked(tmp_path, data, dataset_keys, subset_keys, message):
+    text = f"[general]\nresolution = 64\n[[datasets]]\n{dataset_keys}\n[[datasets.subsets]]\n"
+    text += subset_keys.format(dir=data.subject) + "\n"
+    with pytest.raises(ConfigError, match=message):
+        blueprints_from(tmp_path, text)
+
+
+def test_a_dataset_without_subsets_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"datasets\[1\] in .*: no \[\[datasets.subsets\]\]"):
+        blueprints_from(
+            tmp_path, "[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n[[datasets]]\n"
+        )
