@@ -11,6 +11,11 @@ from another resolution) is rebuilt instead of being trained on.
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -30,6 +35,8 @@ logger = logging.getLogger(__name__)
 NPZ_SUFFIX = "_sd.npz"
 LEGACY_NPZ_SUFFIX = ".npz"
 VAE_STRIDE = 8
+LOAD_THREADS = 8
+MIN_BATCHES_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -127,13 +134,32 @@ def encode_jobs(
         same_condition = list(same_condition)
         batches += [same_condition[i : i + batch_size] for i in range(0, len(same_condition), batch_size)]
     generator = torch.Generator(device=device).manual_seed(seed)
-    for batch in tqdm(batches, desc="caching latents", unit="batch", disable=not show_progress or not batches):
-        _encode_batch(batch, vae, to_disk=to_disk, device=device, dtype=dtype, generator=generator)
+    progress = tqdm(total=len(batches), desc="caching latents", unit="batch", disable=not show_progress or not batches)
+    with progress:
+        ahead = max(MIN_BATCHES_AHEAD, math.ceil(LOAD_THREADS / batch_size))
+        for batch, images in _with_images_loaded_ahead(batches, ahead):
+            _encode_batch(batch, images, vae, to_disk=to_disk, device=device, dtype=dtype, generator=generator)
+            progress.update()
 
 
-def _encode_batch(batch: list[CacheJob], vae, *, to_disk, device, dtype, generator) -> None:
+def _with_images_loaded_ahead(
+    batches: list[list[CacheJob]], ahead: int
+) -> Iterator[tuple[list[CacheJob], list[np.ndarray]]]:
+    """Decode the next ``ahead`` batches' images in threads while the VAE works (PIL releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(LOAD_THREADS, os.cpu_count() or 1)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, [pool.submit(_bucket_image, job) for job in batch]))
+            if len(pending) > ahead:
+                ready, futures = pending.popleft()
+                yield ready, [future.result() for future in futures]
+        while pending:
+            ready, futures = pending.popleft()
+            yield ready, [future.result() for future in futures]
+
+
+def _encode_batch(batch: list[CacheJob], images: list[np.ndarray], vae, *, to_disk, device, dtype, generator) -> None:
     first = batch[0]
-    images = [_bucket_image(job) for job in batch]
     pixels = torch.stack([to_tensor(image) for image in images]).to(device=device, dtype=dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=generator).float().cpu()

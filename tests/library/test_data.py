@@ -223,6 +223,16 @@ def test_workers_see_the_epoch_and_produce_the_same_batches(data, tokenizer):
     assert same_batches(list(in_process), epoch_batches(group, 2))
 
 
+def test_the_global_step_reaches_token_warmup_through_the_loader(data, tokenizer):
+    group = group_from_flags(data, tokenizer, token_warmup_min=1, token_warmup_step=0.5, keep_tokens=1)
+    group.set_max_train_steps(20)  # warm up over 10 steps
+    loader = make_dataloader(group)
+    group.set_current_step(0)
+    assert {len(b["captions"][0].split(", ")) for b in loader} == {2}  # kept tag + 1
+    group.set_current_step(10)
+    assert {len(b["captions"][0].split(", ")) for b in loader} == {4}  # all tags
+
+
 def test_accelerate_shards_an_epoch_into_disjoint_parts(data, tokenizer):
     group = group_from_flags(data, tokenizer, reg_data_dir=str(data.reg_data_dir), train_batch_size=3)
     assert len(group) == 40
