@@ -72,6 +72,13 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
     g.add_argument("--face_crop_aug_range", type=str)
+    g.add_argument(
+        "--resize_interpolation",
+        choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"],
+        help="image resizing (default: area when shrinking, lanczos when enlarging)",
+    )
+    g.add_argument("--alpha_mask", action="store_true", help="weight the loss by the images' alpha channel")
+    g.add_argument("--cache_info", action="store_true", help="keep image sizes and captions in metadata_cache.json")
     g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")
     g.add_argument("--vae_batch_size", type=int, default=1)
@@ -80,6 +87,11 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_token_length", type=int, choices=[75, 150, 225])
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--debug_dataset", action="store_true", help="print batches and stop")
+    g.add_argument("--validation_split", type=float, default=0.0, help="share of DreamBooth images held out")
+    g.add_argument("--validation_seed", type=int, help="seed of the split and of validation noise")
+    g.add_argument("--validate_every_n_steps", type=int)
+    g.add_argument("--validate_every_n_epochs", type=int)
+    g.add_argument("--max_validation_steps", type=int, help="at most this many validation batches")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -232,10 +244,8 @@ UNSUPPORTED_KOHYA_FLAGS = {
     "save_state_to_huggingface": "uploading to the Hugging Face hub",
     "dataset_class": "custom dataset classes",
     "masked_loss": "masked loss",
-    "alpha_mask": "alpha-mask loss",
     "conditioning_data_dir": "masked loss",
     "weighted_captions": "weighted captions",
-    "validation_split": "validation splits",
     "fused_backward_pass": "fused backward passes",
     "cpu_offload_checkpointing": "checkpoint offloading",
     "wandb_api_key": "wandb keys in config files",

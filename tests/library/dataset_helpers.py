@@ -8,54 +8,20 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-# kohya's dataset flags and their argparse defaults (train_util.add_dataset_arguments & co.).
-KOHYA_DATASET_DEFAULTS = dict(
-    dataset_config=None,
-    train_data_dir=None,
-    reg_data_dir=None,
-    in_json=None,
-    dataset_repeats=1,
-    resolution=None,
-    enable_bucket=False,
-    min_bucket_reso=256,
-    max_bucket_reso=1024,
-    bucket_reso_steps=64,
-    bucket_no_upscale=False,
-    resize_interpolation=None,
-    caption_extension=".caption",
-    caption_extention=None,
-    shuffle_caption=False,
-    caption_separator=",",
-    keep_tokens=0,
-    keep_tokens_separator="",
-    secondary_separator=None,
-    enable_wildcard=False,
-    caption_prefix=None,
-    caption_suffix=None,
-    caption_dropout_rate=0.0,
-    caption_dropout_every_n_epochs=0,
-    caption_tag_dropout_rate=0.0,
-    token_warmup_min=1,
-    token_warmup_step=0,
-    color_aug=False,
-    flip_aug=False,
-    random_crop=False,
-    face_crop_aug_range=None,
-    alpha_mask=False,
-    cache_info=False,
-    cache_latents=False,
-    cache_latents_to_disk=False,
-    vae_batch_size=1,
-    max_token_length=None,
-    prior_loss_weight=1.0,
-    train_batch_size=1,
-    max_data_loader_n_workers=8,
-    persistent_data_loader_workers=False,
-    validation_seed=None,
-    validation_split=0.0,
-    debug_dataset=False,
-    seed=None,
-)
+from library.args import train_network_parser
+
+# The dataset flags the datasets read, checked against train_network.py's real parser.
+DATASET_FLAGS = """dataset_config train_data_dir reg_data_dir in_json dataset_repeats resolution enable_bucket
+min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale resize_interpolation caption_extension
+caption_extention shuffle_caption caption_separator keep_tokens keep_tokens_separator secondary_separator
+enable_wildcard caption_prefix caption_suffix caption_dropout_rate caption_dropout_every_n_epochs
+caption_tag_dropout_rate token_warmup_min token_warmup_step color_aug flip_aug random_crop face_crop_aug_range
+alpha_mask cache_info cache_latents cache_latents_to_disk vae_batch_size max_token_length prior_loss_weight
+train_batch_size max_data_loader_n_workers persistent_data_loader_workers validation_seed validation_split
+debug_dataset seed""".split()
+_PARSER = train_network_parser()
+assert set(DATASET_FLAGS) <= {action.dest for action in _PARSER._actions}, "a dataset flag is missing from args.py"
+KOHYA_DATASET_DEFAULTS = {name: _PARSER.get_default(name) for name in DATASET_FLAGS}
 
 
 def dataset_args(**overrides) -> argparse.Namespace:
