@@ -6,4 +6,5 @@ features    matched block outputs and the hooks that record them
 teacher     the frozen teacher and its KD targets
 loss        task + output-KD + feature-KD objective
 hybrid      teacher/student stage-pair hybrid UNet for Theseus replacement (with library.theseus)
+cost        parameter and MAC counts (meta device, torch.utils.flop_counter)
 """
