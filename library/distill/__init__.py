@@ -1,0 +1,10 @@
+"""Block-removal knowledge distillation of SD1.x/SD2.x UNets (BK-SDM / Segmind students) and Theseus.
+
+students    student configs (bk_base, bk_small, bk_tiny, custom json) and building them from a teacher
+block_map   which teacher block each student block is copied from
+features    matched block outputs and the hooks that record them
+teacher     the frozen teacher and its KD targets
+loss        task + output-KD + feature-KD objective
+hybrid      teacher/student stage-pair hybrid UNet for Theseus replacement (with library.theseus)
+cost        parameter and MAC counts (meta device, torch.utils.flop_counter)
+"""
