@@ -102,7 +102,9 @@ def measure(name: str, command_for, cwd: Path, few: int, many: int) -> dict:
     t_few, rss_few = timed_run(command_for(few), cwd)
     t_many, rss_many = timed_run(command_for(many), cwd)
     step = (t_many - t_few) / (many - few)
-    print(f"{name:>8}: {step:6.2f} s/step ({1 / step:.3f} it/s), peak RSS {max(rss_few, rss_many):.2f} GiB", flush=True)
+    print(
+        f"{name:>8}: {step:6.2f} s/step ({1 / step:.3f} it/s), peak RSS {max(rss_few, rss_many):.2f} GiB", flush=True
+    )
     return {"step": step, "rss": max(rss_few, rss_many)}
 
 

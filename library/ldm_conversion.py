@@ -224,6 +224,8 @@ def vae_only_architecture(state_dict: dict[str, torch.Tensor]) -> LdmArchitectur
 
 def unet_config_from_ldm(arch: LdmArchitecture, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     config = create_unet_diffusers_config_from_ldm(arch.original_config, state_dict)
+    if not any(k.startswith(f"{UNET_PREFIX}middle_block.") for k in state_dict):
+        config["mid_block_type"] = None  # BK-SDM small/tiny students have no mid block
     config["sample_size"] = arch.sample_size
     config["upcast_attention"] = arch.upcast_attention
     return config

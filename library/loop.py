@@ -40,6 +40,8 @@ class TrainingTask(Protocol):
 
     def on_epoch_start(self, epoch: int) -> None: ...
 
+    def on_step_start(self, step: int) -> None: ...
+
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to backpropagate, plus extra scalars to log."""
 
@@ -48,6 +50,9 @@ class TrainingTask(Protocol):
     def save_model(self, path: Path, epoch: int, step: int) -> None: ...
 
     def sample(self, epoch: int | None, step: int) -> None: ...
+
+    def validate(self) -> dict[str, float]:
+        """Validation scalars (empty when there is no validation set); averaged over processes here."""
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Accelerator:
@@ -94,7 +99,9 @@ class Schedule:
 
 
 @dataclass
-class SaveOptions:
+class Cadence:
+    """When to save, sample and validate, and under which names (kohya's flags)."""
+
     output_dir: Path
     output_name: str
     extension: str
@@ -109,9 +116,11 @@ class SaveOptions:
     sample_every_n_epochs: int | None = None
     sample_every_n_steps: int | None = None
     sample_at_first: bool = False
+    validate_every_n_epochs: int | None = 1
+    validate_every_n_steps: int | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, default_name: str, num_epochs: int) -> SaveOptions:
+    def from_args(cls, args: argparse.Namespace, default_name: str, num_epochs: int) -> Cadence:
         every_n_epochs = args.save_every_n_epochs
         if args.save_n_epoch_ratio:
             every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
@@ -137,7 +146,7 @@ class TrainingRun:
         optimizer: torch.optim.Optimizer,
         lr_scheduler,
         schedule: Schedule,
-        saving: SaveOptions,
+        cadence: Cadence,
         lr_descriptions: list[str],
         max_grad_norm: float = 1.0,
         seed: int | None = None,
@@ -148,7 +157,7 @@ class TrainingRun:
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.schedule = schedule
-        self.saving = saving
+        self.cadence = cadence
         self.lr_descriptions = lr_descriptions
         self.max_grad_norm = max_grad_norm
         self.seed = seed
@@ -172,7 +181,7 @@ class TrainingRun:
         logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch + 1)
 
     def _save_state(self, name: str) -> None:
-        path = self.saving.output_dir / name
+        path = self.cadence.output_dir / name
         self.accelerator.save_state(str(path))
         if self.accelerator.is_main_process:
             (path / TRAIN_STATE_FILE).write_text(
@@ -198,7 +207,7 @@ class TrainingRun:
             disable=not self.accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
-        if self.saving.sample_at_first and self.global_step == 0:
+        if self.cadence.sample_at_first and self.global_step == 0:
             self._sample(epoch=None)
         while self.epoch < self.schedule.num_epochs and self.global_step < self.schedule.max_train_steps:
             self._run_epoch(progress)
@@ -214,6 +223,7 @@ class TrainingRun:
         epoch_loss, epoch_count = 0.0, 0
         for batch in batches:
             with accelerator.accumulate():
+                self.task.on_step_start(self.global_step)
                 loss, extra = self.task.training_step(batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -267,11 +277,11 @@ class TrainingRun:
     def _save_model(self, name: str, epoch: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.saving.output_dir.mkdir(parents=True, exist_ok=True)
-            self.task.save_model(self.saving.output_dir / name, epoch, self.global_step)
+            self.cadence.output_dir.mkdir(parents=True, exist_ok=True)
+            self.task.save_model(self.cadence.output_dir / name, epoch, self.global_step)
 
     def _step_checkpoints(self) -> None:
-        s, step = self.saving, self.global_step
+        s, step = self.cadence, self.global_step
         if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < self.schedule.max_train_steps:
             self._save_model(model_file_name(s.output_name, s.extension, step=step), self.epoch + 1)
             if self.accelerator.is_main_process:
@@ -284,9 +294,11 @@ class TrainingRun:
                     rotate(s.output_dir, s.output_name, s.save_last_n_steps_state, by_step=True, state=True)
         if s.sample_every_n_steps and step % s.sample_every_n_steps == 0:
             self._sample(epoch=None)
+        if s.validate_every_n_steps and step % s.validate_every_n_steps == 0:
+            self._validate("step")
 
     def _epoch_checkpoints(self) -> None:
-        s, epoch = self.saving, self.epoch
+        s, epoch = self.cadence, self.epoch
         last = epoch >= self.schedule.num_epochs or self.global_step >= self.schedule.max_train_steps
         if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and not last:
             self._save_model(model_file_name(s.output_name, s.extension, epoch=epoch), epoch)
@@ -305,6 +317,19 @@ class TrainingRun:
                     rotate(s.output_dir, s.output_name, s.save_last_n_epochs_state, by_step=False, state=True)
         if s.sample_every_n_epochs and epoch % s.sample_every_n_epochs == 0:
             self._sample(epoch=epoch)
+        if s.validate_every_n_epochs and epoch % s.validate_every_n_epochs == 0:
+            self._validate("epoch")
+
+    def _validate(self, when: str) -> None:
+        values = self.task.validate()
+        if not values:
+            return
+        averaged = {}
+        for name, value in values.items():
+            tensor = torch.tensor(value, device=self.accelerator.device)
+            averaged[f"{name}/{when}_average"] = self.accelerator.reduce(tensor, reduction="mean").item()
+        logger.info("validation at step %d: %s", self.global_step, averaged)
+        self._log(averaged)
 
     def _sample(self, epoch: int | None) -> None:
         self.accelerator.wait_for_everyone()
@@ -313,7 +338,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def _finish(self) -> None:
-        s = self.saving
+        s = self.cadence
         self._save_model(model_file_name(s.output_name, s.extension), self.epoch)
         if s.save_state or s.save_state_on_train_end:
             self._save_state(state_dir_name(s.output_name))

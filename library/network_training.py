@@ -10,20 +10,22 @@ import argparse
 import importlib
 import logging
 import math
+import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from library.args import parse_key_values, verify_training_args
 from library.config import build_blueprints
-from library.data import build_dataset_group, make_dataloader
+from library.data import DatasetGroup, batch_latents, build_dataset_group, build_validation_group, make_dataloader
 from library.errors import ConfigError
-from library.loop import SaveOptions, Schedule, TrainingRun, make_accelerator
+from library.loop import Cadence, Schedule, TrainingRun, make_accelerator
 from library.models import StableDiffusionModel, load_stable_diffusion, load_vae
 from library.network_protocol import TrainableNetwork, as_trainable_network
 from library.noise import (
@@ -65,12 +67,16 @@ def import_network_module(name: str):
 
 
 def encode_captions(model: StableDiffusionModel, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
-    return encode_tokens(model.text_encoder, input_ids.to(model.text_encoder.device), clip_skip=clip_skip, v2=model.v2)
+    return encode_tokens(model.text_encoder, input_ids.to(model.text_encoder.device), clip_skip=clip_skip)
+
+
+# kohya validates at timesteps evenly spread inside [min_timestep, max_timestep].
+NUM_VALIDATION_TIMESTEPS = 4
 
 
 @dataclass
 class NetworkTask:
-    """One training step of a LoRA-style network, and how to save and sample it (TrainingTask)."""
+    """One training step of a LoRA-style network, and how to save, sample and validate it."""
 
     args: argparse.Namespace
     accelerator: Accelerator
@@ -79,7 +85,8 @@ class NetworkTask:
     options: NoiseOptions
     train_text_encoder: bool
     metadata: dict[str, str]
-    dataset_group: object
+    dataset_group: DatasetGroup
+    validation_loader: Iterable | None = None
     sample_prompts: list | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -92,31 +99,54 @@ class NetworkTask:
         self.dataset_group.set_current_epoch(epoch + 1)
         self.network.on_epoch_start(self.model.text_encoder, self.model.unet)
 
-    def _latents(self, batch: dict) -> torch.Tensor:
-        vae = self.model.vae
-        if batch.get("latents") is not None:
-            latents = batch["latents"].to(self.accelerator.device)
-        else:
-            with torch.no_grad():
-                images = batch["images"].to(self.accelerator.device, dtype=vae.dtype)
-                latents = vae.encode(images).latent_dist.sample()
-        return latents.float() * vae.config.scaling_factor
-
-    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def on_step_start(self, step: int) -> None:
+        self.dataset_group.set_current_step(step)
         self.network.on_step_start(self.model.text_encoder, self.model.unet)
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        if "latents" in batch:  # cached: unscaled, as in kohya's npz files
+            return batch["latents"].to(self.accelerator.device, torch.float32) * self.model.vae.config.scaling_factor
+        return batch_latents(batch, self.model.vae, dtype=torch.float32)
+
+    def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         latents = self._latents(batch)
-        with torch.set_grad_enabled(self.train_text_encoder):
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             hidden = encode_captions(self.model, batch["input_ids"], self.args.clip_skip)
         scheduler = self.model.noise_scheduler
         noise = make_noise(latents, self.options)
-        timesteps = sample_timesteps(latents.shape[0], self.options, latents.device)
+        if timesteps is None:
+            timesteps = sample_timesteps(latents.shape[0], self.options, latents.device)
         noisy = noisy_latents(scheduler, latents, noise, timesteps, self.options)
         unet_dtype = self.model.unet.dtype
         prediction = self.model.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample
         target = prediction_target(scheduler, latents, noise, timesteps)
-        loss = per_sample_loss(prediction, target, timesteps, scheduler, self.options)
+        mask = batch.get("alpha_masks")
+        loss = per_sample_loss(prediction, target, timesteps, scheduler, self.options, mask=mask)
         loss = loss * batch["loss_weights"].to(loss.device) * timestep_weights(timesteps, scheduler, self.options)
-        return loss.mean(), {}
+        return loss.mean()
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._loss(batch), {}
+
+    def validate(self) -> dict[str, float]:
+        """Mean loss over the held-out images at fixed timesteps and a fixed noise seed (kohya's)."""
+        if self.validation_loader is None:
+            return {}
+        bounds = (self.options.min_timestep, self.options.max_timestep)
+        fixed = torch.linspace(*bounds, NUM_VALIDATION_TIMESTEPS + 2).long()[1:-1].tolist()
+        seed = self.args.validation_seed if self.args.validation_seed is not None else self.args.seed
+        losses = []
+        device = self.accelerator.device
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for index, batch in enumerate(self.validation_loader):
+                if self.args.max_validation_steps is not None and index >= self.args.max_validation_steps:
+                    break
+                size = batch["input_ids"].shape[0]
+                for t in fixed:
+                    with self.accelerator.autocast():
+                        losses.append(self._loss(batch, torch.full((size,), t, device=device)).item())
+        return {"loss/validation": sum(losses) / max(len(losses), 1)}
 
     def after_optimizer_step(self) -> dict[str, float]:
         if not self.args.scale_weight_norms:
@@ -138,8 +168,8 @@ class NetworkTask:
         if not self.sample_prompts:
             return
         device = self.accelerator.device
-        vae_device = self.model.vae.device
-        self.model.vae.to(device)
+        vae_place = (self.model.vae.device, self.model.vae.dtype)
+        self.model.vae.to(device, torch.float32)
         components = {
             "vae": self.model.vae,
             "text_encoder": self.model.text_encoder,
@@ -149,7 +179,7 @@ class NetworkTask:
 
         def encode(prompts: list[str]) -> torch.Tensor:
             ids = tokenize_captions(self.model.tokenizer, prompts, self.args.max_token_length)
-            return encode_captions(self.model, ids, self.args.clip_skip)
+            return encode_captions(self.model, ids, self.args.clip_skip).to(self.model.unet.dtype)
 
         generate_samples(
             components,
@@ -163,7 +193,7 @@ class NetworkTask:
             step=step,
             device=device,
         )
-        self.model.vae.to(vae_device)
+        self.model.vae.to(*vae_place)
 
 
 class NetworkTrainer:
@@ -231,121 +261,142 @@ class NetworkTrainer:
             logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
 
     def train(self) -> None:
+        """Check inputs, build models, data, network and optimizer, then run the loop."""
         args = self.args
         started_at = time.time()
         module = import_network_module(args.network_module)
-        train_unet = not args.network_train_text_encoder_only
-        train_text_encoder = not args.network_train_unet_only
         blueprints = build_blueprints(args)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:
-            make_sampler(args.sample_sampler, False)  # fail now on an unknown sampler name
-
+            make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
         accelerator = make_accelerator(args, "network_train")
-        if args.seed is not None:
-            set_seed(args.seed)
+        args.seed = shared_seed(accelerator, args.seed)
+        set_seed(args.seed)
         model = self._load_model()
         group = build_dataset_group(
-            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed or 0
+            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
         )
         if args.debug_dataset:
-            group.debug_print()
+            print_dataset_preview(group)
             return
-        weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
-        device = accelerator.device
-        if args.cache_latents:
-            vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
-            model.vae.to(device, dtype=vae_dtype)
-            group.cache_latents(
-                model.vae,
-                vae_batch_size=args.vae_batch_size,
-                to_disk=args.cache_latents_to_disk,
-                device=device,
-                dtype=vae_dtype,
-                process_index=accelerator.process_index,
-                num_processes=accelerator.num_processes,
-            )
-            model.vae.to("cpu")
-            accelerator.wait_for_everyone()
-        else:
-            model.vae.to(device, dtype=torch.float32 if args.no_half_vae else weight_dtype)
-
-        self._merge_base_weights(module, model)
-        network = self._create_network(module, model)
-        network.apply_to(model.text_encoder, model.unet, train_text_encoder, train_unet)
-        if args.network_weights:
-            info = network.load_weights(args.network_weights)
-            logger.info("loaded --network_weights %s: %s", args.network_weights, info)
-        if args.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
-            network.enable_gradient_checkpointing()
-
-        text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr else None
+        validation = build_validation_group(
+            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
+        )
+        self._prepare_latents(accelerator, model, [g for g in (group, validation) if g is not None])
+        network = self._build_network(module, model)
         param_groups, lr_descriptions = network.prepare_optimizer_params(
-            text_encoder_lr, args.unet_lr, args.learning_rate
+            args.text_encoder_lr or None, args.unet_lr, args.learning_rate
         )
         optimizer_name, optimizer = make_optimizer(args, param_groups)
+        self._place_models(accelerator, model, network)
 
-        model.unet.to(device, dtype=weight_dtype)
-        model.text_encoder.to(device, dtype=weight_dtype)
-        network.to(device, dtype=weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
-        network.prepare_grad_etc(model.text_encoder, model.unet)
-        if args.gradient_checkpointing and train_text_encoder:
-            model.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
-
-        dataloader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
+        loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
         # Batches each process sees per epoch once accelerate shards the loader (it pads to even).
-        schedule = Schedule.from_args(args, math.ceil(len(dataloader) / accelerator.num_processes))
-        # accelerate steps a prepared scheduler once per process per optimizer step (as in kohya).
+        schedule = Schedule.from_args(args, math.ceil(len(loader) / accelerator.num_processes))
+        # accelerate steps a prepared scheduler once per process per optimizer step (as kohya counts).
         lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
-        optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+        optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
+        validation_loader = accelerator.prepare(make_dataloader(validation)) if validation is not None else None
+        group.set_max_train_steps(schedule.max_train_steps)
 
         metadata = training_metadata(
             args,
             network_metadata=network.network_metadata(),
-            dataset_metadata=group.metadata(),
+            dataset_metadata=group.metadata(
+                validation=validation,
+                num_processes=accelerator.num_processes,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+            ),
             optimizer_name=optimizer_name,
             base_model_version=model.base_model_version,
             v2=model.v2,
             num_epochs=schedule.num_epochs,
-            num_batches_per_epoch=len(dataloader),
+            num_batches_per_epoch=len(loader),
             started_at=started_at,
         )
         metadata.update(
             modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
         )
         task = NetworkTask(
-            args,
-            accelerator,
-            model,
-            network,
-            NoiseOptions.from_args(args),
-            train_text_encoder,
-            metadata,
-            group,
-            sample_prompts,
-        )
+            args, accelerator, model, network, NoiseOptions.from_args(args), not args.network_train_unet_only,
+            metadata, group, validation_loader, sample_prompts,
+        )  # fmt: skip
+        cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
         run = TrainingRun(
-            accelerator,
-            task,
-            dataloader,
-            optimizer,
-            lr_scheduler,
-            schedule,
-            SaveOptions.from_args(args, default_name="last", num_epochs=schedule.num_epochs),
-            lr_descriptions,
-            max_grad_norm=args.max_grad_norm,
-            seed=args.seed,
-        )
+            accelerator, task, loader, optimizer, lr_scheduler, schedule, cadence, lr_descriptions,
+            max_grad_norm=args.max_grad_norm, seed=args.seed,
+        )  # fmt: skip
         if args.resume:
             run.resume(args.resume)
         logger.info(
-            "training %d steps (%d epochs, %d batches/epoch), %d trainable parameters",
-            schedule.max_train_steps,
-            schedule.num_epochs,
-            len(dataloader),
+            "training %d steps (%d epochs x %d batches), %d trainable parameters",
+            schedule.max_train_steps, schedule.num_epochs, len(loader),
             sum(p.numel() for p in task.trainable_parameters()),
-        )
+        )  # fmt: skip
         run.run()
+
+    def _prepare_latents(self, accelerator: Accelerator, model: StableDiffusionModel, groups: list) -> None:
+        """Cache latents (then the VAE leaves the accelerator), or keep the VAE there for encoding."""
+        args = self.args
+        vae_dtype = torch.float32 if args.no_half_vae else WEIGHT_DTYPES[args.mixed_precision]
+        model.vae.to(accelerator.device, dtype=vae_dtype)
+        if not args.cache_latents:
+            return
+        for group in groups:
+            group.cache_latents(
+                model.vae,
+                vae_batch_size=args.vae_batch_size,
+                to_disk=args.cache_latents_to_disk,
+                device=accelerator.device,
+                dtype=vae_dtype,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+            )
+        model.vae.to("cpu")
+        accelerator.wait_for_everyone()
+
+    def _build_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
+        args = self.args
+        self._merge_base_weights(module, model)
+        network = self._create_network(module, model)
+        train_unet = not args.network_train_text_encoder_only
+        network.apply_to(model.text_encoder, model.unet, not args.network_train_unet_only, train_unet)
+        if args.network_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded --network_weights %s: %s", args.network_weights, info)
+        if args.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if not args.network_train_unet_only:
+                model.text_encoder.gradient_checkpointing_enable()
+                model.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+            network.enable_gradient_checkpointing()
+        return network
+
+    def _place_models(self, accelerator: Accelerator, model: StableDiffusionModel, network) -> None:
+        """Frozen weights in the mixed-precision dtype (kohya's memory saving), network in fp32 unless full_*."""
+        args = self.args
+        weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
+        model.unet.to(accelerator.device, dtype=weight_dtype)
+        model.text_encoder.to(accelerator.device, dtype=weight_dtype)
+        network.to(accelerator.device, dtype=weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+        network.prepare_grad_etc(model.text_encoder, model.unet)
+
+
+def shared_seed(accelerator: Accelerator, seed: int | None) -> int:
+    """The given seed, or one drawn on the main process and shared, so every process plans the same data."""
+    if seed is not None:
+        return seed
+    drawn = [random.SystemRandom().randint(0, 2**31 - 1)]
+    broadcast_object_list(drawn)
+    return drawn[0]
+
+
+def print_dataset_preview(group: DatasetGroup, batches: int = 4) -> None:
+    """kohya's --debug_dataset, in text: what the first batches of epoch 1 hold."""
+    group.set_current_epoch(1)
+    for index in range(min(batches, len(group))):
+        batch = group[index]
+        data = batch["latents"] if "latents" in batch else batch["images"]
+        print(f"batch {index}: {tuple(data.shape)} loss weights {batch['loss_weights'].tolist()}")
+        for key, caption in zip(batch["image_keys"], batch["captions"]):
+            print(f"  {key}: {caption}")

@@ -140,8 +140,13 @@ def per_sample_loss(
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
     options: NoiseOptions,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Element-wise loss averaged over C,H,W -> shape (B,), in float32."""
+    """Element-wise loss averaged over C,H,W -> shape (B,), in float32.
+
+    ``mask`` (B,H,W in pixels, e.g. kohya's alpha masks) is area-resized to the latent size and
+    weights the loss before averaging, as kohya's ``apply_masked_loss``.
+    """
     prediction, target = prediction.float(), target.float()
     if options.loss_type == "l2":
         loss = F.mse_loss(prediction, target, reduction="none")
@@ -151,6 +156,8 @@ def per_sample_loss(
         c = _huber_c(scheduler, timesteps, options)
         pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
         loss = 2 * c * pseudo if options.loss_type == "huber" else 2 * pseudo
+    if mask is not None:
+        loss = loss * F.interpolate(mask[:, None].to(loss), size=loss.shape[2:], mode="area")
     return loss.mean(dim=(1, 2, 3))
 
 

@@ -22,6 +22,11 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _single_thread_and_seed():
+    # Tiny models spend more time synchronising threads than computing: one thread per test
+    # process is several times faster on a small shared CPU (pytest -n 2 uses both cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)

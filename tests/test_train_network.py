@@ -1,20 +1,15 @@
 """train_network.py end to end on the tiny fixtures: training, saving, resuming, errors."""
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from accelerate.state import AcceleratorState
-from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 import train_network
-from library.errors import SuiteError
 from library.models import load_stable_diffusion
 from library.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
 from library.text import encode_tokens, tokenize_captions
@@ -71,7 +66,9 @@ def fixed_batch_loss(model_dir: Path, image_dir: Path, lora_path: Path | None = 
     images = torch.stack([_image_tensor(p) for p in pngs])
     captions = [p.with_suffix(".txt").read_text().strip() for p in pngs]
     if lora_path is not None:
-        network, weights = lora.create_network_from_weights(1.0, str(lora_path), model.vae, model.text_encoder, model.unet)
+        network, weights = lora.create_network_from_weights(
+            1.0, str(lora_path), model.vae, model.text_encoder, model.unet
+        )
         network.apply_to(model.text_encoder, model.unet)
         network.load_state_dict(weights, strict=True)
     with torch.no_grad(), torch.random.fork_rng():
@@ -93,7 +90,9 @@ def fixed_batch_loss(model_dir: Path, image_dir: Path, lora_path: Path | None = 
     ids=["lora-fp32", "locon-fp32", "locon-bf16"],
 )
 def test_training_lowers_the_loss_on_fixed_batches(tiny_sd, data, network_args, precision):
-    train_network.main(base_argv(tiny_sd, data, "--max_train_steps", "30", "--mixed_precision", precision, *network_args))
+    train_network.main(
+        base_argv(tiny_sd, data, "--max_train_steps", "30", "--mixed_precision", precision, *network_args)
+    )
     saved = data / "out" / "tiny.safetensors"
     images = data / "img" / "10_sks toy"
     before = fixed_batch_loss(tiny_sd.sd1_dir, images)

@@ -123,3 +123,21 @@ def test_canonical_clip_key_restores_the_text_model_level_of_flattened_transform
         "text_model.encoder.layers.0.self_attn.q_proj.weight"
     )
     assert conv.canonical_clip_key("text_model.final_layer_norm.bias") == "text_model.final_layer_norm.bias"
+
+
+@pytest.mark.parametrize("student", ["bk_base", "bk_small", "bk_tiny"])
+def test_block_removed_students_round_trip_through_single_files(tiny_sd, tmp_path, student):
+    from library.distill.students import build_student, student_config
+    from library.models import save_ldm_checkpoint
+
+    model = load_stable_diffusion(tiny_sd.sd1_dir)
+    unet, _ = build_student(model.unet, student_config(model.unet.config, student, None))
+    model.unet = unet
+    path = tmp_path / f"{student}.safetensors"
+    save_ldm_checkpoint(model, path)
+    again = load_stable_diffusion(path, tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    assert (again.unet.config.mid_block_type is None) == (student != "bk_base")
+    assert len(again.unet.down_blocks) == (3 if student == "bk_tiny" else 4)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, model.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, ctx).sample, again.unet(x, t, ctx).sample)
