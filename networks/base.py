@@ -146,7 +146,7 @@ class NetworkModule(nn.Module):
     """
 
     LORAPLUS_PARAMS: ClassVar[tuple[str, ...]] = ()  # parameter-name prefixes that LoRA+ trains at lr * ratio
-    MERGEABLE: ClassVar[bool] = True
+    MERGEABLE: ClassVar[bool] = True  # False for families without a delta weight (merge and max-norm refuse)
 
     def __init__(self, lora_name: str, original: nn.Module, multiplier: float = 1.0):
         super().__init__()
@@ -418,9 +418,14 @@ class Network(nn.Module):
     def is_mergeable(self) -> bool:
         return all(module.MERGEABLE for module in self.adapters)
 
+    def _require_delta_weights(self, operation: str) -> None:
+        if not self.is_mergeable():
+            raise NetworkStateError(f"{operation} needs delta weights, which {self.module_name} modules do not have")
+
     def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None) -> None:
         """Add the deltas into the base weights (kohya's ``--base_weights``); ``weights_sd`` is loaded first
         and then only its modules are merged."""
+        self._require_delta_weights("merge_to")
         if any(module.is_applied for module in self.adapters):
             raise NetworkStateError("merge_to on an applied network would count the delta twice; restore() first")
         self._check_models(text_encoder, unet)
@@ -541,6 +546,7 @@ class Network(nn.Module):
 
         Returns (modules scaled, mean norm, max norm) after scaling. One host sync for all modules.
         """
+        self._require_delta_weights("--scale_weight_norms")
         modules = self.adapters
         if not modules:
             return 0, 0.0, 0.0

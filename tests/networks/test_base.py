@@ -281,3 +281,18 @@ def test_a_network_refuses_models_it_was_not_built_on():
         network.apply_to(None, toy_unet())
     with pytest.raises(NetworkStateError, match="built on another U-Net"):
         network.merge_to(None, toy_unet())
+
+
+class Replacement(ProjectedModule):
+    MERGEABLE = False  # a family whose modules replace layers instead of adding a delta
+
+
+def test_merge_and_max_norm_refuse_families_without_delta_weights():
+    unet = toy_unet()
+    targets = find_targets(None, unet, UNET_TRANSFORMER_PARENTS, is_layer)
+    network = Network("tests.replace", [Replacement(t.name, t.module, 2, 1.0) for t in targets], NetworkArgs(), 2, 1.0)
+    assert not network.is_mergeable()
+    with pytest.raises(NetworkStateError, match="merge_to needs delta weights"):
+        network.merge_to(None, unet)
+    with pytest.raises(NetworkStateError, match="--scale_weight_norms needs delta weights, which tests.replace"):
+        network.apply_max_norm_regularization(1.0, "cpu")

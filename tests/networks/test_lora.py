@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import init_empty_weights
+from accelerate import Accelerator, init_empty_weights
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.peft_utils import get_peft_kwargs
 from diffusers.utils.state_dict_utils import (
@@ -139,7 +139,8 @@ def test_a_flattened_text_encoder_gets_the_canonical_names(full_size):
     text_encoder, unet = full_size["sd15"]
     nested = lora.create_network(1.0, 4, 1, None, text_encoder, unet).state_dict()
     flat = lora.create_network(1.0, 4, 1, None, text_encoder.text_model, unet).state_dict()  # no text_model level
-    assert list(flat) == list(nested)
+    in_list = lora.create_network(1.0, 4, 1, None, [text_encoder], unet).state_dict()  # newer kohya passes lists
+    assert list(flat) == list(nested) == list(in_list)
 
 
 def test_no_state_leaks_from_one_network_to_the_next(full_size):
@@ -219,9 +220,10 @@ def test_init_makes_a_no_op_with_kaiming_down():
 def test_alpha_scales_and_multiplier_weights_the_delta():
     layer, x = nn.Linear(16, 24), torch.randn(3, 16)
     base = layer(x)
-    module = perturb(lora.LoRAModule("lora_unet_x", layer, 4, None))  # alpha None -> rank: scale 1
+    assert lora.LoRAModule("lora_unet_x", layer, 4, 0).alpha.item() == 4.0  # alpha 0 -> rank: scale 1
+    module = perturb(lora.LoRAModule("lora_unet_x", layer, 4, None))  # so does None
     module.apply()
-    assert module.alpha.item() == 4.0
+    assert module.alpha.item() == 4.0 and module.alpha.dtype == torch.float32
     delta = F.linear(x, module.lora_up.weight @ module.lora_down.weight)
     module.multiplier = 0.5
     assert_close(layer(x), base + 0.5 * delta)
@@ -310,6 +312,39 @@ def test_gradients_are_unchanged_by_the_unets_gradient_checkpointing(sd1):
     for a, b in zip(gradients(), plain):
         assert_close(a, b)
     assert sum(bool(g.any()) for g in plain) > 0.9 * len(plain)  # dropouts may zero a few modules entirely
+
+
+def test_kohyas_training_call_sequence_trains_only_the_network(sd1, tmp_path):
+    """The calls train_network.py makes, in its order, for two steps (with its injected dropout=None)."""
+    text_encoder, unet = fresh(sd1)
+    base = [{k: v.clone() for k, v in model.state_dict().items()} for model in (text_encoder, unet)]
+    network = lora.create_network(1.0, 4, 1, None, text_encoder, unet, neuron_dropout=None, dropout=None)
+    network.apply_to(text_encoder, unet, True, True)
+    network.enable_gradient_checkpointing()
+    params, _ = network.prepare_optimizer_params(5e-5, 1e-4, 1e-4)
+    accelerator = Accelerator(cpu=True)
+    network, optimizer = accelerator.prepare(network, torch.optim.AdamW(params, weight_decay=0.0))
+    network.prepare_grad_etc(text_encoder, unet)
+    network.on_epoch_start(text_encoder, unet)
+    initial = {k: v.clone() for k, v in network.state_dict().items()}
+    for _ in range(2):
+        network.on_step_start(text_encoder, unet)
+        ids, latents = torch.randint(0, 100, (1, 77)), torch.randn(1, 4, 8, 8)
+        loss = unet(latents, torch.tensor([500]), text_encoder(ids)[0]).sample.square().mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(network.get_trainable_params(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        network.apply_max_norm_regularization(1.0, "cpu")
+    network.save_weights(tmp_path / "trained.safetensors", torch.float16, {"ss_output_name": "trained"})
+
+    for model, state in zip((text_encoder, unet), base):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    trained = network.state_dict()
+    assert all(not torch.equal(trained[k], v) for k, v in initial.items() if k.endswith("lora_up.weight"))
+    tensors, metadata = load_lora_file(tmp_path / "trained.safetensors")
+    assert all(torch.equal(tensors[k], v.half()) for k, v in trained.items())
+    assert metadata["ss_output_name"] == "trained" and metadata["ss_network_dim"] == "4"
 
 
 # ---- diffusers ----
@@ -514,14 +549,21 @@ def test_dropout_arg_and_network_dropout_are_one_setting():
 
 
 def test_block_dims_and_alphas_set_each_blocks_rank(full_size):
-    dims = [0] + [1 + i for i in range(24)]
-    alphas = [0.5 * d for d in dims]
+    dims, conv_dims = [4, 0] + [1 + i for i in range(23)], [30 - i for i in range(25)]  # IN01: rank 0
+    alphas, conv_alphas = [0.5 * d for d in dims], [0.25 * d for d in conv_dims]
     network = lora.create_network(
-        1.0, 4, 1, None, *full_size["sd15"], block_dims=",".join(map(str, dims)), block_alphas=str(alphas)[1:-1]
+        *(1.0, 4, 1, None, *full_size["sd15"]),
+        **{name: ",".join(map(str, values)) for name, values in [("block_dims", dims), ("block_alphas", alphas)]},
+        **{"conv_block_dims": ",".join(map(str, conv_dims)), "conv_block_alphas": ",".join(map(str, conv_alphas))},
     )
+    in_01 = []
     for module in network.unet_loras:
         block = block_index(module.lora_name)
-        assert (module.lora_dim, module.alpha.item()) == (dims[block], alphas[block])
+        three_by_three = module.lora_down.weight.shape[2:] == (3, 3)  # time_emb_proj, conv_shortcut: block_dims
+        expected = (conv_dims[block], conv_alphas[block]) if three_by_three else (dims[block], alphas[block])
+        assert (module.lora_dim, module.alpha.item()) == expected
+        in_01 += [three_by_three] if block == 1 else []
+    assert in_01 and all(in_01)  # rank 0 leaves out IN01's linear layers, not its 3x3 convs
     assert all(m.lora_dim == 4 for m in network.text_encoder_loras)
 
 
@@ -576,6 +618,9 @@ def test_loraplus_puts_lora_up_in_faster_groups(full_size):
     assert [g["lr"] for g in groups] == pytest.approx([1e-5, 2e-5, 1e-4, 4e-4])
     assert group_ids(groups[1]) == param_ids(network.text_encoder_loras, "lora_up")
     assert group_ids(groups[2]) == param_ids(network.unet_loras, "lora_down")
+    only_unet = lora.create_network(1.0, 4, 1, None, *full_size["sd15"], loraplus_unet_lr_ratio="8")
+    groups, names = only_unet.prepare_optimizer_params(1e-5, 1e-4, None)
+    assert names == ["textencoder", "unet", "unet plus"] and groups[2]["lr"] == pytest.approx(8e-4)
 
 
 def test_max_norm_follows_kohyas_state_dict_algorithm(sd1):
