@@ -27,7 +27,7 @@ class TrainableNetwork(Protocol):
     """Everything ``train_network.py`` calls on a network, in call order."""
 
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Attach the trainable modules; before this, ``state_dict()`` is empty."""
+        """Patch the trainable modules into the models (for the parts being trained)."""
 
     def load_weights(self, file: str) -> Any:
         """Load ``--network_weights`` into the attached modules."""

@@ -74,7 +74,7 @@ def fixed_batch_loss(model_dir: Path, image_dir: Path, lora_path: Path | None = 
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(seed)
         latents = model.vae.encode(images).latent_dist.sample() * model.vae.config.scaling_factor
-        hidden = encode_tokens(model.text_encoder, tokenize_captions(model.tokenizer, captions), v2=model.v2)
+        hidden = encode_tokens(model.text_encoder, tokenize_captions(model.tokenizer, captions))
         options = NoiseOptions()
         noise = make_noise(latents, options)
         timesteps = sample_timesteps(latents.shape[0], options, latents.device)
