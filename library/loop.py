@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from library.errors import ConfigError
@@ -68,6 +70,7 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Accelerator
         [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))] if args.ddp_timeout else []
     )
     accelerator = Accelerator(
+        cpu=_distributed_without_gpu(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
@@ -75,10 +78,22 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Accelerator
         kwargs_handlers=handlers,
         rng_types=[],  # each process manages its own RNG; see TrainingRun.run
     )
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress logs, not one per process
     if log_with:
         config = {k: str(v) for k, v in vars(args).items()} if args.log_config else {}
         accelerator.init_trackers(args.log_tracker_name or tracker_name, config=config)
     return accelerator
+
+
+def _distributed_without_gpu() -> bool:
+    """Several processes but no GPU (``accelerate launch --multi_gpu`` or ``torchrun`` on a CPU machine).
+
+    accelerate only forms a CPU process group (gloo) when told to run on the CPU; otherwise every
+    process would train alone and all of them would write the same outputs.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return world_size > 1 and not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 @dataclass
@@ -337,8 +352,19 @@ class TrainingRun:
             self.task.sample(epoch, self.global_step)
         self.accelerator.wait_for_everyone()
 
+    def _check_processes_agree(self) -> None:
+        """Every process must end with the same trained weights; a divergence is a bug worth stopping for."""
+        flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.task.trainable_parameters()])
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        digests = gather_object([digest])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"trained weights differ between processes: {digests}")
+        logger.info("trained weights identical on %d processes (sha256 %s)", len(digests), digest[:16])
+
     def _finish(self) -> None:
         s = self.cadence
+        if self.accelerator.num_processes > 1:
+            self._check_processes_agree()
         self._save_model(model_file_name(s.output_name, s.extension), self.epoch)
         if s.save_state or s.save_state_on_train_end:
             self._save_state(state_dir_name(s.output_name))

@@ -7,6 +7,7 @@ the optimizer name, the dataset) is checked before the first byte is written to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
@@ -42,6 +43,8 @@ from library.optimizers import make_lr_scheduler, make_optimizer
 from library.sampling import generate_samples, load_sample_prompts, make_sampler
 from library.saving import modelspec_metadata, per_save_metadata, training_metadata
 from library.text import encode_tokens, tokenize_captions
+from networks.lora_file import LoRAFileError
+from networks.network_args import NetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +225,10 @@ class NetworkTrainer:
         return model
 
     def _create_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
+        with network_errors_as_config_errors("--network_args"):
+            return self._create_network_unchecked(module, model)
+
+    def _create_network_unchecked(self, module, model: StableDiffusionModel) -> TrainableNetwork:
         args = self.args
         net_kwargs = parse_key_values(args.network_args, "--network_args")
         if args.dim_from_weights:
@@ -362,7 +369,8 @@ class NetworkTrainer:
         train_unet = not args.network_train_text_encoder_only
         network.apply_to(model.text_encoder, model.unet, not args.network_train_unet_only, train_unet)
         if args.network_weights:
-            info = network.load_weights(args.network_weights)
+            with network_errors_as_config_errors("--network_weights"):
+                info = network.load_weights(args.network_weights)
             logger.info("loaded --network_weights %s: %s", args.network_weights, info)
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -380,6 +388,15 @@ class NetworkTrainer:
         model.text_encoder.to(accelerator.device, dtype=weight_dtype)
         network.to(accelerator.device, dtype=weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
         network.prepare_grad_etc(model.text_encoder, model.unet)
+
+
+@contextlib.contextmanager
+def network_errors_as_config_errors(flag: str):
+    """Our network modules raise ValueErrors of their own (they cannot import library/); name the flag."""
+    try:
+        yield
+    except (NetworkError, LoRAFileError) as err:
+        raise ConfigError(f"{flag}: {err}") from err
 
 
 def shared_seed(accelerator: Accelerator, seed: int | None) -> int:

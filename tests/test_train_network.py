@@ -1,6 +1,9 @@
 """train_network.py end to end on the tiny fixtures: training, saving, resuming, errors."""
 
+import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 import train_network
+from library.errors import SuiteError
 from library.models import load_stable_diffusion
 from library.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
 from library.text import encode_tokens, tokenize_captions
@@ -103,3 +107,223 @@ def test_training_lowers_the_loss_on_fixed_batches(tiny_sd, data, network_args, 
         assert any("resnets" in k for k in tensors)
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
     assert metadata["ss_steps"] == "30" and metadata["ss_mixed_precision"] == precision
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_lora_file(path)[0]
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    first, second = _tensors(a), _tensors(b)
+    assert set(first) == set(second)
+    for key, tensor in first.items():
+        assert torch.equal(tensor, second[key]), key
+
+
+def test_metadata_and_hashes_describe_the_run(tiny_sd, data):
+    train_network.main(base_argv(tiny_sd, data, "--reg_data_dir", str(data / "reg"), "--network_dim", "8"))
+    path = data / "out" / "tiny.safetensors"
+    tensors, metadata = load_lora_file(path)
+    down = next(v for k, v in tensors.items() if k.endswith("lora_down.weight"))
+    assert metadata["ss_network_dim"] == str(down.shape[0]) == "8"
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_num_train_images"] == "60" and metadata["ss_num_reg_images"] == "2"  # kohya: before balancing
+    assert "sks toy" in metadata["ss_tag_frequency"]
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    data_bytes = path.read_bytes()
+    header = int.from_bytes(data_bytes[:8], "little")
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data_bytes[8 + header :]).hexdigest()
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+
+
+def test_network_weights_are_loaded_bit_exactly(tiny_sd, data):
+    train_network.main(base_argv(tiny_sd, data))
+    first = data / "out" / "tiny.safetensors"
+    again = base_argv(
+        tiny_sd, data, "--network_weights", str(first), "--max_train_steps", "0", "--output_name", "again"
+    )
+    train_network.main(again)
+    _assert_same_tensors(first, data / "out" / "again.safetensors")
+
+
+def test_resume_from_state_continues_like_an_uninterrupted_run(tiny_sd, data):
+    # 60 images at batch 6 = 10 batches per epoch; with accumulation 2, 5 steps per epoch. The state is
+    # saved mid-epoch (step 3) and the run crosses into the next epoch.
+    common = ("--train_batch_size", "6", "--gradient_accumulation_steps", "2", "--max_train_steps", "8",
+              "--optimizer_type", "AdamW", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_args",
+              "conv_dim=2", "--noise_offset", "0.05")  # fmt: skip
+    train_network.main(base_argv(tiny_sd, data, *common, "--save_every_n_steps", "3", "--save_state"))
+    state = data / "out" / "tiny-step00000003-state"
+    assert (state / "train_state.json").is_file()
+    resumed = base_argv(tiny_sd, data, *common, "--resume", str(state), "--output_name", "resumed")
+    train_network.main(resumed)
+    _assert_same_tensors(data / "out" / "tiny.safetensors", data / "out" / "resumed.safetensors")
+    assert load_lora_file(data / "out" / "resumed.safetensors")[1]["ss_steps"] == "8"
+
+
+def test_epoch_checkpoints_follow_kohyas_names_and_rotation(tiny_sd, data):
+    train_network.main(
+        base_argv(tiny_sd, data, "--train_batch_size", "6", "--max_train_steps", "40", "--max_train_epochs", "4",
+                  "--save_every_n_epochs", "1", "--save_last_n_epochs", "2", "--save_model_as", "safetensors")
+    )  # fmt: skip
+    names = sorted(p.name for p in (data / "out").iterdir())
+    assert names == ["tiny-000002.safetensors", "tiny-000003.safetensors", "tiny.safetensors"]
+    assert load_lora_file(data / "out" / "tiny.safetensors")[1]["ss_steps"] == "40"
+
+
+def test_kohya_style_config_files(tiny_sd, data):
+    config = data / "config.toml"
+    dataset = data / "dataset.toml"
+    # The table layout of the kohya_ss GUI's exported configs; values for the tiny fixture.
+    config.write_text(
+        f"""
+[model_arguments]
+pretrained_model_name_or_path = "{tiny_sd.sd1_file}"
+tokenizer_cache_dir = "{tiny_sd.tokenizer_cache_dir}"
+v2 = false
+
+[additional_network_arguments]
+network_module = "networks.lora"
+network_dim = 4
+network_alpha = 2
+network_args = ["conv_dim=2", "conv_alpha=1"]
+network_train_unet_only = false
+
+[optimizer_arguments]
+optimizer_type = "AdamW8bit"
+learning_rate = 0.0005
+unet_lr = 0.0005
+text_encoder_lr = 0.0001
+lr_scheduler = "constant_with_warmup"
+lr_warmup_steps = 1
+max_grad_norm = 1.0
+
+[dataset_arguments]
+dataset_config = "{dataset}"
+cache_latents = true
+
+[training_arguments]
+output_dir = "{data / "out"}"
+output_name = "configured"
+save_precision = "fp16"
+max_train_steps = 3
+seed = 1
+mixed_precision = "no"
+max_data_loader_n_workers = 0
+huggingface_repo_id = ""
+"""
+    )
+    dataset.write_text(
+        f"""
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{data / "img" / "10_sks toy"}"
+  class_tokens = "sks toy"
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = "{data / "reg" / "1_toy"}"
+  class_tokens = "toy"
+  num_repeats = 1
+"""
+    )
+    train_network.main(["--config_file", str(config)])
+    tensors, metadata = load_lora_file(data / "out" / "configured.safetensors")
+    assert all(v.dtype == torch.float16 for v in tensors.values())
+    assert metadata["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
+    assert '"num_repeats": 2' in metadata["ss_datasets"]
+
+
+def test_tensorboard_scalars_and_sample_images(tiny_sd, data):
+    prompts = data / "prompts.txt"
+    prompts.write_text("sks toy, red, cube --w 64 --h 64 --s 2 --d 5\n")
+    train_network.main(
+        base_argv(tiny_sd, data, "--logging_dir", str(data / "logs"), "--log_with", "tensorboard",
+                  "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_sampler", "euler_a")
+    )  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = list((data / "logs").iterdir())
+    events = EventAccumulator(str(next(runs[0].rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss/current", "loss/average", "lr/unet"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("loss/current")) == 4
+    samples = sorted((data / "out" / "sample").glob("tiny_000002_00_*_5.png"))
+    assert len(samples) == 1 and Image.open(samples[0]).size == (64, 64)
+
+
+def test_sd2_v_prediction_single_file_with_options(tiny_sd, data):
+    argv = base_argv(tiny_sd, data, "--pretrained_model_name_or_path", str(tiny_sd.sd2_file), "--v2",
+                     "--v_parameterization", "--tokenizer_cache_dir", str(tiny_sd.tokenizer_cache_dir),
+                     "--clip_skip", "2", "--max_token_length", "150", "--min_snr_gamma", "5", "--noise_offset", "0.1",
+                     "--loss_type", "huber", "--flip_aug", "--shuffle_caption", "--keep_tokens", "1",
+                     "--network_train_unet_only", "--max_train_steps", "2")  # fmt: skip
+    train_network.main(argv)
+    tensors, metadata = load_lora_file(data / "out" / "tiny.safetensors")
+    assert metadata["ss_base_model_version"] == "sd_v2_v" and metadata["ss_v2"] == "True"
+    assert tensors and not any(k.startswith("lora_te_") for k in tensors)
+
+
+def test_missing_captions_fall_back_to_class_tokens(tiny_sd, data):
+    for caption in (data / "img" / "10_sks toy").glob("*.txt"):
+        caption.unlink()
+    train_network.main(base_argv(tiny_sd, data, "--max_train_steps", "1"))
+    assert '"sks toy": 6}' in load_lora_file(data / "out" / "tiny.safetensors")[1]["ss_tag_frequency"]
+
+
+def _break_image(data: Path) -> None:
+    (data / "img" / "10_sks toy" / "toy_00.png").write_bytes(b"not a png")
+
+
+def _empty_folder(data: Path) -> None:
+    for file in (data / "img" / "10_sks toy").iterdir():
+        file.unlink()
+
+
+@pytest.mark.parametrize(
+    ("prepare", "extra", "message"),
+    [
+        (_empty_folder, (), "no training images"),
+        (_break_image, (), "toy_00.png"),
+        (None, ("--resolution", "96", "--enable_bucket"), "bucket_reso_steps"),
+        (None, ("--optimizer_type", "NoSuchOptimizer"), "NoSuchOptimizer"),
+        (None, ("--network_module", "networks.does_not_exist"), "networks.does_not_exist"),
+        (None, ("--network_args", "conv_dimm=4"), "conv_dimm"),
+    ],
+    ids=["empty-folder", "broken-image", "resolution-vs-buckets", "unknown-optimizer", "bad-module", "bad-arg"],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_sd, data, prepare, extra, message):
+    if prepare:
+        prepare(data)
+    with pytest.raises(SuiteError) as err:
+        train_network.main(base_argv(tiny_sd, data, *extra))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (data / "out").exists()
+
+
+def test_cli_reports_errors_as_one_line_and_status_2(tiny_sd, data):
+    argv = base_argv(tiny_sd, data, "--optimizer_type", "NoSuchOptimizer")
+    result = subprocess.run([sys.executable, "train_network.py", *argv], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --optimizer_type 'NoSuchOptimizer'")
+
+
+def test_two_processes_end_with_identical_weights(tiny_sd, data):
+    argv = base_argv(tiny_sd, data, "--max_train_steps", "3")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    result = subprocess.run(
+        [*launch, "train_network.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained weights identical on 2 processes" in result.stderr
+    assert "x 30 batches" in result.stderr  # each process saw half of the 60 batches
