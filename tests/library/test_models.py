@@ -181,3 +181,20 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from library.fileio import atomic_directory
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.bin") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "a").write_text("a")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "file.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
