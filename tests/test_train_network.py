@@ -327,3 +327,45 @@ def test_two_processes_end_with_identical_weights(tiny_sd, data):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained weights identical on 2 processes" in result.stderr
     assert "x 30 batches" in result.stderr  # each process saw half of the 60 batches
+
+
+def test_dim_from_weights_max_norm_and_text_encoder_only(tiny_sd, data):
+    train_network.main(base_argv(tiny_sd, data, "--network_dim", "6", "--output_name", "first"))
+    first = data / "out" / "first.safetensors"
+    train_network.main(
+        base_argv(tiny_sd, data, "--network_weights", str(first), "--dim_from_weights", "--scale_weight_norms", "0.5",
+                  "--network_train_text_encoder_only", "--output_name", "second", "--logging_dir", str(data / "logs"))
+    )  # fmt: skip
+    tensors, metadata = load_lora_file(data / "out" / "second.safetensors")
+    assert tensors and all(k.startswith("lora_te_") for k in tensors)
+    assert metadata["ss_network_dim"] == "6"
+    downs = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
+    for name in downs:  # max-norm regularisation keeps every module's update norm at most 0.5
+        down, up, alpha = (
+            tensors[f"{name}.lora_down.weight"],
+            tensors[f"{name}.lora_up.weight"],
+            tensors[f"{name}.alpha"],
+        )
+        norm = (up.flatten(1) @ down.flatten(1) * alpha / down.shape[0]).norm()
+        assert norm <= 0.5 + 1e-4
+
+
+def test_base_weights_are_merged_with_their_multiplier(tiny_sd, data):
+    from library.args import parse_args, train_network_parser
+    from library.network_training import NetworkTrainer
+
+    train_network.main(base_argv(tiny_sd, data, "--output_name", "base"))
+    base = str(data / "out" / "base.safetensors")
+
+    def merged_unet(*extra):
+        args = parse_args(train_network_parser(), base_argv(tiny_sd, data, "--base_weights", base, *extra))
+        model = load_stable_diffusion(tiny_sd.sd1_dir)
+        NetworkTrainer(args)._merge_base_weights(lora, model)
+        return model.unet.state_dict()
+
+    original = load_stable_diffusion(tiny_sd.sd1_dir).unet.state_dict()
+    full, half = merged_unet(), merged_unet("--base_weights_multiplier", "0.5")
+    changed = [k for k in original if not torch.equal(full[k], original[k])]
+    assert changed
+    for key in changed:
+        torch.testing.assert_close(half[key] - original[key], (full[key] - original[key]) / 2, rtol=1e-4, atol=1e-6)
