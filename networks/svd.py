@@ -1,0 +1,210 @@
+"""Exact SVD of a LoRA update ``up @ down`` from its factors, and kohya's rank-selection rules.
+
+A rank-r LoRA is already factored, so its SVD never needs the dense ``out x in`` product that
+kohya's ``resize_lora.py`` builds and decomposes. With thin QRs ``up = Qu Ru`` and
+``down^T = Qd Rd``::
+
+    up @ down = Qu (Ru Rd^T) Qd^T,    Ru Rd^T = Uc diag(S) Vc^T   (an r x r SVD)
+
+so ``S`` is the exact spectrum and ``U = Qu Uc``, ``V = Qd Vc``. That costs O((out + in) r^2)
+instead of O(out in min(out, in)). ``Qu``/``Qd`` are never formed: they stay as Householder
+reflectors and only the kept singular vectors are multiplied out (``torch.ormqr``).
+
+Conv layers use kohya's matrix view: ``down`` (r, in, kh, kw) is an r x (in kh kw) matrix and ``up``
+(out, r, 1, 1) an out x r matrix.
+
+Pure tensor functions; imports only torch, because kohya users copy ``networks/`` files into
+their own checkout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+# kohya's MIN_SV: a module whose largest singular value is at most this is a zero update -> rank 1.
+ZERO_SINGULAR_VALUE = 1e-6
+
+
+def lora_matrices(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` as 2-D ``out x r`` and ``r x in*kh*kw`` views; ``ValueError`` if they do not pair."""
+    if up.dim() != down.dim() or up.dim() not in (2, 4):
+        raise ValueError(f"up {tuple(up.shape)} and down {tuple(down.shape)} are not a linear or conv LoRA pair")
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise ValueError(f"conv up {tuple(up.shape)} must have a 1x1 kernel")
+    up2d, down2d = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if up2d.shape[1] != down2d.shape[0]:
+        raise ValueError(
+            f"rank mismatch: up {tuple(up.shape)} has rank {up2d.shape[1]}, down {tuple(down.shape)} {down2d.shape[0]}"
+        )
+    return up2d, down2d
+
+
+def tucker_to_lora_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Fold a LyCORIS Tucker LoCon ``lora_mid`` (r, r, kh, kw) into its 1x1 ``lora_down`` (r, in, 1, 1).
+
+    ``up ∘ mid ∘ down`` equals ``up ∘ down'`` with ``down'`` (r, in, kh, kw), so a Tucker LoCon is an
+    ordinary LoCon of the same rank (and then loads in diffusers, which rejects ``lora_mid``).
+    """
+    if mid.dim() != 4 or down.dim() != 4 or mid.shape[1] != down.shape[0] or tuple(down.shape[2:]) != (1, 1):
+        raise ValueError(f"lora_mid {tuple(mid.shape)} and lora_down {tuple(down.shape)} are not a Tucker LoCon pair")
+    return torch.einsum("abhw,bc->achw", mid, down[:, :, 0, 0])
+
+
+def _householder(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reflectors, tau, R) of the thin QR of ``matrix``; R is min(rows, cols) x cols."""
+    reflectors, tau = torch.geqrf(matrix)
+    rows = min(matrix.shape)
+    return reflectors, tau, torch.triu(reflectors[:rows])
+
+
+@dataclass(frozen=True)
+class LoRASVD:
+    """``up @ down = U diag(S) Vh`` with U and V kept as Householder reflectors times a small core basis."""
+
+    S: torch.Tensor
+    _up_reflectors: tuple[torch.Tensor, torch.Tensor]
+    _down_reflectors: tuple[torch.Tensor, torch.Tensor]
+    _core_u: torch.Tensor
+    _core_v: torch.Tensor
+
+    def singular_vectors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rank`` left (out x rank) and right (in x rank) singular vectors."""
+        return (
+            _apply_q(*self._up_reflectors, self._core_u[:, :rank]),
+            _apply_q(*self._down_reflectors, self._core_v[:, :rank]),
+        )
+
+    def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best rank-``rank`` factors in kohya's layout: ``up = U_k diag(S_k)``, ``down = V_k^T`` (2-D)."""
+        if not 1 <= rank <= len(self.S):
+            raise ValueError(f"rank {rank} outside 1..{len(self.S)}")
+        left, right = self.singular_vectors(rank)
+        return left * self.S[:rank], right.T.contiguous()
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    padded = core.new_zeros(reflectors.shape[0], core.shape[1])
+    padded[: core.shape[0]] = core
+    return torch.ormqr(reflectors, tau, padded)
+
+
+def _cores(up2d: torch.Tensor, down2d: torch.Tensor, dtype: torch.dtype):
+    up_refl, up_tau, up_r = _householder(up2d.to(dtype))
+    down_refl, down_tau, down_r = _householder(down2d.T.to(dtype))
+    return (up_refl, up_tau), (down_refl, down_tau), up_r @ down_r.T
+
+
+def factored_svd(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> LoRASVD:
+    """Exact SVD of ``up @ down`` (linear or conv LoRA pair) computed in ``dtype`` on their device.
+
+    ``S`` has min(rank, out, in*kh*kw) entries: every other singular value is exactly zero.
+    """
+    up_q, down_q, core = _cores(*lora_matrices(up, down), dtype)
+    core_u, s, core_vh = torch.linalg.svd(core, full_matrices=False)
+    return LoRASVD(s, up_q, down_q, core_u, core_vh.T)
+
+
+def factored_singular_values(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Just ``S`` of :func:`factored_svd` (no singular vectors: cheaper, for previews)."""
+    return torch.linalg.svdvals(_cores(*lora_matrices(up, down), dtype)[2])
+
+
+def lora_pair(up2d: torch.Tensor, down2d: torch.Tensor, down_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D factors back in the layout of the original ``down`` (conv: up (out, k, 1, 1), down (k, in, kh, kw))."""
+    if len(down_shape) == 2:
+        return up2d, down2d
+    rank = down2d.shape[0]
+    return up2d.reshape(*up2d.shape, 1, 1), down2d.reshape(rank, *down_shape[1:])
+
+
+# --- rank selection ------------------------------------------------------------------------------
+
+
+def _first_reaching(fractions: torch.Tensor, target: float, full_length: int) -> int:
+    """kohya's ``searchsorted`` on a cumulative spectrum zero-padded to ``full_length``.
+
+    The padding adds nothing, so a target the true spectrum never reaches lands past the end.
+    """
+    index = int(torch.searchsorted(fractions, torch.tensor(target, dtype=fractions.dtype)))
+    return index if index < len(fractions) else full_length
+
+
+def kohya_dynamic_rank(spectrum: torch.Tensor, method: str, param: float, full_length: int) -> int:
+    """The rank kohya's ``resize_lora.py`` picks for ``--dynamic_method``/``--dynamic_param``.
+
+    ``spectrum`` holds the non-zero singular values; kohya decomposes the dense matrix, whose
+    spectrum is that padded with zeros to ``full_length = min(out, in*kh*kw)``. Like kohya
+    (sd-scripts v0.10.1), the index is clamped to ``[1, full_length - 1]`` and one is added, so it
+    keeps one singular value more than the criterion needs and never picks fewer than 2.
+    """
+    if not param > 0:
+        raise ValueError(f"--dynamic_param must be positive, got {param}")
+    if method == "sv_ratio":
+        threshold = spectrum[0] / param
+        index = int((spectrum > threshold).sum())
+    elif method in ("sv_cumulative", "sv_fro"):
+        weights = spectrum.double() if method == "sv_cumulative" else spectrum.double() ** 2
+        target = param if method == "sv_cumulative" else param**2
+        cumulative = torch.cumsum(weights, 0)
+        index = _first_reaching(cumulative / cumulative[-1], target, full_length) + 1
+    else:
+        raise ValueError(f"unknown dynamic method '{method}' (choose from {', '.join(DYNAMIC_METHODS)})")
+    return max(1, min(index, full_length - 1)) + 1
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """The rank kept for one module, and kohya's pick when it differs."""
+
+    rank: int
+    kohya_rank: int
+
+    @property
+    def capped_at_input(self) -> bool:
+        """kohya's rule asked for more singular values than the update has (it would add zeros)."""
+        return self.kohya_rank > self.rank
+
+
+def select_rank(
+    spectrum: torch.Tensor,
+    max_rank: int,
+    full_length: int,
+    dynamic_method: str | None = None,
+    dynamic_param: float | None = None,
+) -> RankChoice:
+    """kohya's rank for a module (``max_rank`` = ``--new_rank``/``--new_conv_rank``), at most ``len(spectrum)``.
+
+    A zero update (largest singular value <= 1e-6) gets rank 1, as in kohya.
+    """
+    if float(spectrum[0]) <= ZERO_SINGULAR_VALUE:
+        return RankChoice(1, 1)
+    if dynamic_method is None:
+        kohya = max_rank
+    else:
+        if dynamic_param is None:
+            raise ValueError(f"--dynamic_method {dynamic_method} needs --dynamic_param")
+        kohya = min(kohya_dynamic_rank(spectrum, dynamic_method, dynamic_param, full_length), max_rank)
+    return RankChoice(min(kohya, len(spectrum)), kohya)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of a module's update a rank keeps (kohya's ``--verbose`` figures)."""
+
+    sum_retained: float
+    fro_retained: float
+    max_ratio: float
+
+
+def retention(spectrum: torch.Tensor, rank: int) -> Retention:
+    """Share of sum(S) and of the Frobenius norm kept by the first ``rank`` values (NaN for a zero update)."""
+    s = spectrum.double()
+    squares = s**2
+    return Retention(
+        sum_retained=float(s[:rank].sum() / s.sum()),
+        fro_retained=float(torch.sqrt(squares[:rank].sum() / squares.sum())),
+        max_ratio=float(s[0] / s[rank - 1]),
+    )
