@@ -53,11 +53,18 @@ def tucker_to_lora_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("abhw,bc->achw", mid, down[:, :, 0, 0])
 
 
+def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    # Not torch.triu: it opens an OpenMP region even for one small matrix, which costs milliseconds
+    # per call on a busy machine; this comparison runs serially below torch's parallel grain size.
+    rows = torch.arange(matrix.shape[0], device=matrix.device)[:, None]
+    cols = torch.arange(matrix.shape[1], device=matrix.device)[None, :]
+    return torch.where(rows <= cols, matrix, 0)
+
+
 def _householder(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(reflectors, tau, R) of the thin QR of ``matrix``; R is min(rows, cols) x cols."""
     reflectors, tau = torch.geqrf(matrix)
-    rows = min(matrix.shape)
-    return reflectors, tau, torch.triu(reflectors[:rows])
+    return reflectors, tau, _upper_triangle(reflectors[: min(matrix.shape)])
 
 
 @dataclass(frozen=True)

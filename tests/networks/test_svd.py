@@ -17,6 +17,7 @@ from networks.svd import (
     select_rank,
     tucker_to_lora_down,
 )
+from tests.kohya_reference import dense_svd, kohya_rank
 
 # (out, in, kernel, rank): linear, rank above min(out, in), 3x3 conv, 1x1 conv
 SHAPES = [(48, 40, None, 8), (6, 20, None, 10), (16, 8, 3, 6), (12, 10, 1, 4)]
@@ -36,26 +37,6 @@ def random_lora(out, inp, kernel, rank, seed=0, dtype=torch.float32):
     if kernel:
         return up.reshape(out, rank, 1, 1).to(dtype), down.reshape(rank, inp, kernel, kernel).to(dtype)
     return up.to(dtype), down.to(dtype)
-
-
-def dense_svd(up, down):
-    """The reference: kohya's method, in float64."""
-    product = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
-    return torch.linalg.svd(product, full_matrices=False)
-
-
-def kohya_rank_reference(dense_spectrum, method, param, max_rank):
-    """kohya's rank_resize as described in research/kohya.md §5, on the full dense spectrum."""
-    s, n = dense_spectrum, len(dense_spectrum)
-    if method == "sv_ratio":
-        index = int((s > s[0] / param).sum())
-    else:
-        values, target = (s, param) if method == "sv_cumulative" else (s**2, param**2)
-        index = int(torch.searchsorted(torch.cumsum(values, 0) / values.sum(), torch.tensor(target).double())) + 1
-    rank = max(1, min(index, n - 1)) + 1
-    if s[0] <= 1e-6:
-        return 1
-    return min(rank, max_rank)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -121,7 +102,7 @@ def test_dynamic_ranks_match_kohyas_rule_on_the_dense_spectrum(shape, method):
     spectrum = factored_svd(up, down).S
     for param in PARAMS[method]:
         for max_rank in (2, 5, 64):
-            kohya = kohya_rank_reference(dense, method, param, max_rank)
+            kohya = kohya_rank(dense, method, param, max_rank)
             choice = select_rank(spectrum, max_rank, len(dense), method, param)
             assert choice.kohya_rank == kohya, (method, param, max_rank)
             assert choice.rank == min(kohya, len(spectrum))
