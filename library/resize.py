@@ -8,13 +8,19 @@ dense matrix, and truncated to the rank kohya's ``resize_lora.py`` would pick fo
   (kohya would add zero singular vectors, i.e. numerical noise);
 * a module that keeps its rank is copied bit for bit; a module without ``alpha`` gets none
   (every consumer reads that as scale 1, before and after);
-* a LyCORIS Tucker LoCon (``lora_mid``) becomes a plain LoCon of the same update.
+* a LyCORIS Tucker LoCon (``lora_mid``) becomes a plain LoCon of the same update;
+* with ``keep_alpha`` every module keeps its input alpha and the rank change is folded into its
+  factors: the same update, and diffusers (which gives all attention layers one alpha) reads
+  dynamic-rank files right.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -122,7 +128,7 @@ class ResizeResult:
     """The resized tensors (in file order) and one :class:`ModuleResize` per LoRA module."""
 
     state_dict: dict[str, torch.Tensor]
-    modules: list[ModuleResize] = field(default_factory=list)
+    modules: list[ModuleResize]
 
     @property
     def max_old_rank(self) -> int:
@@ -132,6 +138,36 @@ class ResizeResult:
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float64 on the CPU (exact, and LAPACK is fast in it); float32 on GPUs, whose float64 is slow."""
     return torch.float64 if device.type == "cpu" else torch.float32
+
+
+@contextlib.contextmanager
+def _one_thread_per_op() -> Iterator[int]:
+    """Run torch ops single-threaded inside; yields the thread count to use for whole modules instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def map_modules(work: Callable, pairs: list[LoRAPair], device: torch.device, desc: str) -> list:
+    """``work(pair)`` for every module, in order, with a progress bar.
+
+    On the CPU, modules run side by side, one thread each: the LAPACK calls of one module (QRs of
+    a few thousand rows, an r x r SVD) are too small to split across threads, and split they slow
+    down tenfold and more as soon as another process holds a core (threads wait at each barrier).
+    """
+    if device.type != "cpu":
+        return [work(pair) for pair in tqdm(pairs, desc=desc, unit="module")]
+    with _one_thread_per_op() as threads, ThreadPoolExecutor(max(threads, 1)) as pool:
+        futures = [pool.submit(work, pair) for pair in pairs]
+        try:
+            return [future.result() for future in tqdm(futures, desc=desc, unit="module")]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _factors(pair: LoRAPair, state_dict: dict[str, torch.Tensor], device: torch.device, source: str):
@@ -145,7 +181,9 @@ def _factors(pair: LoRAPair, state_dict: dict[str, torch.Tensor], device: torch.
     return up, down
 
 
-def _spectrum_of(pair: LoRAPair, state_dict, up: torch.Tensor, down: torch.Tensor, spectrum: torch.Tensor):
+def _spectrum_of(
+    pair: LoRAPair, state_dict: dict[str, torch.Tensor], up: torch.Tensor, down: torch.Tensor, spectrum: torch.Tensor
+) -> ModuleSpectrum:
     up2d, down2d = lora_matrices(up, down)
     alpha = state_dict.get(pair.alpha_key)
     old_rank = down2d.shape[0]
@@ -165,16 +203,21 @@ def module_spectra(
 ) -> list[ModuleSpectrum]:
     """The spectrum of every LoRA module (singular values only: what a rank preview needs)."""
     device = torch.device(device)
-    spectra = []
-    for pair in tqdm(find_lora_pairs(state_dict, source), desc="singular values", unit="module"):
+
+    def spectrum_of(pair: LoRAPair) -> ModuleSpectrum:
         up, down = _factors(pair, state_dict, device, source)
-        spectrum = factored_singular_values(up, down, compute_dtype(device))
-        spectra.append(_spectrum_of(pair, state_dict, up, down, spectrum))
-    return spectra
+        return _spectrum_of(pair, state_dict, up, down, factored_singular_values(up, down, compute_dtype(device)))
+
+    return map_modules(spectrum_of, find_lora_pairs(state_dict, source), device, "singular values")
 
 
 def _resize_pair(
-    pair, state_dict, request, device, source, save_dtype
+    pair: LoRAPair,
+    state_dict: dict[str, torch.Tensor],
+    request: ResizeRequest,
+    device: torch.device,
+    source: str,
+    save_dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], ModuleResize]:
     up, down = _factors(pair, state_dict, device, source)
     svd = factored_svd(up, down, compute_dtype(device))
@@ -212,11 +255,11 @@ def resize_state_dict(
     device = torch.device(device)
     pairs = find_lora_pairs(state_dict, source)
     owned = {key for pair in pairs for key in pair.keys}
-    resized, modules = {}, []
-    for pair in tqdm(pairs, desc="resizing", unit="module"):
-        tensors, outcome = _resize_pair(pair, state_dict, request, device, source, save_dtype)
-        resized.update(tensors)
-        modules.append(outcome)
+    outcomes = map_modules(
+        lambda pair: _resize_pair(pair, state_dict, request, device, source, save_dtype), pairs, device, "resizing"
+    )
+    resized = {key: tensor for tensors, _ in outcomes for key, tensor in tensors.items()}
+    modules = [outcome for _, outcome in outcomes]
     # File order; a Tucker module's lora_mid is gone (folded into its lora_down).
     output = {
         k: resized[k] if k in resized else cast_tensor(v, save_dtype)
@@ -237,10 +280,6 @@ def is_no_op(state_dict: dict[str, torch.Tensor], request: ResizeRequest, source
 def cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``--save_precision`` cast; unlike kohya, integer tensors (other than alphas) keep their type."""
     return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
-
-
-def _format_param(value: float) -> str:
-    return str(float(value))
 
 
 def resized_metadata(

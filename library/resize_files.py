@@ -138,7 +138,11 @@ def preview_sweep(
     others = {k: spec for k, spec in others.items() if k not in owned}
     spectra = module_spectra(state_dict, str(model), device or "cpu")
     rows = [sweep_row(spectra, r, v, others, metadata, dtype) for r, v in zip(requests, values)]
-    label = request.dynamic_method or "new_rank"
-    print(f"{len(spectra)} modules, up to rank {max(m.old_rank for m in spectra)}; sizes for {dtype} safetensors")
-    print(sweep_table(rows, label, Path(model).stat().st_size))
+    precision = {v: k for k, v in SAVE_PRECISIONS.items()}[dtype]
+    cap = f"; ranks capped at --new_rank {request.new_rank}, --new_conv_rank {request.conv_rank}"
+    print(
+        f"{len(spectra)} modules up to rank {max(m.old_rank for m in spectra)}; sizes of {precision} safetensors"
+        + (cap if request.dynamic_method else "")
+    )
+    print(sweep_table(rows, request.dynamic_method or "new_rank", Path(model).stat().st_size))
     return rows

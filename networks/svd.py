@@ -1,14 +1,20 @@
-"""Exact SVD of a LoRA update ``up @ down`` from its factors, and kohya's rank-selection rules.
+"""SVD of a LoRA update ``up @ down`` from its factors, and kohya's rank-selection rules.
 
 A rank-r LoRA is already factored, so its SVD never needs the dense ``out x in`` product that
-kohya's ``resize_lora.py`` builds and decomposes. With thin QRs ``up = Qu Ru`` and
-``down^T = Qd Rd``::
+kohya's ``resize_lora.py`` builds and decomposes. Write the update as ``A @ B`` with ``A`` the factor
+with fewer rows (``up``, or ``down^T`` when ``in < out``: then the transpose is decomposed). With a
+thin QR ``A = Q R``::
 
-    up @ down = Qu (Ru Rd^T) Qd^T,    Ru Rd^T = Uc diag(S) Vc^T   (an r x r SVD)
+    A @ B = Q (R B),    (R B)(R B)^T = R (B B^T) R^T = W diag(S^2) W^T   (an r x r eigenproblem)
 
-so ``S`` is the exact spectrum and ``U = Qu Uc``, ``V = Qd Vc``. That costs O((out + in) r^2)
-instead of O(out in min(out, in)). ``Qu``/``Qd`` are never formed: they stay as Householder
-reflectors and only the kept singular vectors are multiplied out (``torch.ormqr``).
+so ``S`` is the spectrum, ``U = Q W`` and ``V diag(S) = B^T R^T W``. The cost is one QR of the short
+factor and one Gram matrix of the long one, O((out + in) r^2), instead of the dense SVD's
+O(out in min(out, in)); the long factor never goes through a QR (a Gram matrix is a single
+matrix product, several times faster), and only the kept singular vectors are ever formed.
+
+In float64 the singular values agree with a dense float64 SVD to about 1e-16 (S[0] / S[i])^2
+relative, far below what fp16/bf16 weights carry; the truncated update is the exact projection of
+``up @ down`` onto its top singular vectors.
 
 Conv layers use kohya's matrix view: ``down`` (r, in, kh, kw) is an r x (in kh kw) matrix and ``up``
 (out, r, 1, 1) an out x r matrix.
@@ -69,54 +75,79 @@ def _householder(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @dataclass(frozen=True)
 class LoRASVD:
-    """``up @ down = U diag(S) Vh`` with U and V kept as Householder reflectors times a small core basis."""
+    """``up @ down = U diag(S) V^T``, held as ``A = Q R`` and the eigenvectors ``W`` (see the module docstring)."""
 
     S: torch.Tensor
-    _up_reflectors: tuple[torch.Tensor, torch.Tensor]
-    _down_reflectors: tuple[torch.Tensor, torch.Tensor]
-    _core_u: torch.Tensor
-    _core_v: torch.Tensor
+    _transposed: bool  # A = down^T (the in side is shorter), so U and V swap roles
+    _reflectors: tuple[torch.Tensor, torch.Tensor]  # Householder form of Q
+    _r: torch.Tensor
+    _long: torch.Tensor  # B, r x n
+    _eigenvectors: torch.Tensor  # W, descending
+
+    def _short_side(self, rank: int) -> torch.Tensor:
+        """``Q W_k``: unit singular vectors on A's side."""
+        return _apply_q(*self._reflectors, self._eigenvectors[:, :rank])
+
+    def _long_side(self, rank: int) -> torch.Tensor:
+        """``B^T R^T W_k``: singular vectors on B's side, each scaled by its singular value."""
+        return self._long.T @ (self._r.T @ self._eigenvectors[:, :rank])
 
     def singular_vectors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``rank`` left (out x rank) and right (in x rank) singular vectors."""
-        return (
-            _apply_q(*self._up_reflectors, self._core_u[:, :rank]),
-            _apply_q(*self._down_reflectors, self._core_v[:, :rank]),
-        )
+        """The first ``rank`` left (out x rank) and right (in x rank) unit singular vectors."""
+        short, long = self._short_side(rank), _unit_columns(self._long_side(rank))[0]
+        return (long, short) if self._transposed else (short, long)
 
     def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Best rank-``rank`` factors in kohya's layout: ``up = U_k diag(S_k)``, ``down = V_k^T`` (2-D)."""
         if not 1 <= rank <= len(self.S):
             raise ValueError(f"rank {rank} outside 1..{len(self.S)}")
-        left, right = self.singular_vectors(rank)
-        return left * self.S[:rank], right.T.contiguous()
+        short, long = self._short_side(rank), self._long_side(rank)
+        if self._transposed:
+            return long, short.T.contiguous()
+        # Normalizing by the columns' own norms (= S_k up to rounding) keeps up @ down the exact
+        # projection Q W_k W_k^T Q^T (up @ down), and a zero update a valid pair.
+        directions, norms = _unit_columns(long)
+        return short * norms, directions.T.contiguous()
 
 
-def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    padded = core.new_zeros(reflectors.shape[0], core.shape[1])
-    padded[: core.shape[0]] = core
+def _unit_columns(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns scaled to unit length, their norms); a zero column becomes the first basis vector."""
+    norms = torch.linalg.vector_norm(matrix, dim=0)
+    units = matrix / torch.where(norms > 0, norms, 1)
+    units[0, norms == 0] = 1  # a zero update still needs a valid (unit) direction
+    return units, norms
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    padded = small.new_zeros(reflectors.shape[0], small.shape[1])
+    padded[: small.shape[0]] = small
     return torch.ormqr(reflectors, tau, padded)
 
 
-def _cores(up2d: torch.Tensor, down2d: torch.Tensor, dtype: torch.dtype):
-    up_refl, up_tau, up_r = _householder(up2d.to(dtype))
-    down_refl, down_tau, down_r = _householder(down2d.T.to(dtype))
-    return (up_refl, up_tau), (down_refl, down_tau), up_r @ down_r.T
+def _gram_of_core(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype):
+    """(transposed, Householder QR of A, R, B, R (B B^T) R^T) for ``up @ down`` or its transpose."""
+    up2d, down2d = lora_matrices(up, down)
+    transposed = up2d.shape[0] > down2d.shape[1]
+    short, long = (down2d.T, up2d.T) if transposed else (up2d, down2d)
+    reflectors, tau, r = _householder(short.to(dtype))
+    long = long.to(dtype)
+    return transposed, (reflectors, tau), r, long, r @ (long @ long.T) @ r.T
 
 
 def factored_svd(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> LoRASVD:
-    """Exact SVD of ``up @ down`` (linear or conv LoRA pair) computed in ``dtype`` on their device.
+    """SVD of ``up @ down`` (linear or conv LoRA pair) computed in ``dtype`` on their device.
 
     ``S`` has min(rank, out, in*kh*kw) entries: every other singular value is exactly zero.
     """
-    up_q, down_q, core = _cores(*lora_matrices(up, down), dtype)
-    core_u, s, core_vh = torch.linalg.svd(core, full_matrices=False)
-    return LoRASVD(s, up_q, down_q, core_u, core_vh.T)
+    transposed, reflectors, r, long, gram = _gram_of_core(up, down, dtype)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    spectrum = eigenvalues.flip(0).clamp_min(0).sqrt()
+    return LoRASVD(spectrum, transposed, reflectors, r, long, eigenvectors.flip(1))
 
 
 def factored_singular_values(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Just ``S`` of :func:`factored_svd` (no singular vectors: cheaper, for previews)."""
-    return torch.linalg.svdvals(_cores(*lora_matrices(up, down), dtype)[2])
+    return torch.linalg.eigvalsh(_gram_of_core(up, down, dtype)[-1]).flip(0).clamp_min(0).sqrt()
 
 
 def lora_pair(up2d: torch.Tensor, down2d: torch.Tensor, down_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:

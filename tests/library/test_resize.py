@@ -135,10 +135,12 @@ def test_zero_module_gets_rank_one_like_kohya(lora):
     assert result.state_dict[f"{name}.alpha"].item() == pytest.approx(4 / 8)
 
 
-def test_non_finite_weights_are_refused(lora):
+def test_non_finite_weights_are_refused_and_threads_restored(lora):
+    threads = torch.get_num_threads()
     lora[f"{TARGETS[1].name}.lora_down.weight"][0, 0, 0, 0] = float("nan")
     with pytest.raises(LoRAFileError, match=f"x.safetensors: module '{TARGETS[1].name}' has NaN"):
         resize_state_dict(lora, ResizeRequest(new_rank=2), source="x.safetensors")
+    assert torch.get_num_threads() == threads  # modules ran one thread each, side by side
 
 
 def test_metadata_like_kohya(lora):
