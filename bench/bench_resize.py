@@ -9,7 +9,7 @@ Measured in one run, on the same file:
   one module of each distinct shape, extrapolated to all 350 modules by shape counts, against the
   factored SVD on the same modules.
 
-    python -m bench.bench_resize [--work_dir DIR] [--dense_threads 2]
+    python -m bench.bench_resize [--work_dir DIR] [--dense_threads 1]
 
 The LoRA is random with a decaying spectrum (``library.synthetic_lora``): column i of ``up`` is
 scaled by (i + 1) ** -0.8, which puts sv_ratio 8 at rank ~14, the article's 30.9 MB.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import resource
 import subprocess
@@ -63,15 +64,20 @@ def write_input(path: Path, targets: list[LoRATarget]) -> dict[str, torch.Tensor
     return state_dict
 
 
-def run_script(*args: str) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes, stdout) of ``python resize_lora.py *args`` in a fresh process."""
-    start = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_script(*args: str) -> tuple[float, float, int, str]:
+    """(wall s, CPU s, peak RSS bytes, stdout) of ``python resize_lora.py *args`` in a fresh process."""
+    start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, "-c", _CHILD, *args], cwd=REPO, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if done.returncode != 0:
         raise RuntimeError(f"resize_lora.py failed: {done.stderr.strip().splitlines()[-1]}")
     peak_kib = int(done.stderr.strip().splitlines()[-1].removeprefix("peak_rss_kib="))
-    return wall, peak_kib * 1024, done.stdout
+    return wall, cpu, peak_kib * 1024, done.stdout
 
 
 # Runs resize_lora.main and reports the child's own peak RSS on its last stderr line.
@@ -98,49 +104,61 @@ def factored_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tupl
     return svd.truncate(rank)
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float, object]:
+    """(wall s, CPU s of this process, result)."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn(*args)
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
-def compare_dense(state_dict: dict[str, torch.Tensor], targets: list[LoRATarget], threads: int) -> tuple[float, float]:
-    """Per distinct shape: dense vs factored time on one module; returns (dense, factored) extrapolated to the file."""
+def compare_dense(
+    state_dict: dict[str, torch.Tensor], targets: list[LoRATarget], threads: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per distinct shape, dense vs factored on one module; totals (wall, cpu) extrapolated by shape counts."""
     by_shape = collections.defaultdict(list)
     for target in targets:
         by_shape[(target.out_features, target.in_features, target.kernel_size)].append(target)
-    dense_total = factored_total = 0.0
-    print(f"\nkohya's dense method vs the factored SVD, one module per shape ({threads} torch threads for dense):")
-    print(f"{'shape (out x in*k*k)':>22} {'modules':>7} {'dense s':>8} {'factored s':>10} {'ratio':>7} {'rank':>9}")
+    dense = {"wall": 0.0, "cpu": 0.0}
+    factored = {"wall": 0.0, "cpu": 0.0}
+    print(f"\nkohya's dense method ({threads} torch threads) vs the factored SVD (1 thread), one module per shape:")
+    print(
+        f"{'out x in*k*k':>14} {'modules':>7} {'dense s':>8} {'cpu s':>7} {'factored s':>10} {'ratio':>6} {'ranks':>6}"
+    )
     for shape, group in sorted(by_shape.items(), key=lambda item: -item[0][0] * item[0][1] * item[0][2][0] ** 2):
         name = group[0].name
         up, down = state_dict[f"{name}.lora_up.weight"], state_dict[f"{name}.lora_down.weight"]
         torch.set_num_threads(threads)
-        dense_s, (dense_up, _) = timed(kohya_dense_resize, up, down, 512)
+        dense_wall, dense_cpu, (dense_up, _) = timed(kohya_dense_resize, up, down, 512)
         torch.set_num_threads(1)
-        factored_s, (ours_up, _) = timed(factored_resize, up, down, 512)
-        torch.set_num_threads(threads)
-        dense_total += dense_s * len(group)
-        factored_total += factored_s * len(group)
+        ours_wall, ours_cpu, (ours_up, _) = timed(factored_resize, up, down, 512)
+        for totals, wall, cpu in ((dense, dense_wall, dense_cpu), (factored, ours_wall, ours_cpu)):
+            totals["wall"] += wall * len(group)
+            totals["cpu"] += cpu * len(group)
         ranks = f"{dense_up.shape[1]}/{ours_up.shape[1]}"
-        width = f"{shape[0]} x {shape[1] * shape[2][0] * shape[2][1]}"
+        size = f"{shape[0]} x {shape[1] * shape[2][0] * shape[2][1]}"
         print(
-            f"{width:>22} {len(group):>7} {dense_s:>8.2f} {factored_s:>10.3f} {dense_s / factored_s:>7.0f} {ranks:>9}"
+            f"{size:>14} {len(group):>7} {dense_wall:>8.2f} {dense_cpu:>7.2f} {ours_wall:>10.3f}"
+            f" {dense_wall / ours_wall:>6.0f} {ranks:>6}"
         )
-    return dense_total, factored_total
+    torch.set_num_threads(threads)
+    return dense, factored
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--work_dir", type=Path, default=None, help="where the 1.16 GiB input goes (default: a temp dir)"
+        "--work_dir", type=Path, default=None, help="keep the 1.16 GiB input and the output here (default: a temp dir)"
     )
     parser.add_argument(
-        "--dense_threads", type=int, default=torch.get_num_threads(), help="torch threads for kohya's method"
+        "--dense_threads",
+        type=int,
+        default=1,
+        help="torch threads for kohya's method (1: its CPU time is its work, whatever else runs on the machine)",
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
         print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         targets = sd15_targets()
         source = work / "locon_dim512.safetensors"
@@ -157,20 +175,21 @@ def main() -> None:
             "--dynamic_method",
             "sv_ratio",
         ]
-        wall, peak, out = run_script(
-            *flags, "--dynamic_param", str(SV_RATIO), "--save_to", str(work / "out.safetensors")
-        )
-        print(f"\nresize_lora.py sv_ratio {SV_RATIO:g}, whole file: {wall:.1f} s wall, peak RSS {format_size(peak)}")
+        output = str(work / "out.safetensors")
+        wall, cpu, peak, out = run_script(*flags, "--dynamic_param", str(SV_RATIO), "--save_to", output)
+        print(f"\nresize_lora.py sv_ratio {SV_RATIO:g}, whole file (start-up, load, SVDs, save):")
+        print(f"  {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {format_size(peak)}")
         print("  " + out.strip().replace("\n", "\n  "))
-        sweep_wall, _, sweep_out = run_script(*flags, "--sweep", ARTICLE_SWEEP)
-        print(f"\n--sweep {ARTICLE_SWEEP}: {sweep_wall:.1f} s wall, vs ten resizes ~{10 * wall:.0f} s")
+        sweep_wall, sweep_cpu, _, sweep_out = run_script(*flags, "--sweep", ARTICLE_SWEEP)
+        print(f"\n--sweep {ARTICLE_SWEEP}: {sweep_wall:.1f} s wall, {sweep_cpu:.1f} s CPU (one resize: {wall:.1f} s)")
         print("  " + sweep_out.strip().replace("\n", "\n  "))
 
         dense, factored = compare_dense(state_dict, targets, args.dense_threads)
-        print(
-            f"\nextrapolated to all {len(targets)} modules: dense {dense:.0f} s, factored {factored:.1f} s (1 thread)"
-        )
-        print(f"kohya's dense method / whole-file resize_lora.py: {dense / wall:.0f}x")
+        print(f"\nextrapolated to all {len(targets)} modules:")
+        print(f"  kohya's dense method: {dense['wall']:.0f} s wall, {dense['cpu']:.0f} s CPU")
+        print(f"  factored SVD alone:   {factored['wall']:.1f} s wall, {factored['cpu']:.1f} s CPU (1 thread)")
+        ratio_wall, ratio_cpu = dense["wall"] / wall, dense["cpu"] / cpu
+        print(f"kohya's dense SVDs / whole-file resize_lora.py: {ratio_wall:.0f}x wall, {ratio_cpu:.0f}x CPU")
         print(f"load average at end: {os.getloadavg()[0]:.2f}; bench peak RSS {format_size(_self_peak())}")
 
 

@@ -130,6 +130,12 @@ def test_sweep_previews_without_writing(lora_file, tmp_path, capsys):
     assert [line.split()[0] for line in lines[2:]] == ["2", "4", "1000"]
 
 
+def test_sweep_values_must_be_numbers(lora_file, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("--model", lora_file, "--sweep", "8,x")
+    assert exit_.value.code == 2 and "--sweep: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -213,6 +219,16 @@ def diffusers_updates(path: Path, text_encoder) -> dict[str, torch.Tensor]:
     return updates
 
 
+@pytest.fixture(scope="module")
+def tiny_pipeline_lora(tiny_sd, tmp_path_factory):
+    """The tiny SD1 pipeline and a dim-8 kohya LoCon over all its kohya targets (295 modules)."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd.sd1_dir, local_files_only=True)
+    targets = kohya_lora_targets(pipe.unet, pipe.text_encoder, conv=True)
+    source = tmp_path_factory.mktemp("lora") / "big.safetensors"
+    save_file(random_lora(targets, dim=8, alpha=4, conv_dim=4, conv_alpha=2, dtype=torch.float32), source)
+    return pipe, targets, source
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -220,11 +236,9 @@ def diffusers_updates(path: Path, text_encoder) -> dict[str, torch.Tensor]:
         ["--new_rank", "8", "--dynamic_method", "sv_ratio", "--dynamic_param", "4", "--keep_alpha"],
     ],
 )
-def test_diffusers_reads_every_key_with_the_intended_update(tiny_sd, tmp_path, flags):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd.sd1_dir, local_files_only=True)
-    targets = kohya_lora_targets(pipe.unet, pipe.text_encoder, conv=True)
-    source, out = tmp_path / "big.safetensors", tmp_path / "small.safetensors"
-    save_file(random_lora(targets, dim=8, alpha=4, conv_dim=4, conv_alpha=2, dtype=torch.float32), source)
+def test_diffusers_reads_every_key_with_the_intended_update(tiny_pipeline_lora, tmp_path, flags):
+    pipe, targets, source = tiny_pipeline_lora
+    out = tmp_path / "small.safetensors"
     assert run("--model", source, "--save_to", out, *flags) == 0
     resized, _ = load_lora_file(out)
     read = diffusers_updates(out, pipe.text_encoder)
