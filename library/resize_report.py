@@ -6,6 +6,7 @@ size and quality for sv_ratio 128, 96, ... 2): all figures come from the singula
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -37,7 +38,8 @@ def safetensors_size(tensors: dict[str, TensorSpec], metadata: dict[str, str]) -
     """Size in bytes of a safetensors file holding ``tensors`` (dtype, shape) and ``metadata``.
 
     Rebuilds the JSON header the format writes (tensors by name, 8-byte padding); data offsets are
-    laid out in name order, which can change the header by a few digits, never more.
+    laid out in name order, which can change the header by a few digits, never more. Hand-written:
+    safetensors has no way to size a file without serializing every tensor.
     """
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -64,10 +66,7 @@ def format_size(num_bytes: int) -> str:
 
 def rank_histogram(ranks: list[int]) -> str:
     """Counts of ranks in power-of-two bins: ``1:3 2:40 3-4:100 5-8:7``."""
-    bins: dict[int, int] = {}
-    for rank in ranks:
-        upper = 1 << max(rank - 1, 0).bit_length()
-        bins[upper] = bins.get(upper, 0) + 1
+    bins = collections.Counter(1 << max(rank - 1, 0).bit_length() for rank in ranks)
     labels = {upper: str(upper) if upper <= 2 else f"{upper // 2 + 1}-{upper}" for upper in bins}
     return " ".join(f"{labels[upper]}:{bins[upper]}" for upper in sorted(bins))
 

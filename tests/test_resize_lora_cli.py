@@ -1,6 +1,7 @@
 """resize_lora.py end to end: kohya's command lines, the file it writes, diffusers reading it, bad input."""
 
 import hashlib
+import logging
 import re
 import subprocess
 import sys
@@ -80,6 +81,19 @@ def test_resize_writes_kohya_tensors_and_metadata(lora_file, tmp_path, capsys):
     assert lora_file.read_bytes() == before  # the input is only read
     printed = capsys.readouterr().out
     assert TARGETS[0].name in printed and "Average Frobenius norm retention" in printed
+
+
+def test_hints_for_float32_output_and_mixed_alphas(lora_file, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    args = ("--model", lora_file, "--new_rank", 8, "--dynamic_method", "sv_ratio", "--dynamic_param", 3)
+    assert run(*args, "--save_to", tmp_path / "a.safetensors") == 0
+    assert "--save_precision not given: saving float32 like kohya although the input is float16" in caplog.text
+    assert "resize with --keep_alpha for a file diffusers reads right" in caplog.text
+    caplog.clear()
+    assert run(*args, "--save_to", tmp_path / "b.safetensors", "--save_precision", "fp16", "--keep_alpha") == 0
+    assert "--save_precision" not in caplog.text and "--keep_alpha" not in caplog.text
+    metadata = load_lora_file(tmp_path / "b.safetensors")[1]
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("Dynamic", "4.0")  # the input alpha
 
 
 def test_dynamic_resize_to_a_torch_file(lora_file, tmp_path):
