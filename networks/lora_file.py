@@ -61,6 +61,13 @@ def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 
 
+def _new_file_mode() -> int:
+    """What ``open()`` would give a new file: 0o666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Cast every tensor, alpha included, as kohya's ``--save_precision`` does."""
     if dtype is None:
@@ -91,6 +98,7 @@ def save_lora_file(
             torch.save(tensors, tmp)
         else:
             raise LoRAFileError(f"cannot save '{path}': use a .safetensors, .ckpt, .pt or .pth name")
+        tmp.chmod(_new_file_mode())  # temp files are owner-only; the output gets the usual mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """LoRA file I/O: kohya's sshs hashes, dtype casting, atomic writes, clear errors."""
 
 import hashlib
+import os
+import stat
 
 import pytest
 import torch
@@ -60,3 +62,12 @@ def test_errors_name_the_file_and_leave_nothing_behind(tmp_path):
     with pytest.raises(LoRAFileError, match="broken.safetensors") as err:
         load_lora_file(broken)
     assert "\n" not in str(err.value)
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_lora_file(tmp_path / "x.safetensors", _lora_sd(width=8))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o644

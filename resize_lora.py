@@ -1,0 +1,93 @@
+"""Resize a LoRA to a lower rank: kohya's ``networks/resize_lora.py`` flags, an exact and fast SVD.
+
+    python resize_lora.py --model big.safetensors --save_to small.safetensors --save_precision fp16 \
+        --new_rank 128 --dynamic_method sv_ratio --dynamic_param 8 --verbose
+    python resize_lora.py --model big.safetensors --dynamic_method sv_ratio --sweep 2,4,8,16,32,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from library.errors import SuiteError
+from library.resize import ResizeRequest
+from library.resize_files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
+from networks.lora_file import LoRAFileError
+from networks.svd import DYNAMIC_METHODS
+
+
+def _values(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+    return values
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="LoRA to resize: .safetensors, .ckpt, .pt or .pth")
+    parser.add_argument("--save_to", help="resized LoRA to write: .safetensors, .ckpt, .pt or .pth")
+    parser.add_argument("--new_rank", type=int, default=4, help="rank of the output (the cap with --dynamic_method)")
+    parser.add_argument(
+        "--new_conv_rank", type=int, default=None, help="rank of conv (4-D) modules; default: --new_rank"
+    )
+    parser.add_argument(
+        "--save_precision", choices=list(SAVE_PRECISIONS), default=None, help="dtype of the output; default float"
+    )
+    parser.add_argument("--device", default=None, help="device for the SVDs, e.g. cuda; default cpu")
+    parser.add_argument(
+        "--dynamic_method",
+        choices=DYNAMIC_METHODS,
+        default=None,
+        help="pick each module's rank from its singular values; --new_rank is the cap",
+    )
+    parser.add_argument(
+        "--dynamic_param",
+        type=float,
+        default=None,
+        help="sv_ratio: keep singular values above max/param (2 or more); sv_fro, sv_cumulative: share to keep (0-1)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="print every module's ranks and retained norm")
+    parser.add_argument(
+        "--keep_alpha",
+        action="store_true",
+        help="keep each module's input alpha and fold the rank change into its factors (same update) instead of"
+        " kohya's alpha = alpha/rank * new rank; diffusers, which gives all attention layers one alpha, then loads"
+        " dynamic-rank files right",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=_values,
+        default=None,
+        metavar="V1,V2,...",
+        help="preview size, retention and ranks for each --dynamic_param (or --new_rank) value; writes nothing",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # A sweep supplies the --dynamic_param values itself.
+    dynamic_param = args.sweep[0] if args.sweep and args.dynamic_param is None else args.dynamic_param
+    try:
+        request = ResizeRequest(args.new_rank, args.new_conv_rank, args.dynamic_method, dynamic_param, args.keep_alpha)
+        if args.sweep is not None:
+            if args.save_to:
+                logging.info("--sweep writes nothing: --save_to ignored")
+            preview_sweep(args.model, request, args.sweep, args.save_precision, args.device)
+        else:
+            resize_lora_file(args.model, args.save_to, request, args.save_precision, args.device, args.verbose)
+    except (SuiteError, LoRAFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

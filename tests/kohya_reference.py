@@ -1,0 +1,38 @@
+"""Independent references for resize tests: kohya's dense method, written from its description.
+
+research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
+the rank from the whole spectrum. These helpers do exactly that (in float64), so the factored
+path is checked against the method it replaces, not against itself.
+"""
+
+import torch
+
+
+def dense_delta(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``up @ down`` as a dense out x (in*kh*kw) float64 matrix."""
+    return up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
+
+
+def dense_svd(up: torch.Tensor, down: torch.Tensor):
+    return torch.linalg.svd(dense_delta(up, down), full_matrices=False)
+
+
+def dense_truncation(up: torch.Tensor, down: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = dense_svd(up, down)
+    return u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+
+
+def kohya_rank(dense_spectrum: torch.Tensor, method: str | None, param: float | None, max_rank: int) -> int:
+    """kohya's rank_resize on the full dense spectrum: index functions, clamp to [1, n-1], +1, caps."""
+    s, n = dense_spectrum, len(dense_spectrum)
+    if method is None:
+        rank = max_rank
+    elif method == "sv_ratio":
+        rank = max(1, min(int((s > s[0] / param).sum()), n - 1)) + 1
+    else:
+        values, target = (s, param) if method == "sv_cumulative" else (s**2, param**2)
+        index = int(torch.searchsorted(torch.cumsum(values, 0) / values.sum(), torch.tensor(target).double())) + 1
+        rank = max(1, min(index, n - 1)) + 1
+    if s[0] <= 1e-6:
+        return 1
+    return min(rank, max_rank)
