@@ -1,0 +1,225 @@
+"""distill_unet.py end to end on the tiny fixtures: KD, export, LoRA on the student, resume, errors, ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import distill_unet
+import train_network
+from library.cli import run_cli
+from library.distill.students import build_student, student_config
+from library.errors import ConfigError
+from library.models import load_stable_diffusion
+from library.text import encode_tokens, tokenize_captions
+from library.theseus import draw_replacements
+from networks import lora
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Student block <- teacher tensor of BK-Tiny (docs/distill.md, Segmind's alignment), written out
+# here so that the measurement does not depend on the code under test.
+TINY_FEATURE_PAIRS = {
+    "down_blocks.0": "down_blocks.0",
+    "down_blocks.1": "down_blocks.1",
+    "down_blocks.2": "up_blocks.0",
+    "up_blocks.0": "up_blocks.1",
+    "up_blocks.1": "up_blocks.2",
+    "up_blocks.2": "up_blocks.3",
+}
+FIXED_TIMESTEPS = [100, 400, 700, 950]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def data(tiny_sd, tmp_path):
+    """A private copy of the tiny dataset, so that nothing a run writes lands in the shared one."""
+    shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
+    return tmp_path
+
+
+def distill_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--train_data_dir", str(data / "img"),
+        "--output_dir", str(out),
+        "--output_name", "student",
+        "--resolution", "64",
+        "--caption_extension", ".txt",
+        "--learning_rate", "1e-3",
+        "--optimizer_type", "AdamW",
+        "--seed", "7",
+        "--max_data_loader_n_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_sd, tmp_path_factory):
+    """A BK-Tiny student of the tiny SD1 model after 20 steps of output + feature KD.
+
+    The tiny teacher has random weights, so its predictions are far from the true noise and the
+    task term pulls the student away from it; KD alone is what this student measures.
+    """
+    root = tmp_path_factory.mktemp("distilled")
+    shutil.copytree(tiny_sd.train_data_dir, root / "img")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = [
+        "--student",
+        "bk_tiny",
+        "--task_loss_weight",
+        "0",
+        "--max_train_steps",
+        "20",
+        "--save_model_as",
+        "safetensors",
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before conftest's per-test thread setting
+    try:
+        distill_unet.main(distill_argv(tiny_sd.sd1_dir, root, root / "out", *argv))
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return root / "out"
+
+
+# ---- independent measurements -----------------------------------------------------------------
+
+
+def _image(path: Path) -> torch.Tensor:
+    image = Image.open(path).convert("RGB").resize((64, 64))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def fixed_inputs(model_dir: Path, image_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy latents, timesteps and text embeddings of four training images, with fixed noise."""
+    model = load_stable_diffusion(model_dir)
+    pngs = sorted(image_dir.glob("*.png"))[:4]
+    captions = [p.with_suffix(".txt").read_text().strip() for p in pngs]
+    generator = torch.Generator().manual_seed(123)
+    posterior = model.vae.encode(torch.stack([_image(p) for p in pngs])).latent_dist
+    latents = posterior.sample(generator) * model.vae.config.scaling_factor
+    timesteps = torch.tensor(FIXED_TIMESTEPS)
+    noisy = model.noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)
+    return noisy, timesteps, encode_tokens(model.text_encoder, tokenize_captions(model.tokenizer, captions))
+
+
+@torch.no_grad()
+def run_recording(unet: torch.nn.Module, names, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    outputs = {}
+    handles = [
+        unet.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: outputs.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+        )
+        for name in names
+    ]
+    prediction = unet(*inputs).sample
+    for handle in handles:
+        handle.remove()
+    return prediction, outputs
+
+
+def kd_terms(student, teacher, inputs, pairs=TINY_FEATURE_PAIRS) -> tuple[float, float]:
+    """(output KD, summed feature KD): plain MSEs of the student against the teacher."""
+    teacher_out, teacher_features = run_recording(teacher, pairs.values(), inputs)
+    student_out, student_features = run_recording(student, pairs.keys(), inputs)
+    output_kd = torch.nn.functional.mse_loss(student_out, teacher_out).item()
+    feature_kd = sum(
+        torch.nn.functional.mse_loss(student_features[s], teacher_features[t]).item() for s, t in pairs.items()
+    )
+    return output_kd, feature_kd
+
+
+# ---- KD and export ----------------------------------------------------------------------------
+
+
+def test_distillation_lowers_both_kd_terms_on_fixed_batches(tiny_sd, distilled):
+    teacher = load_stable_diffusion(tiny_sd.sd1_dir).unet
+    initial, _ = build_student(teacher, student_config(teacher.config, "bk_tiny"))
+    trained = UNet2DConditionModel.from_pretrained(distilled / "student" / "unet")
+    inputs = fixed_inputs(tiny_sd.sd1_dir, tiny_sd.train_data_dir / "10_sks toy")
+    output_before, features_before = kd_terms(initial, teacher, inputs)
+    output_after, features_after = kd_terms(trained, teacher, inputs)
+    assert output_after < 0.8 * output_before, (output_before, output_after)
+    assert features_after < 0.8 * features_before, (features_before, features_after)
+
+
+def test_the_saved_student_is_a_pipeline_and_a_single_file(tiny_sd, distilled):
+    folder = distilled / "student"
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    assert config["layers_per_block"] == 1 and config["mid_block_type"] is None
+    assert config["block_out_channels"] == [32, 64, 64]  # the student's config, not the teacher's
+
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    images = pipeline(
+        "a photo of sks toy",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
+
+    single = load_stable_diffusion(distilled / "student.safetensors", tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    for part in ("unet", "text_encoder", "vae"):
+        from_file, from_folder = getattr(single, part).state_dict(), getattr(pipeline, part).state_dict()
+        assert from_file.keys() == from_folder.keys()
+        assert all(torch.equal(from_file[k], v) for k, v in from_folder.items()), part
+
+
+def test_a_lora_trained_on_the_student_loads_back_and_changes_its_output(distilled, data):
+    train_network.main(
+        [
+            "--pretrained_model_name_or_path", str(distilled / "student"),
+            "--train_data_dir", str(data / "img"),
+            "--output_dir", str(data / "lora"),
+            "--output_name", "lora",
+            "--resolution", "64",
+            "--caption_extension", ".txt",
+            "--network_module", "networks.lora",
+            "--network_dim", "4",
+            "--network_alpha", "4",
+            "--learning_rate", "1e-3",
+            "--max_train_steps", "4",
+            "--seed", "7",
+            "--max_data_loader_n_workers", "0",
+        ]
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    inputs = (torch.randn(2, 4, 8, 8, generator=generator), 500, torch.randn(2, 77, 64, generator=generator))
+    pipeline = StableDiffusionPipeline.from_pretrained(distilled / "student", local_files_only=True)
+    with torch.no_grad():
+        plain = pipeline.unet(*inputs).sample
+        pipeline.load_lora_weights(str(data / "lora"), weight_name="lora.safetensors")
+        with_diffusers = pipeline.unet(*inputs).sample
+
+    ours = load_stable_diffusion(distilled / "student")
+    network, weights = lora.create_network_from_weights(
+        1.0, str(data / "lora" / "lora.safetensors"), None, ours.text_encoder, ours.unet
+    )
+    network.apply_to(ours.text_encoder, ours.unet)
+    network.load_state_dict(weights)
+    with torch.no_grad():
+        with_ours = ours.unet(*inputs).sample
+    assert (with_diffusers - plain).abs().max() > 1e-3
+    torch.testing.assert_close(with_diffusers, with_ours, rtol=1e-4, atol=1e-5)
