@@ -1,10 +1,7 @@
 """distill_unet.py end to end on the tiny fixtures: KD, export, LoRA on the student, resume, errors, ranks."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +220,117 @@ def test_a_lora_trained_on_the_student_loads_back_and_changes_its_output(distill
         with_ours = ours.unet(*inputs).sample
     assert (with_diffusers - plain).abs().max() > 1e-3
     torch.testing.assert_close(with_diffusers, with_ours, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "config", "message"),
+    [
+        (["--student", "bk_huge"], None, r"--student 'bk_huge' is unknown; choose one of bk_base, bk_small, bk_tiny"),
+        (
+            ["--student", "bk_small"],
+            {"block_out_channels": [32, 64, 64, 96]},
+            r"student tensor 'down_blocks\.3\..*' \(96,.*cannot come from teacher",
+        ),
+        ([], {"layers_per_block": 3}, r"student down_blocks\.0\.resnets has 3 layers but teacher .* only 2"),
+        ([], {"layers_per_block": 1, "num_layers": 2}, r"'num_layers' is not a UNet2DConditionModel argument"),
+        (
+            ["--student", "bk_tiny", "--theseus_schedule", "linear:0.1,0.3"],
+            None,
+            r"--theseus_schedule needs --theseus",
+        ),
+        (["--student", "bk_tiny", "--network_dim", "4"], None, r"--network_dim needs --network_module"),
+        (["--student", "bk_tiny", "--save_model_as", "pt"], None, r"--save_model_as pt is for network files"),
+    ],
+    ids=["unknown-student", "other-channels", "more-layers", "unknown-key", "theseus-flag", "network-flag", "format"],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(tiny_sd, data, capsys, extra, config, message):
+    if config is not None:
+        (data / "student.json").write_text(json.dumps(config))
+        extra = [*extra, "--student_config", str(data / "student.json")]
+    argv = distill_argv(tiny_sd.sd1_dir, data, data / "out", "--logging_dir", str(data / "logs"), *extra)
+    with pytest.raises(ConfigError, match=message):
+        distill_unet.main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: distill_unet.main(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --")
+    assert not (data / "out").exists() and not (data / "logs").exists()
+
+
+def test_a_teacher_of_another_kind_is_refused(tiny_sd, data):
+    argv = distill_argv(
+        tiny_sd.sd1_dir, data, data / "out", "--student", "bk_small", "--teacher", str(tiny_sd.sd2_dir)
+    )
+    with pytest.raises(ConfigError, match=r"--teacher '.*sd2' is SD2 v-prediction but the loaded model is SD1"):
+        distill_unet.main(argv)
+    assert not (data / "out").exists()
+
+
+# ---- resume, EMA, Theseus ---------------------------------------------------------------------
+
+
+def saved_unet(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def state_objects(state_dir: Path) -> tuple[dict, dict]:
+    """The raw student weights and the EMA state of a --save_state folder (the task's checkpoint objects)."""
+    raw = torch.load(state_dir / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = torch.load(state_dir / "custom_checkpoint_1.pkl", weights_only=True)
+    return raw, ema
+
+
+def scalars(log_root: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar by step, from whichever event file of the run holds it."""
+    values = {}
+    for path in log_root.rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({event.step: event.value for event in events.Scalars(tag)})
+    return values
+
+
+def test_resume_continues_exactly_with_ema_and_theseus_draws(tiny_sd, data):
+    flags = [
+        "--student", "bk_tiny", "--max_train_steps", "6", "--save_state",
+        "--use_ema", "--ema_decay", "0.9", "--theseus", "--theseus_schedule", "linear:0.15,0.2",
+    ]  # fmt: skip
+    whole, resumed = data / "whole", data / "resumed"
+    distill_unet.main(
+        distill_argv(
+            tiny_sd.sd1_dir, data, whole, *flags, "--save_every_n_steps", "3", "--logging_dir", str(data / "logs")
+        )
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    distill_unet.main(
+        distill_argv(tiny_sd.sd1_dir, data, resumed, *flags, "--resume", str(whole / "student-step00000003-state"))
+    )
+
+    assert saved_unet(resumed / "student").keys() == saved_unet(whole / "student").keys()
+    assert all(torch.equal(v, saved_unet(whole / "student")[k]) for k, v in saved_unet(resumed / "student").items())
+    (raw, ema), (raw_resumed, ema_resumed) = (
+        state_objects(whole / "student-state"),
+        state_objects(resumed / "student-state"),
+    )
+    assert all(torch.equal(v, raw_resumed[k]) for k, v in raw.items())
+    assert all(torch.equal(a, b) for a, b in zip(ema["shadow_params"], ema_resumed["shadow_params"]))
+    assert ema["optimization_step"] == ema_resumed["optimization_step"] == 6
+
+    # The saved weights are the EMA (in the student's parameter order), not the raw weights.
+    saved = saved_unet(whole / "student")
+    names = list(UNet2DConditionModel.from_pretrained(whole / "student" / "unet").state_dict())
+    assert len(names) == len(ema["shadow_params"])  # the tiny UNet has no buffers
+    assert all(torch.equal(saved[name], average) for name, average in zip(names, ema["shadow_params"]))
+    assert sum(not torch.equal(saved[name], raw[name]) for name in names) > 0.9 * len(names)
+
+    # Theseus: p(t) = min(1, 0.15 t + 0.2) and the fraction of the 3 stage units replaced, logged per step.
+    probabilities = scalars(data / "logs", "theseus/probability")
+    rates = scalars(data / "logs", "theseus/replacement_rate")
+    assert sorted(rates) == list(range(1, 7))
+    for t in range(6):
+        assert probabilities[t + 1] == pytest.approx(min(1.0, 0.15 * t + 0.2))
+        assert rates[t + 1] == pytest.approx(draw_replacements(3, min(1.0, 0.15 * t + 0.2), 7, t).float().mean())

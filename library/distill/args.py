@@ -20,7 +20,7 @@ from library.args import (
     add_training_args,
     verify_training_args,
 )
-from library.distill.students import STUDENTS, check_student_name
+from library.distill.students import STUDENTS, check_student_name, read_student_config_file
 from library.errors import ConfigError
 from library.theseus import SCHEDULE_HELP, parse_replacement_schedule
 
@@ -177,7 +177,9 @@ def _verify_student_source(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} needs --network_module")
     if args.student:
         check_student_name(args.student)
-    elif not args.student_config and not args.teacher:
+    if args.student_config:
+        read_student_config_file(args.student_config)  # unreadable json or unknown keys fail before loading
+    if not args.student and not args.student_config and not args.teacher:
         raise ConfigError(
             f"pass --student ({', '.join(STUDENTS)}), --student_config FILE, or --teacher MODEL "
             "to distil the teacher into the loaded model"

@@ -159,18 +159,31 @@ class DistillTrainer:
         if args.vae:
             model.vae = load_vae(args.vae)
         teacher = model.unet if not args.teacher else self._load_teacher(model)
-        if args.network_module:
-            # The network is applied to a copy, so that the teacher stays the original.
-            student = copy.deepcopy(model.unet) if teacher is model.unet else model.unet
-        elif args.student or args.student_config:
-            config = student_config(model.unet.config, args.student, args.student_config)
-            student, report = build_student(model.unet, config, dtype=torch.float32)
-            logger.info(report.summary())
-        else:
-            student = model.unet  # --teacher given: the loaded model is the student
-        weight_map(student, teacher)  # raises if the student's blocks cannot stand for the teacher's
+        try:
+            student = self._student(model.unet, teacher)
+            weight_map(student, teacher)  # the feature pairs and Theseus stages need the teacher's blocks
+        except ConfigError as err:
+            raise ConfigError(f"{self._student_flags()}: {err}") from err
         model.unet = student
         return Models(model, teacher)
+
+    def _student(self, loaded: UNet2DConditionModel, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
+        args = self.args
+        if args.network_module:
+            # The network is applied to a copy, so that the teacher stays the original.
+            return copy.deepcopy(loaded) if teacher is loaded else loaded
+        if args.student or args.student_config:
+            config = student_config(loaded.config, args.student, args.student_config)
+            student, report = build_student(loaded, config, dtype=torch.float32)
+            logger.info(report.summary())
+            return student
+        return loaded  # --teacher given: the loaded model is the student
+
+    def _student_flags(self) -> str:
+        """The flags that chose the student, for error messages."""
+        args = self.args
+        flags = [f"--{name} {getattr(args, name)}" for name in ("student", "student_config") if getattr(args, name)]
+        return " ".join(flags) or f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
 
     def _load_teacher(self, model: StableDiffusionModel) -> UNet2DConditionModel:
         """The UNet of --teacher, which must read the loaded text encoder and predict the same target."""
