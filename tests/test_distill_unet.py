@@ -1,7 +1,11 @@
 """distill_unet.py end to end on the tiny fixtures: KD, export, LoRA on the student, resume, errors, ranks."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +338,55 @@ def test_resume_continues_exactly_with_ema_and_theseus_draws(tiny_sd, data):
     for t in range(6):
         assert probabilities[t + 1] == pytest.approx(min(1.0, 0.15 * t + 0.2))
         assert rates[t + 1] == pytest.approx(draw_replacements(3, min(1.0, 0.15 * t + 0.2), 7, t).float().mean())
+
+
+# ---- several processes ------------------------------------------------------------------------
+
+# Run by each process of `accelerate launch`: train, then write this rank's student weights.
+RANK_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from accelerate import PartialState
+from safetensors.torch import save_file
+from library.args import parse_args
+from library.distill.args import distill_unet_parser
+from library.distill.trainer import DistillTrainer
+
+task = DistillTrainer(parse_args(distill_unet_parser(), sys.argv[1:])).train()
+weights = {{name: tensor.contiguous() for name, tensor in task.student.state_dict().items()}}
+save_file(weights, {out!r} + f"/rank{{PartialState().process_index}}.safetensors")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_end_with_identical_students(tiny_sd, data):
+    script = data / "train_and_dump.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), out=str(data)))
+    # accelerate 1.x starts one process for `--cpu --num_processes 2`; `--multi_gpu` starts two, and
+    # ACCELERATE_USE_CPU makes them a gloo group on the CPU (docs/distill.md).
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+    argv = distill_argv(
+        tiny_sd.sd1_dir, data, data / "out", "--student", "bk_tiny", "--max_train_steps", "3",
+        "--gradient_accumulation_steps", "2", "--theseus", "--theseus_schedule", "constant:0.5",
+    )  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, str(script), *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rank0, rank1 = load_file(data / "rank0.safetensors"), load_file(data / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(tensor, rank1[name]) for name, tensor in rank0.items())
+    teacher = load_stable_diffusion(tiny_sd.sd1_dir).unet
+    initial, _ = build_student(teacher, student_config(teacher.config, "bk_tiny"))
+    changed = sum(not torch.equal(tensor, rank0[name]) for name, tensor in initial.state_dict().items())
+    assert changed > 0.9 * len(rank0)  # both ranks trained (each on its own half of the batches)
+    assert all(torch.equal(tensor, rank0[name]) for name, tensor in saved_unet(data / "out" / "student").items())
