@@ -22,10 +22,11 @@ import train_network
 from library.cli import run_cli
 from library.distill.students import build_student, student_config
 from library.errors import ConfigError
-from library.models import load_stable_diffusion
+from library.models import load_stable_diffusion, save_diffusers_folder
 from library.text import encode_tokens, tokenize_captions
 from library.theseus import draw_replacements
 from networks import lora
+from networks.lora_file import load_lora_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -390,3 +391,68 @@ def test_two_processes_end_with_identical_students(tiny_sd, data):
     changed = sum(not torch.equal(tensor, rank0[name]) for name, tensor in initial.state_dict().items())
     assert changed > 0.9 * len(rank0)  # both ranks trained (each on its own half of the batches)
     assert all(torch.equal(tensor, rank0[name]) for name, tensor in saved_unet(data / "out" / "student").items())
+
+
+# ---- network KD and SD2 -----------------------------------------------------------------------
+
+
+def shifted_teacher(tiny_sd, out: Path) -> Path:
+    """The tiny SD1 model with a rank-1 change to every attention projection (a "fine-tune")."""
+    model = load_stable_diffusion(tiny_sd.sd1_dir)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, module in model.unet.named_modules():
+            if name.endswith(("attn1.to_v", "attn2.to_v", "attn1.to_out.0", "attn2.to_out.0")):
+                rows, cols = module.weight.shape
+                module.weight += (
+                    0.1 * torch.randn(rows, 1, generator=generator) @ torch.randn(1, cols, generator=generator)
+                )
+    save_diffusers_folder(model, out)
+    return out
+
+
+def test_a_lora_distilled_from_a_fine_tuned_teacher_moves_the_base_towards_it(tiny_sd, data):
+    teacher_dir = shifted_teacher(tiny_sd, data / "teacher")
+    argv = distill_argv(
+        tiny_sd.sd1_dir, data, data / "out", "--teacher", str(teacher_dir), "--network_module", "networks.lora",
+        "--network_dim", "4", "--network_alpha", "4", "--task_loss_weight", "0", "--max_train_steps", "15",
+        "--learning_rate", "3e-3",
+    )  # fmt: skip
+    distill_unet.main(argv)
+
+    lora_file = data / "out" / "student.safetensors"
+    base, teacher = load_stable_diffusion(tiny_sd.sd1_dir), load_stable_diffusion(teacher_dir).unet
+    inputs = fixed_inputs(tiny_sd.sd1_dir, tiny_sd.train_data_dir / "10_sks toy")
+    pairs = {name: name for name in ("down_blocks.0", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.3")}
+    output_before, features_before = kd_terms(base.unet, teacher, inputs, pairs)
+    network, weights = lora.create_network_from_weights(1.0, str(lora_file), None, base.text_encoder, base.unet)
+    network.apply_to(base.text_encoder, base.unet)
+    network.load_state_dict(weights)
+    output_after, features_after = kd_terms(base.unet, teacher, inputs, pairs)
+    assert output_after < 0.8 * output_before, (output_before, output_after)
+    assert features_after < 0.8 * features_before, (features_before, features_after)
+    assert not network.text_encoder_loras  # the text encoder is shared with the teacher and stays as it is
+
+    _, metadata = load_lora_file(lora_file)
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_steps"] == "15"
+    assert metadata["ss_distill_teacher"] == str(teacher_dir) and metadata["ss_distill_task_loss_weight"] == "0.0"
+
+
+def test_sd2_v_prediction_student_in_bf16_saves_a_float_pipeline_and_samples(tiny_sd, data):
+    (data / "prompts.txt").write_text("a photo of sks toy --w 64 --h 64 --s 2 --d 1\n")
+    argv = distill_argv(
+        tiny_sd.sd2_file, data, data / "out", "--tokenizer_cache_dir", str(tiny_sd.tokenizer_cache_dir),
+        "--student", "bk_small", "--feature_kd_normalize", "--mixed_precision", "bf16", "--teacher_dtype", "bf16",
+        "--max_train_steps", "4", "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "2",
+    )  # fmt: skip
+    distill_unet.main(argv)
+
+    folder = data / "out" / "student"
+    assert {tensor.dtype for tensor in saved_unet(folder).values()} == {torch.float32}
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert pipeline.unet.config.mid_block_type is None and pipeline.unet.config.layers_per_block == 1
+    images = pipeline("a cube", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert np.isfinite(images).all()
+    samples = sorted(p.name for p in (data / "out" / "sample").glob("*.png"))
+    assert [name.split("_")[1] for name in samples] == ["000002", "000004"]

@@ -160,7 +160,9 @@ class DistillTask:
             ids = tokenize_captions(self.model.tokenizer, prompts, self.args.max_token_length)
             return encode_captions(self.model, ids, self.args.clip_skip).to(self.student.dtype)
 
-        with self._saved_weights(), self._evaluating():
+        # The pipeline casts the prompt embeddings to the text encoder's dtype, which under mixed
+        # precision is not the float32 student's; autocast runs both in the mixed dtype.
+        with self._saved_weights(), self._evaluating(), self.accelerator.autocast():
             generate_samples(
                 components,
                 self.sample_prompts,
