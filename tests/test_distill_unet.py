@@ -227,6 +227,28 @@ def test_a_lora_trained_on_the_student_loads_back_and_changes_its_output(distill
     torch.testing.assert_close(with_diffusers, with_ours, rtol=1e-4, atol=1e-5)
 
 
+def test_a_saved_student_keeps_distilling_from_the_teacher_it_names(tiny_sd, distilled, data):
+    argv = ["--teacher", str(tiny_sd.sd1_dir), "--task_loss_weight", "0", "--max_train_steps", "5"]
+    distill_unet.main(distill_argv(distilled / "student", data, data / "out", *argv))
+
+    loaded, continued = distilled / "student", data / "out" / "student"
+
+    def unet_config(folder: Path) -> dict:
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        return {key: value for key, value in config.items() if not key.startswith("_")}
+
+    assert unet_config(continued) == unet_config(loaded)  # the loaded student, not a preset built anew
+    # Trained from the loaded weights: 5 AdamW steps at lr 1e-3 move each weight by at most
+    # 5 * lr * (1 - beta1) / sqrt(1 - beta2) = 0.016 (kd terms after so few steps are noise).
+    start, end = saved_unet(loaded), saved_unet(continued)
+    distances = [(end[name] - tensor).abs().max().item() for name, tensor in start.items()]
+    assert 0 < max(distances) <= 5 * 1e-3 * 0.1 / 0.001**0.5 and sum(d > 0 for d in distances) > 0.9 * len(start)
+    for part in ("text_encoder", "vae"):  # carried over unchanged
+        (weights,) = (continued / part).glob("*.safetensors")
+        assert load_file(weights).keys() == load_file(loaded / part / weights.name).keys()
+        assert all(torch.equal(v, load_file(weights)[k]) for k, v in load_file(loaded / part / weights.name).items())
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -416,7 +438,7 @@ def test_a_lora_distilled_from_a_fine_tuned_teacher_moves_the_base_towards_it(ti
     argv = distill_argv(
         tiny_sd.sd1_dir, data, data / "out", "--teacher", str(teacher_dir), "--network_module", "networks.lora",
         "--network_dim", "4", "--network_alpha", "4", "--task_loss_weight", "0", "--max_train_steps", "15",
-        "--learning_rate", "3e-3",
+        "--learning_rate", "3e-3", "--cache_latents",
     )  # fmt: skip
     distill_unet.main(argv)
 
@@ -444,6 +466,8 @@ def test_sd2_v_prediction_student_in_bf16_saves_a_float_pipeline_and_samples(tin
         tiny_sd.sd2_file, data, data / "out", "--tokenizer_cache_dir", str(tiny_sd.tokenizer_cache_dir),
         "--student", "bk_small", "--feature_kd_normalize", "--mixed_precision", "bf16", "--teacher_dtype", "bf16",
         "--max_train_steps", "4", "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "2",
+        "--gradient_checkpointing", "--validation_split", "0.34", "--validate_every_n_steps", "2",
+        "--logging_dir", str(data / "logs"),
     )  # fmt: skip
     distill_unet.main(argv)
 
@@ -456,3 +480,6 @@ def test_sd2_v_prediction_student_in_bf16_saves_a_float_pipeline_and_samples(tin
     assert np.isfinite(images).all()
     samples = sorted(p.name for p in (data / "out" / "sample").glob("*.png"))
     assert [name.split("_")[1] for name in samples] == ["000002", "000004"]
+    for term in ("", "_task", "_kd_output", "_kd_feature"):  # the held-out images' loss terms
+        values = scalars(data / "logs", f"loss/validation{term}/step_average")
+        assert sorted(values) == [2, 4] and all(np.isfinite(v) and v > 0 for v in values.values()), term

@@ -81,34 +81,39 @@ class DistillTrainer:
         accelerator = make_accelerator(args, "distill_unet")
         args.seed = shared_seed(accelerator, args.seed)
         set_seed(args.seed)
-        model = models.model
-        group = build_dataset_group(
-            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
-        )
+        tokenizer = models.model.tokenizer
+        group = build_dataset_group(blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed)
         if args.debug_dataset:
             print_dataset_preview(group)
             return None
         validation = build_validation_group(
-            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
+            blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed
         )
         if module is not None:
-            models.network = self._apply_network(module, model)
-        self._prepare_latents(accelerator, model, [g for g in (group, validation) if g is not None])
-        teacher, pairs = self._place_models(accelerator, models)
-        net, controller = self._theseus(teacher, model.unet)
+            models.network = self._apply_network(module, models.model)
+        self._prepare_latents(accelerator, models.model, [g for g in (group, validation) if g is not None])
+        task = self._task(accelerator, models, group, sample_prompts)
+        run = self._run(accelerator, task, models, group, validation, started_at)
+        run.run()
+        return task
 
-        task_kwargs = dict(
-            args=args, accelerator=accelerator, model=model, teacher=teacher, net=net, pairs=pairs,
-            weights=DistillWeights(
-                args.task_loss_weight, args.output_kd_weight, args.feature_kd_weight, args.feature_kd_normalize
-            ),
-            options=NoiseOptions.from_args(args), output=self.output, dataset_group=group,
-            network=models.network, theseus=controller, sample_prompts=sample_prompts,
+    def _task(self, accelerator: Accelerator, models: Models, group, sample_prompts) -> DistillTask:
+        args = self.args
+        teacher, pairs = self._place_models(accelerator, models)
+        net, controller = self._theseus(teacher, models.model.unet)
+        weights = DistillWeights(
+            args.task_loss_weight, args.output_kd_weight, args.feature_kd_weight, args.feature_kd_normalize
+        )
+        return DistillTask(
+            args, accelerator, models.model, teacher, net, pairs, weights, NoiseOptions.from_args(args),
+            self.output, group, network=models.network, theseus=controller, sample_prompts=sample_prompts,
         )  # fmt: skip
-        task = DistillTask(**task_kwargs)
+
+    def _run(self, accelerator: Accelerator, task: DistillTask, models: Models, group, validation, started_at):
+        """Optimizer, scheduler and loader through accelerate, and the loop (resumed if asked)."""
+        args = self.args
         param_groups, lr_descriptions = self._param_groups(task, models.network)
         optimizer_name, optimizer = make_optimizer(args, param_groups)
-
         loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
         # Batches each process sees per epoch once accelerate shards the loader (it pads to even).
         schedule = Schedule.from_args(args, math.ceil(len(loader) / accelerator.num_processes))
@@ -122,7 +127,6 @@ class DistillTrainer:
             task.metadata = self._network_metadata(
                 models, group, validation, accelerator, optimizer_name, schedule, len(loader), started_at
             )
-
         cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
         cadence = dataclasses.replace(cadence, extension=self.output.extension)
         run = TrainingRun(
@@ -131,14 +135,13 @@ class DistillTrainer:
         )  # fmt: skip
         if args.resume:
             run.resume(args.resume)
-        trained = sum(p.numel() for p in task.trainable_parameters())
         logger.info(
             "distilling %d steps (%d epochs x %d batches), %d trainable parameters, %d feature pairs%s",
-            schedule.max_train_steps, schedule.num_epochs, len(loader), trained, len(pairs),
-            f", {len(controller.units)} Theseus units" if controller else "",
+            schedule.max_train_steps, schedule.num_epochs, len(loader),
+            sum(p.numel() for p in task.trainable_parameters()), len(task.pairs),
+            f", {len(task.theseus.units)} Theseus units" if task.theseus else "",
         )  # fmt: skip
-        run.run()
-        return task
+        return run
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -245,7 +248,8 @@ class DistillTrainer:
         model, student = models.model, models.model.unet
         pairs = feature_pairs(student, models.teacher) if args.feature_kd_weight else []
         teacher_dtype = SAVE_DTYPES[args.teacher_dtype] or weight_dtype
-        teacher = FrozenTeacher(models.teacher.to(device), [pair.teacher for pair in pairs], dtype=teacher_dtype)
+        teacher_unet = models.teacher.to(device, dtype=teacher_dtype)
+        teacher = FrozenTeacher(teacher_unet, [pair.teacher for pair in pairs], dtype=teacher_dtype)
         model.text_encoder.to(device, dtype=weight_dtype)
         if models.network is None:
             student.to(device, dtype=trained_dtype).requires_grad_(True)
