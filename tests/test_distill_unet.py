@@ -151,6 +151,28 @@ def kd_terms(student, teacher, inputs, pairs=TINY_FEATURE_PAIRS) -> tuple[float,
     return output_kd, feature_kd
 
 
+def saved_unet(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def state_objects(state_dir: Path) -> tuple[dict, dict]:
+    """The raw student weights and the EMA state of a --save_state folder (the task's checkpoint objects)."""
+    raw = torch.load(state_dir / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = torch.load(state_dir / "custom_checkpoint_1.pkl", weights_only=True)
+    return raw, ema
+
+
+def scalars(log_root: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar by step, from whichever event file of the run holds it."""
+    values = {}
+    for path in log_root.rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({event.step: event.value for event in events.Scalars(tag)})
+    return values
+
+
 # ---- KD and export ----------------------------------------------------------------------------
 
 
@@ -245,8 +267,8 @@ def test_a_saved_student_keeps_distilling_from_the_teacher_it_names(tiny_sd, dis
     assert 0 < max(distances) <= 5 * 1e-3 * 0.1 / 0.001**0.5 and sum(d > 0 for d in distances) > 0.9 * len(start)
     for part in ("text_encoder", "vae"):  # carried over unchanged
         (weights,) = (continued / part).glob("*.safetensors")
-        assert load_file(weights).keys() == load_file(loaded / part / weights.name).keys()
-        assert all(torch.equal(v, load_file(weights)[k]) for k, v in load_file(loaded / part / weights.name).items())
+        before, after = load_file(loaded / part / weights.name), load_file(weights)
+        assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -297,28 +319,6 @@ def test_a_teacher_of_another_kind_is_refused(tiny_sd, data):
 
 
 # ---- resume, EMA, Theseus ---------------------------------------------------------------------
-
-
-def saved_unet(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-
-
-def state_objects(state_dir: Path) -> tuple[dict, dict]:
-    """The raw student weights and the EMA state of a --save_state folder (the task's checkpoint objects)."""
-    raw = torch.load(state_dir / "custom_checkpoint_0.pkl", weights_only=True)
-    ema = torch.load(state_dir / "custom_checkpoint_1.pkl", weights_only=True)
-    return raw, ema
-
-
-def scalars(log_root: Path, tag: str) -> dict[int, float]:
-    """A TensorBoard scalar by step, from whichever event file of the run holds it."""
-    values = {}
-    for path in log_root.rglob("events.out.tfevents.*"):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            values.update({event.step: event.value for event in events.Scalars(tag)})
-    return values
 
 
 def test_resume_continues_exactly_with_ema_and_theseus_draws(tiny_sd, data):
