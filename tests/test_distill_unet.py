@@ -337,6 +337,9 @@ def test_resume_continues_exactly_with_ema_and_theseus_draws(tiny_sd, data):
         distill_argv(tiny_sd.sd1_dir, data, resumed, *flags, "--resume", str(whole / "student-step00000003-state"))
     )
 
+    assert sorted(path.name for path in whole.iterdir()) == [
+        "student", "student-state", "student-step00000003", "student-step00000003-state",
+    ]  # fmt: skip
     assert saved_unet(resumed / "student").keys() == saved_unet(whole / "student").keys()
     assert all(torch.equal(v, saved_unet(whole / "student")[k]) for k, v in saved_unet(resumed / "student").items())
     (raw, ema), (raw_resumed, ema_resumed) = (
