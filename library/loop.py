@@ -135,6 +135,9 @@ class Cadence:
         )
 
 
+_END = object()
+
+
 def _without_global_rng(batches: Iterable) -> Iterator:
     """The batches, fetched without touching torch's global RNG, so that resumes are exact.
 
@@ -151,9 +154,6 @@ def _without_global_rng(batches: Iterable) -> Iterator:
         if batch is _END:
             return
         yield batch
-
-
-_END = object()
 
 
 class TrainingRun:
