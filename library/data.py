@@ -340,9 +340,8 @@ def make_dataloader(group: DatasetGroup, num_workers: int = 0, persistent_worker
 
     accelerate shards it by batch: process p of n gets batches p, p+n, ... of the epoch's plan.
     Workers are capped at the CPU count, as in kohya; batches are pinned for faster copies to CUDA.
-    The loader draws its worker seed from its own generator: a DataLoader without one takes a number
-    from the global RNG each time an epoch starts, so a run resumed mid-epoch would draw different
-    noise from an uninterrupted one.
+    The loader draws its worker seed from its own generator rather than the global RNG (which
+    training noise uses; see also library.loop's batch fetching).
     """
     workers = min(num_workers, os.cpu_count() or 1)
     return DataLoader(

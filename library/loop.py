@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,6 +150,27 @@ class Cadence:
         )
 
 
+_END = object()
+
+
+def _without_global_rng(batches: Iterable) -> Iterator:
+    """The batches, fetched without touching torch's global RNG, so that resumes are exact.
+
+    A DataLoader draws a base seed from the global RNG whenever an iterator starts; an uninterrupted
+    run starts it at the epoch start, a resumed one after restoring the RNG (and accelerate starts it
+    lazily, at the first batch), so the draw would shift every later noise sample. Batches never
+    depend on the global RNG (library/data.py), so the loader gets a forked one.
+    """
+    with torch.random.fork_rng(devices=[]):
+        iterator = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iterator, _END)
+        if batch is _END:
+            return
+        yield batch
+
+
 class TrainingRun:
     """Runs a :class:`TrainingTask` to ``schedule.max_train_steps`` optimizer steps."""
 
@@ -236,7 +257,7 @@ class TrainingRun:
         if self.step_in_epoch:
             batches = accelerator.skip_first_batches(self.dataloader, self.step_in_epoch)
         epoch_loss, epoch_count = 0.0, 0
-        for batch in batches:
+        for batch in _without_global_rng(batches):
             with accelerator.accumulate():
                 self.task.on_step_start(self.global_step)
                 loss, extra = self.task.training_step(batch)

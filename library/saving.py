@@ -34,12 +34,16 @@ MINIMUM_KEYS = (
 
 
 def model_file_name(output_name: str, extension: str, *, epoch: int | None = None, step: int | None = None) -> str:
-    """kohya's names: ``name.ext`` (final), ``name-000001.ext`` (epochs), ``name-step00000500.ext`` (steps)."""
+    """kohya's names: ``name.ext`` (final), ``name-000001.ext`` (epochs), ``name-step00000500.ext`` (steps).
+
+    An empty ``extension`` names a folder (a diffusers model, as kohya's ``--save_model_as diffusers``).
+    """
+    suffix = f".{extension}" if extension else ""
     if epoch is not None:
-        return f"{output_name}-{epoch:06d}.{extension}"
+        return f"{output_name}-{epoch:06d}{suffix}"
     if step is not None:
-        return f"{output_name}-step{step:08d}.{extension}"
-    return f"{output_name}.{extension}"
+        return f"{output_name}-step{step:08d}{suffix}"
+    return f"{output_name}{suffix}"
 
 
 def state_dir_name(output_name: str, *, epoch: int | None = None, step: int | None = None) -> str:
@@ -50,14 +54,22 @@ def state_dir_name(output_name: str, *, epoch: int | None = None, step: int | No
 def rotate(
     output_dir: Path, output_name: str, keep: int | None, *, by_step: bool, state: bool, extension: str = ""
 ) -> list[Path]:
-    """Delete all but the newest ``keep`` epoch (or step) checkpoints; returns what was removed."""
+    """Delete all but the newest ``keep`` epoch (or step) checkpoints; returns what was removed.
+
+    A model checkpoint is every entry with its name: the file ``name-000001.ext`` and the folder
+    ``name-000001`` (a diffusers model, saved alone or beside a single file), as kohya removes either.
+    """
     if not keep:
         return []
     number = r"step\d{8}" if by_step else r"\d{6}"
-    suffix = "-state" if state else re.escape(f".{extension}")
+    suffix = "-state" if state else (rf"(?:\.{re.escape(extension)})?" if extension else "")
     pattern = re.compile(rf"{re.escape(output_name)}-({number}){suffix}$")
-    found = sorted((p for p in output_dir.iterdir() if pattern.match(p.name)), key=lambda p: pattern.match(p.name)[1])
-    removed = found[:-keep]
+    entries: dict[str, list[Path]] = {}
+    for path in output_dir.iterdir():
+        match = pattern.match(path.name)
+        if match:
+            entries.setdefault(match[1], []).append(path)
+    removed = [path for key in sorted(entries)[:-keep] for path in sorted(entries[key])]
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return removed

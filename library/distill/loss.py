@@ -78,10 +78,15 @@ def distill_loss(
     teacher_features: Mapping[str, torch.Tensor],
     pairs: Sequence[FeaturePair],
     weights: DistillWeights,
+    task_loss: torch.Tensor | None = None,
 ) -> DistillLoss:
-    """The weighted objective; ``target`` is the noise (or v) the task loss regresses to."""
+    """The weighted objective; ``target`` is the noise (or v) the task loss regresses to.
+
+    ``task_loss`` replaces the plain MSE task term, for a script that weighs it with kohya's options
+    (loss type, min-SNR, prior-loss weights); the KD terms stay plain MSEs, as in BK-SDM.
+    """
     student_pred = student_pred.float()
-    task = F.mse_loss(student_pred, target.float())
+    task = F.mse_loss(student_pred, target.float()) if task_loss is None else task_loss
     output_kd = F.mse_loss(student_pred, teacher_pred.detach().float())
     feature_kd, terms = feature_kd_loss(student_features, teacher_features, pairs, weights.feature_kd_normalize)
     total = weights.task * task + weights.output_kd * output_kd + weights.feature_kd * feature_kd

@@ -55,12 +55,16 @@ def _without_innermost_stage(config: dict) -> dict:
     return config
 
 
-def preset_config(teacher_config: Mapping, student: str) -> dict:
-    """BK-SDM's student of a teacher (distill.md §1.2, §1.5): base = one layer per down stage,
-    small = base without mid block, tiny = small without the innermost stage."""
+def check_student_name(student: str) -> None:
     if student not in STUDENTS:
         choices = ", ".join(STUDENTS)
         raise ConfigError(f"--student '{student}' is unknown; choose one of {choices} or pass --student_config")
+
+
+def preset_config(teacher_config: Mapping, student: str) -> dict:
+    """BK-SDM's student of a teacher (distill.md §1.2, §1.5): base = one layer per down stage,
+    small = base without mid block, tiny = small without the innermost stage."""
+    check_student_name(student)
     config = plain_config(teacher_config)
     config["layers_per_block"] = 1
     if student in ("bk_small", "bk_tiny"):

@@ -77,6 +77,8 @@ def test_names():
     assert state_dir_name("mylora", epoch=3) == "mylora-000003-state"
     assert state_dir_name("mylora", step=20) == "mylora-step00000020-state"
     assert state_dir_name("mylora") == "mylora-state"
+    assert model_file_name("student", "", epoch=2) == "student-000002"
+    assert model_file_name("student", "") == "student"
 
 
 def test_rotation_keeps_the_newest(tmp_path):
@@ -91,6 +93,33 @@ def test_rotation_keeps_the_newest(tmp_path):
         "x-000004-state",
         "x-000004.safetensors",
         "x.safetensors",
+    ]
+
+
+def test_rotation_removes_folder_and_file_of_a_checkpoint_together(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / model_file_name("s", "", step=step)).mkdir()  # a diffusers folder ...
+        (tmp_path / model_file_name("s", "ckpt", step=step)).write_text("")  # ... beside its single file
+    (tmp_path / model_file_name("s", "", step=40)).mkdir()  # a folder-only save
+    (tmp_path / model_file_name("s-step00000010", "txt")).write_text("")  # another file sharing the prefix
+    removed = rotate(tmp_path, "s", 2, by_step=True, state=False, extension="ckpt")
+    assert sorted(p.name for p in removed) == [
+        "s-step00000010",
+        "s-step00000010.ckpt",
+        "s-step00000020",
+        "s-step00000020.ckpt",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "s-step00000010.txt",
+        "s-step00000030",
+        "s-step00000030.ckpt",
+        "s-step00000040",
+    ]
+    rotate(tmp_path, "s", 1, by_step=True, state=False, extension="")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "s-step00000010.txt",
+        "s-step00000030.ckpt",
+        "s-step00000040",
     ]
 
 

@@ -42,6 +42,17 @@ def test_loss_terms_are_the_weighted_mses(weights):
     assert student_pred.grad is not None and student_features["down_blocks.0"].grad is not None
 
 
+def test_a_given_task_loss_replaces_the_plain_mse_and_keeps_its_weight():
+    student_features, teacher_features, (student_pred, teacher_pred, target) = tensors()
+    weights = DistillWeights(task=0.5, output_kd=1.0, feature_kd=0.0)
+    weighted_task = torch.tensor(3.0)  # e.g. a min-SNR-weighted or Huber task term computed by the script
+    loss = distill_loss(
+        student_pred, teacher_pred, target, student_features, teacher_features, PAIRS, weights, task_loss=weighted_task
+    )
+    assert loss.task is weighted_task
+    torch.testing.assert_close(loss.total.double(), 0.5 * 3.0 + mse(student_pred, teacher_pred))
+
+
 def test_normalized_feature_terms_are_divided_by_the_teacher_mean_square():
     student_features, teacher_features, _ = tensors()
     total, terms = feature_kd_loss(student_features, teacher_features, PAIRS, normalize=True)

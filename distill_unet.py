@@ -1,0 +1,33 @@
+"""Distil an SD1.x/SD2.x UNet into a BK-SDM student (or into a network) with kohya sd-scripts' flags.
+
+accelerate launch distill_unet.py --config_file my.toml
+python distill_unet.py --pretrained_model_name_or_path model.safetensors --student bk_small --use_ema ...
+"""
+
+from __future__ import annotations
+
+from library.args import parse_args, write_config_file
+from library.cli import run_cli
+from library.distill.args import distill_unet_parser
+
+
+def setup_parser():
+    """kohya's entry point name, kept for tools that build a script's parser."""
+    return distill_unet_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = setup_parser()
+    args = parse_args(parser, argv)
+    if args.output_config:
+        if not args.config_file:
+            parser.error("--output_config needs --config_file PATH to write to")
+        print(f"wrote {write_config_file(args, parser, args.config_file)}")
+        return
+    from library.distill.trainer import DistillTrainer  # heavy imports only when training
+
+    DistillTrainer(args).train()
+
+
+if __name__ == "__main__":
+    run_cli(main)

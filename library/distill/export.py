@@ -1,0 +1,63 @@
+"""Writing a student: a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads, and
+optionally the same model as one LDM file (``.safetensors``/``.ckpt``).
+
+Saves happen mid-training, so nothing here may touch the live models: every part is written from a
+CPU copy in the save precision (casting the live student down and back up would lose precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers.configuration_utils import ConfigMixin
+from torch import nn
+
+from library.models import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
+
+
+def cpu_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``module`` on the CPU in ``dtype`` (floating tensors only), never a second copy on the accelerator.
+
+    Tensors already on the CPU in that dtype are shared, not copied: the copy is for reading.
+    """
+    state = {
+        key: value.detach().to("cpu", dtype if dtype is not None and value.is_floating_point() else value.dtype)
+        for key, value in module.state_dict().items()
+    }
+    with init_empty_weights():
+        if isinstance(module, ConfigMixin):  # diffusers models
+            clone = type(module).from_config(module.config)
+        else:  # transformers models
+            clone = type(module)(module.config)
+    clone.load_state_dict(state, strict=True, assign=True)
+    return clone.eval()
+
+
+def save_student(
+    model: StableDiffusionModel, folder: Path, single_file: Path | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """Write ``model`` (whose ``unet`` is the student) as a diffusers folder, replacing an earlier one
+    of that name only once the new one is complete, and optionally as a single file too."""
+    export = dataclasses.replace(
+        model,
+        unet=cpu_copy(model.unet, dtype),
+        text_encoder=cpu_copy(model.text_encoder, dtype),
+        vae=cpu_copy(model.vae, dtype),
+    )
+    staging = folder.with_name(f".{folder.name}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_diffusers_folder(export, staging)
+    if folder.exists():
+        replaced = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(replaced, ignore_errors=True)
+        folder.rename(replaced)
+        staging.rename(folder)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(folder)
+    if single_file is not None:
+        save_ldm_checkpoint(export, single_file)

@@ -1,0 +1,342 @@
+"""``distill_unet.py``: build the teacher, the student (or a network on the loaded UNet), data and
+optimizer, then hand a :class:`DistillTask` to the shared loop.
+
+Everything that can fail on user input (flags, models, the student config against the teacher's
+blocks, the network module, the dataset) fails before the first byte is written to --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
+
+from library.args import parse_key_values
+from library.config import build_blueprints
+from library.data import build_dataset_group, build_validation_group, make_dataloader
+from library.distill.args import DEFAULT_THESEUS_SCHEDULE, output_format, verify_distill_args
+from library.distill.block_map import weight_map
+from library.distill.features import feature_pairs
+from library.distill.hybrid import TheseusUNet
+from library.distill.loss import DistillWeights
+from library.distill.students import build_student, student_config
+from library.distill.task import DistillTask
+from library.distill.teacher import FrozenTeacher
+from library.errors import ConfigError
+from library.loop import Cadence, Schedule, TrainingRun, make_accelerator
+from library.models import StableDiffusionModel, load_stable_diffusion, load_vae
+from library.network_protocol import TrainableNetwork, as_trainable_network
+from library.network_training import (
+    SAVE_DTYPES,
+    WEIGHT_DTYPES,
+    import_network_module,
+    print_dataset_preview,
+    shared_seed,
+)
+from library.noise import NoiseOptions, make_training_scheduler
+from library.optimizers import make_lr_scheduler, make_optimizer
+from library.sampling import load_sample_prompts, make_sampler
+from library.saving import modelspec_metadata, training_metadata
+from library.theseus import TheseusController, parse_replacement_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Models:
+    """The loaded model (its ``unet`` replaced by the student), the teacher UNet, and the network if any."""
+
+    model: StableDiffusionModel
+    teacher: UNet2DConditionModel
+    network: TrainableNetwork | None = None
+
+
+class DistillTrainer:
+    """``DistillTrainer(args).train()``, as kohya's trainers."""
+
+    def __init__(self, args: argparse.Namespace):
+        verify_distill_args(args)
+        self.args = args
+        self.output = output_format(args.save_model_as, network=bool(args.network_module))
+
+    def train(self) -> DistillTask | None:
+        """Check inputs, build everything, run the loop; returns the finished task (None for --debug_dataset)."""
+        args = self.args
+        started_at = time.time()
+        module = import_network_module(args.network_module) if args.network_module else None
+        blueprints = build_blueprints(args)
+        sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
+        if sample_prompts:
+            make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
+        models = self._load_models()  # builds the student: a config the teacher cannot serve fails here
+
+        accelerator = make_accelerator(args, "distill_unet")
+        args.seed = shared_seed(accelerator, args.seed)
+        set_seed(args.seed)
+        tokenizer = models.model.tokenizer
+        group = build_dataset_group(blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed)
+        if args.debug_dataset:
+            print_dataset_preview(group)
+            return None
+        validation = build_validation_group(
+            blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed
+        )
+        if module is not None:
+            models.network = self._apply_network(module, models.model)
+        self._prepare_latents(accelerator, models.model, [g for g in (group, validation) if g is not None])
+        task = self._task(accelerator, models, group, sample_prompts)
+        run = self._run(accelerator, task, models, group, validation, started_at)
+        run.run()
+        return task
+
+    def _task(self, accelerator: Accelerator, models: Models, group, sample_prompts) -> DistillTask:
+        args = self.args
+        teacher, pairs = self._place_models(accelerator, models)
+        net, controller = self._theseus(teacher, models.model.unet)
+        weights = DistillWeights(
+            args.task_loss_weight, args.output_kd_weight, args.feature_kd_weight, args.feature_kd_normalize
+        )
+        return DistillTask(
+            args, accelerator, models.model, teacher, net, pairs, weights, NoiseOptions.from_args(args),
+            self.output, group, network=models.network, theseus=controller, sample_prompts=sample_prompts,
+        )  # fmt: skip
+
+    def _run(self, accelerator: Accelerator, task: DistillTask, models: Models, group, validation, started_at):
+        """Optimizer, scheduler and loader through accelerate, and the loop (resumed if asked)."""
+        args = self.args
+        param_groups, lr_descriptions = self._param_groups(task, models.network)
+        optimizer_name, optimizer = make_optimizer(args, param_groups)
+        loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
+        # Batches each process sees per epoch once accelerate shards the loader (it pads to even).
+        schedule = Schedule.from_args(args, math.ceil(len(loader) / accelerator.num_processes))
+        # accelerate steps a prepared scheduler once per process per optimizer step (as kohya counts).
+        lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
+        optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
+        if validation is not None:
+            task.validation_loader = accelerator.prepare(make_dataloader(validation))
+        group.set_max_train_steps(schedule.max_train_steps)
+        if models.network is not None:
+            task.metadata = self._network_metadata(
+                models, group, validation, accelerator, optimizer_name, schedule, len(loader), started_at
+            )
+        cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
+        cadence = dataclasses.replace(cadence, extension=self.output.extension)
+        run = TrainingRun(
+            accelerator, task, loader, optimizer, lr_scheduler, schedule, cadence, lr_descriptions,
+            max_grad_norm=args.max_grad_norm, seed=args.seed,
+        )  # fmt: skip
+        if args.resume:
+            run.resume(args.resume)
+        logger.info(
+            "distilling %d steps (%d epochs x %d batches), %d trainable parameters, %d feature pairs%s",
+            schedule.max_train_steps, schedule.num_epochs, len(loader),
+            sum(p.numel() for p in task.trainable_parameters()), len(task.pairs),
+            f", {len(task.theseus.units)} Theseus units" if task.theseus else "",
+        )  # fmt: skip
+        return run
+
+    # ---- models ----------------------------------------------------------------------------
+
+    def _load(self, path: str) -> StableDiffusionModel:
+        args = self.args
+        return load_stable_diffusion(
+            path,
+            v2=args.v2 or None,
+            v_parameterization=args.v_parameterization or None,
+            tokenizer_cache_dir=args.tokenizer_cache_dir,
+        )
+
+    def _load_models(self) -> Models:
+        """The loaded model with the student as its UNet, and the teacher UNet (float32 until placed)."""
+        args = self.args
+        model = self._load(args.pretrained_model_name_or_path)
+        model.noise_scheduler = make_training_scheduler(model.v_parameterization, args.zero_terminal_snr)
+        if args.vae:
+            model.vae = load_vae(args.vae)
+        teacher = model.unet if not args.teacher else self._load_teacher(model)
+        try:
+            student = self._student(model.unet, teacher)
+            weight_map(student, teacher)  # the feature pairs and Theseus stages need the teacher's blocks
+        except ConfigError as err:
+            raise ConfigError(f"{self._student_flags()}: {err}") from err
+        model.unet = student
+        return Models(model, teacher)
+
+    def _student(self, loaded: UNet2DConditionModel, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
+        args = self.args
+        if args.network_module:
+            # The network is applied to a copy, so that the teacher stays the original.
+            return copy.deepcopy(loaded) if teacher is loaded else loaded
+        if args.student or args.student_config:
+            config = student_config(loaded.config, args.student, args.student_config)
+            student, report = build_student(loaded, config, dtype=torch.float32)
+            logger.info(report.summary())
+            return student
+        return loaded  # --teacher given: the loaded model is the student
+
+    def _student_flags(self) -> str:
+        """The flags that chose the student, for error messages."""
+        args = self.args
+        flags = [f"--{name} {getattr(args, name)}" for name in ("student", "student_config") if getattr(args, name)]
+        return " ".join(flags) or f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+
+    def _load_teacher(self, model: StableDiffusionModel) -> UNet2DConditionModel:
+        """The UNet of --teacher, which must read the loaded text encoder and predict the same target."""
+        other = self._load(self.args.teacher)
+
+        def kind(m: StableDiffusionModel) -> str:
+            return f"SD{'2' if m.v2 else '1'} {'v-prediction' if m.v_parameterization else 'epsilon-prediction'}"
+
+        if (
+            kind(other) != kind(model)
+            or other.unet.config.cross_attention_dim != model.unet.config.cross_attention_dim
+        ):
+            raise ConfigError(
+                f"--teacher '{self.args.teacher}' is {kind(other)} but the loaded model is {kind(model)}; "
+                "teacher and student share the text encoder and must predict the same target"
+            )
+        return other.unet
+
+    def _apply_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
+        """kohya's network on the student UNet only (the text encoder is shared with the teacher)."""
+        args = self.args
+        net_kwargs = parse_key_values(args.network_args, "--network_args")
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise ConfigError("--dim_from_weights needs --network_weights")
+            network, _ = module.create_network_from_weights(
+                1, args.network_weights, model.vae, model.text_encoder, model.unet, **net_kwargs
+            )
+        else:
+            network = module.create_network(
+                1.0, args.network_dim, args.network_alpha, model.vae, model.text_encoder, model.unet,
+                neuron_dropout=args.network_dropout, **net_kwargs,
+            )  # fmt: skip
+        if network is None:
+            raise ConfigError(f"--network_module {args.network_module} built no network from these arguments")
+        requested = {
+            "ss_network_module": args.network_module,
+            "ss_network_dim": str(args.network_dim),
+            "ss_network_alpha": str(args.network_alpha),
+        }
+        network = as_trainable_network(network, args.network_module, requested)
+        network.apply_to(model.text_encoder, model.unet, apply_text_encoder=False, apply_unet=True)
+        if args.network_weights:
+            logger.info(
+                "loaded --network_weights %s: %s", args.network_weights, network.load_weights(args.network_weights)
+            )
+        return network
+
+    def _place_models(self, accelerator: Accelerator, models: Models) -> tuple[FrozenTeacher, list]:
+        """Student (and network) trainable on the device, teacher frozen there in --teacher_dtype.
+
+        Frozen weights go in the mixed-precision dtype, as kohya's trainers do; the trained weights
+        stay float32 unless --full_fp16/--full_bf16.
+        """
+        args = self.args
+        device = accelerator.device
+        weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
+        trained_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
+        model, student = models.model, models.model.unet
+        pairs = feature_pairs(student, models.teacher) if args.feature_kd_weight else []
+        teacher_dtype = SAVE_DTYPES[args.teacher_dtype] or weight_dtype
+        teacher_unet = models.teacher.to(device, dtype=teacher_dtype)
+        teacher = FrozenTeacher(teacher_unet, [pair.teacher for pair in pairs], dtype=teacher_dtype)
+        model.text_encoder.to(device, dtype=weight_dtype)
+        if models.network is None:
+            student.to(device, dtype=trained_dtype).requires_grad_(True)
+        else:
+            student.to(device, dtype=weight_dtype).requires_grad_(False)
+            models.network.to(device, dtype=trained_dtype)
+            models.network.prepare_grad_etc(model.text_encoder, student)
+        if args.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        if args.xformers:
+            try:
+                for unet in (student, teacher.unet):
+                    unet.enable_xformers_memory_efficient_attention()
+            except (ImportError, ModuleNotFoundError, ValueError) as err:
+                raise ConfigError(f"--xformers: {err}; the default SDPA attention needs no extra package") from err
+        return teacher, pairs
+
+    def _theseus(self, teacher: FrozenTeacher, student: UNet2DConditionModel):
+        """The network the step runs (student, or Theseus hybrid) and the replacement controller."""
+        args = self.args
+        if not args.theseus:
+            return student, None
+        hybrid = TheseusUNet(teacher.unet, student)
+        schedule = parse_replacement_schedule(args.theseus_schedule or DEFAULT_THESEUS_SCHEDULE)
+        return hybrid, TheseusController(hybrid.units, schedule, seed=args.seed)
+
+    def _prepare_latents(self, accelerator: Accelerator, model: StableDiffusionModel, groups: list) -> None:
+        """Cache latents (then the VAE leaves the accelerator), or keep the VAE there for encoding."""
+        args = self.args
+        vae_dtype = torch.float32 if args.no_half_vae else WEIGHT_DTYPES[args.mixed_precision]
+        model.vae.to(accelerator.device, dtype=vae_dtype)
+        if not args.cache_latents:
+            return
+        for group in groups:
+            group.cache_latents(
+                model.vae,
+                vae_batch_size=args.vae_batch_size,
+                to_disk=args.cache_latents_to_disk,
+                device=accelerator.device,
+                dtype=vae_dtype,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+            )
+        model.vae.to("cpu")
+        accelerator.wait_for_everyone()
+
+    # ---- optimizer and metadata --------------------------------------------------------------
+
+    def _param_groups(self, task: DistillTask, network: TrainableNetwork | None) -> tuple[list[dict], list[str]]:
+        args = self.args
+        if network is not None:
+            return network.prepare_optimizer_params(None, args.unet_lr, args.learning_rate)
+        return [{"params": task.trainable_parameters(), "lr": args.learning_rate}], ["unet"]
+
+    def _network_metadata(
+        self, models: Models, group, validation, accelerator, optimizer_name, schedule, batches, started_at
+    ) -> dict[str, str]:
+        """kohya's ss_* keys of the network file, plus how it was distilled."""
+        args, model = self.args, models.model
+        metadata = training_metadata(
+            args,
+            network_metadata=models.network.network_metadata(),
+            dataset_metadata=group.metadata(
+                validation=validation,
+                num_processes=accelerator.num_processes,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+            ),
+            optimizer_name=optimizer_name,
+            base_model_version=model.base_model_version,
+            v2=model.v2,
+            num_epochs=schedule.num_epochs,
+            num_batches_per_epoch=batches,
+            started_at=started_at,
+        )
+        metadata.update(
+            modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
+        )
+        if not args.no_metadata:
+            metadata.update(
+                {
+                    "ss_distill_teacher": str(args.teacher or args.pretrained_model_name_or_path),
+                    "ss_distill_task_loss_weight": str(args.task_loss_weight),
+                    "ss_distill_output_kd_weight": str(args.output_kd_weight),
+                    "ss_distill_feature_kd_weight": str(args.feature_kd_weight),
+                    "ss_distill_feature_kd_normalize": str(args.feature_kd_normalize),
+                    "ss_distill_theseus_schedule": str(args.theseus_schedule if args.theseus else None),
+                    "ss_distill_ema_decay": str(args.ema_decay if args.use_ema else None),
+                }
+            )
+        return metadata
