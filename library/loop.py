@@ -134,6 +134,19 @@ class Cadence:
     validate_every_n_epochs: int | None = 1
     validate_every_n_steps: int | None = None
 
+    def checkpoints_to_keep(self, by_step: bool) -> tuple[int | None, int | None]:
+        """How many model and state checkpoints rotation keeps, as kohya counts them.
+
+        ``--save_last_n_epochs`` counts checkpoints; ``--save_last_n_steps`` is a span of steps (kohya
+        keeps every checkpoint of the last N steps: N // save_every_n_steps + 1 of them). The
+        ``*_state`` variants fall back to the model setting when not given.
+        """
+        if by_step:
+            span_models, span_states = self.save_last_n_steps, self.save_last_n_steps_state or self.save_last_n_steps
+            every = self.save_every_n_steps or 1
+            return tuple(span // every + 1 if span else None for span in (span_models, span_states))
+        return self.save_last_n_epochs, self.save_last_n_epochs_state or self.save_last_n_epochs
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_name: str, num_epochs: int) -> Cadence:
         every_n_epochs = args.save_every_n_epochs
@@ -316,18 +329,23 @@ class TrainingRun:
             self.cadence.output_dir.mkdir(parents=True, exist_ok=True)
             self.task.save_model(self.cadence.output_dir / name, epoch, self.global_step)
 
+    def _checkpoint(self, *, epoch: int | None = None, step: int | None = None) -> None:
+        """An intermediate save (model, then state), each followed by kohya's rotation of older ones."""
+        s = self.cadence
+        by_step = step is not None
+        self._save_model(model_file_name(s.output_name, s.extension, epoch=epoch, step=step), epoch or self.epoch + 1)
+        keep_models, keep_states = s.checkpoints_to_keep(by_step)
+        if self.accelerator.is_main_process:
+            rotate(s.output_dir, s.output_name, keep_models, by_step=by_step, state=False, extension=s.extension)
+        if s.save_state:
+            self._save_state(state_dir_name(s.output_name, epoch=epoch, step=step))
+            if self.accelerator.is_main_process:
+                rotate(s.output_dir, s.output_name, keep_states, by_step=by_step, state=True)
+
     def _step_checkpoints(self) -> None:
         s, step = self.cadence, self.global_step
         if s.save_every_n_steps and step % s.save_every_n_steps == 0 and step < self.schedule.max_train_steps:
-            self._save_model(model_file_name(s.output_name, s.extension, step=step), self.epoch + 1)
-            if self.accelerator.is_main_process:
-                rotate(
-                    s.output_dir, s.output_name, s.save_last_n_steps, by_step=True, state=False, extension=s.extension
-                )
-            if s.save_state:
-                self._save_state(state_dir_name(s.output_name, step=step))
-                if self.accelerator.is_main_process:
-                    rotate(s.output_dir, s.output_name, s.save_last_n_steps_state, by_step=True, state=True)
+            self._checkpoint(step=step)
         if s.sample_every_n_steps and step % s.sample_every_n_steps == 0:
             self._sample(epoch=None)
         if s.validate_every_n_steps and step % s.validate_every_n_steps == 0:
@@ -337,20 +355,7 @@ class TrainingRun:
         s, epoch = self.cadence, self.epoch
         last = epoch >= self.schedule.num_epochs or self.global_step >= self.schedule.max_train_steps
         if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0 and not last:
-            self._save_model(model_file_name(s.output_name, s.extension, epoch=epoch), epoch)
-            if self.accelerator.is_main_process:
-                rotate(
-                    s.output_dir,
-                    s.output_name,
-                    s.save_last_n_epochs,
-                    by_step=False,
-                    state=False,
-                    extension=s.extension,
-                )
-            if s.save_state:
-                self._save_state(state_dir_name(s.output_name, epoch=epoch))
-                if self.accelerator.is_main_process:
-                    rotate(s.output_dir, s.output_name, s.save_last_n_epochs_state, by_step=False, state=True)
+            self._checkpoint(epoch=epoch)
         if s.sample_every_n_epochs and epoch % s.sample_every_n_epochs == 0:
             self._sample(epoch=epoch)
         if s.validate_every_n_epochs and epoch % s.validate_every_n_epochs == 0:

@@ -1,5 +1,6 @@
 """Shared fixtures. Everything runs offline on tiny models generated here."""
 
+import logging
 import os
 import tempfile
 
@@ -8,6 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-empty-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU-only notes from bitsandbytes and diffusers' dtype-cast advice, logged on every import/cast.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
 
 import pytest
 import torch

@@ -170,3 +170,16 @@ def test_legacy_model_hash(tmp_path):
     path = tmp_path / "m.bin"
     path.write_bytes(data)
     assert legacy_model_hash(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_rotation_counts_follow_kohya():
+    from pathlib import Path
+
+    from library.loop import Cadence
+
+    cadence = Cadence(Path("."), "x", "safetensors", save_every_n_steps=10, save_last_n_steps=30,
+                      save_last_n_epochs=2, save_last_n_epochs_state=1)  # fmt: skip
+    # kohya at step 50 with every=10, last_n_steps=30 deletes step 10 and keeps 20, 30, 40, 50
+    assert cadence.checkpoints_to_keep(by_step=True) == (4, 4)
+    assert cadence.checkpoints_to_keep(by_step=False) == (2, 1)
+    assert Cadence(Path("."), "x", "pt", save_last_n_epochs=3).checkpoints_to_keep(by_step=False) == (3, 3)
