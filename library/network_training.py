@@ -39,7 +39,7 @@ from library.noise import (
     sample_timesteps,
     timestep_weights,
 )
-from library.optimizers import make_lr_scheduler, make_optimizer
+from library.optimizers import make_lr_scheduler, make_optimizer, optimizer_class
 from library.sampling import generate_samples, load_sample_prompts, make_sampler
 from library.saving import modelspec_metadata, per_save_metadata, training_metadata
 from library.text import encode_tokens, tokenize_captions
@@ -272,6 +272,7 @@ class NetworkTrainer:
         args = self.args
         started_at = time.time()
         module = import_network_module(args.network_module)
+        optimizer_class(args.optimizer_type)  # an unknown optimizer fails before the model loads
         blueprints = build_blueprints(args)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:

@@ -47,13 +47,18 @@ def _bnb(name: str) -> Callable:
     return getattr(bnb_optim, name)
 
 
-def _adafactor(kwargs: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
+def _adafactor(_: str) -> Callable:
     from transformers.optimization import Adafactor
 
+    return Adafactor
+
+
+def _adafactor_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """kohya's Adafactor defaults: relative step (its own schedule) unless told otherwise."""
     kwargs.setdefault("relative_step", True)
     kwargs.setdefault("scale_parameter", kwargs["relative_step"])
     kwargs.setdefault("warmup_init", False)
-    return Adafactor, kwargs
+    return kwargs
 
 
 # kohya's optimizer names (case-insensitive) -> how to build them.
@@ -75,47 +80,45 @@ _OPTIMIZERS: dict[str, Callable[[str], Callable]] = {
     "dadaptadan": lambda n: _import("dadaptation.DAdaptAdan", n),
     "dadaptlion": lambda n: _import("dadaptation.DAdaptLion", n),
     "dadaptsgd": lambda n: _import("dadaptation.DAdaptSGD", n),
+    "adafactor": _adafactor,
 }
 _ADAPTIVE = ("prodigy", "dadapt")
+
+
+def optimizer_class(name: str) -> Callable:
+    """The class behind kohya's ``--optimizer_type`` name; checked before any model is loaded."""
+    key = (name or "AdamW").lower()
+    if key in _OPTIMIZERS:
+        return _OPTIMIZERS[key](name)
+    if "." in name:
+        return _import(name, name)
+    if hasattr(torch.optim, name):
+        return getattr(torch.optim, name)
+    known = "AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, DAdaptAdam, ... or pkg.module.Class"
+    raise ConfigError(f"--optimizer_type '{name}' is unknown (known: {known})")
 
 
 def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> tuple[str, torch.optim.Optimizer]:
     """Build ``--optimizer_type`` over ``param_groups``; returns (kohya's logged name, optimizer)."""
     name = args.optimizer_type or "AdamW"
     key = name.lower()
+    cls = optimizer_class(name)
     kwargs = parse_optimizer_args(args.optimizer_args)
     lr = args.learning_rate
-    if key in _OPTIMIZERS:
-        optimizer_class = _OPTIMIZERS[key](name)
-        if key.startswith("sgdnesterov"):
-            kwargs.setdefault("momentum", 0.9)
-            kwargs["nesterov"] = True
-        if key.startswith(_ADAPTIVE) and lr <= 0.1:
-            logger.warning("%s adapts the learning rate itself; kohya recommends --learning_rate 1.0", name)
-    elif key == "adafactor":
-        optimizer_class, kwargs = _adafactor(kwargs)
-        if kwargs["relative_step"]:
-            lr = None  # Adafactor computes its own step size; group lrs are dropped as kohya does
-            for group in param_groups:
-                group.pop("lr", None)
-    elif "." in name:
-        optimizer_class = _import(name, name)
-    elif hasattr(torch.optim, name):
-        optimizer_class = getattr(torch.optim, name)
-    else:
-        known = (
-            "AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, DAdaptAdam, ... or pkg.module.Class"
-        )
-        raise ConfigError(f"--optimizer_type '{name}' is unknown (known: {known})")
+    if key.startswith("sgdnesterov"):
+        kwargs.setdefault("momentum", 0.9)
+        kwargs["nesterov"] = True
+    if key.startswith(_ADAPTIVE) and lr <= 0.1:
+        logger.warning("%s adapts the learning rate itself; kohya recommends --learning_rate 1.0", name)
+    if key == "adafactor" and _adafactor_defaults(kwargs)["relative_step"]:
+        lr = None  # Adafactor computes its own step size; group lrs are dropped as kohya does
+        for group in param_groups:
+            group.pop("lr", None)
     try:
-        optimizer = (
-            optimizer_class(param_groups, lr=lr, **kwargs)
-            if lr is not None
-            else optimizer_class(param_groups, **kwargs)
-        )
+        optimizer = cls(param_groups, lr=lr, **kwargs) if lr is not None else cls(param_groups, **kwargs)
     except TypeError as err:
-        raise ConfigError(f"--optimizer_args do not fit {optimizer_class.__name__}: {err}") from err
-    logged = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
+        raise ConfigError(f"--optimizer_args do not fit {cls.__name__}: {err}") from err
+    logged = f"{cls.__module__}.{cls.__name__}"
     if kwargs:
         logged += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
     return logged, optimizer

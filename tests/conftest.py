@@ -13,10 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from library.testing import write_tiny_sd
+from library.testing import write_tiny_sd  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -162,13 +162,14 @@ def test_resume_from_state_continues_like_an_uninterrupted_run(tiny_sd, data):
 
 
 def test_epoch_checkpoints_follow_kohyas_names_and_rotation(tiny_sd, data):
+    (data / "img" / "10_sks toy").rename(data / "img" / "1_sks toy")  # one batch of 6 per epoch
     train_network.main(
         base_argv(tiny_sd, data, "--train_batch_size", "6", "--max_train_steps", "40", "--max_train_epochs", "4",
                   "--save_every_n_epochs", "1", "--save_last_n_epochs", "2", "--save_model_as", "safetensors")
     )  # fmt: skip
     names = sorted(p.name for p in (data / "out").iterdir())
     assert names == ["tiny-000002.safetensors", "tiny-000003.safetensors", "tiny.safetensors"]
-    assert load_lora_file(data / "out" / "tiny.safetensors")[1]["ss_steps"] == "40"
+    assert load_lora_file(data / "out" / "tiny.safetensors")[1]["ss_steps"] == "4"  # epochs override steps
 
 
 def test_kohya_style_config_files(tiny_sd, data):
