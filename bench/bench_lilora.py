@@ -6,7 +6,8 @@
 SD1.5 figures use the real SD1.5 text encoder and UNet shapes on the meta device (no weights), with
 kohya's default targets (264 modules; ``--conv`` adds LoCon's). Step time is a full training step
 (text encoder + UNet forward, backward, AdamW) of the tiny fixture model with each network, the same
-batches, interleaved runs, median of repeats. One thread unless ``--threads``.
+batches, interleaved runs, median of repeats; ``--sd15_steps N`` adds N steps of an SD1.5-sized
+random model at 256 px. One thread unless ``--threads``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ def sd15_figures(ranks: list[int], conv: bool) -> None:
             print(f"| {rank} | Light LoRA, standard file | | | | {standard:,.0f} | | | |")
     print()
     network = lilora.create_network(1.0, ranks[-1], 1, None, text_encoder, unet, **extra)
-    print(f"Light LoRA's extra work per training step at SD1.5 shapes, rank {ranks[-1]}: every lora_down/lora_up")
-    print(
-        f"multiplied out and back-propagated, {factor_overhead(network) * 1e3:.1f} ms (a LoRA has these as weights)\n"
-    )
+    flops = sum(2 * m.lora_dim * (m.down_aux.numel() + m.up_aux.numel()) for m in network.adapters)
+    print(f"Light LoRA's extra work per training step at SD1.5 shapes, rank {ranks[-1]}: multiplying out every")
+    print(f"lora_down/lora_up, {flops / 1e9:.2f} GFLOP forward and twice that backward (a LoRA has these as")
+    print(f"weights), {factor_overhead(network) * 1e3:.0f} ms here.")
+    print()
 
 
 def factor_overhead(network, repeats: int = 5) -> float:
@@ -95,32 +97,26 @@ def factor_overhead(network, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def step_times(steps: int, repeats: int, rank: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = write_tiny_sd(Path(tmp), seed=0)
-        model = load_stable_diffusion(tiny.sd1_dir)
-    generator = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randint(0, 100, (4, 77), generator=generator), torch.randn(4, 4, 8, 8, generator=generator))
-        for _ in range(steps)
-    ]
-    timesteps = torch.tensor([100, 300, 600, 900])
+def step_times(text_encoder, unet, batches, rank: int, repeats: int) -> dict[str, float]:
+    """Median seconds per training step (text encoder + UNet forward, backward, AdamW) with each network."""
+    text_encoder.requires_grad_(False)  # frozen, as in training: only the network gets gradients
+    unet.requires_grad_(False)
+    timesteps = torch.linspace(100, 900, batches[0][1].shape[0]).long()
 
     def make(module, **args):
-        network = module.create_network(1.0, rank, rank, None, model.text_encoder, model.unet, **args)
+        network = module.create_network(1.0, rank, rank, None, text_encoder, unet, **args)
         params, _ = network.prepare_optimizer_params(1e-4, 1e-4, 1e-4)
         return network, torch.optim.AdamW(params)
 
     def run(network, optimizer) -> float:
-        network.apply_to(model.text_encoder, model.unet)  # patched forwards only; modules stay in the network
+        network.apply_to(text_encoder, unet)  # patched forwards only; the modules stay in the network
         start = time.perf_counter()
         for ids, latents in batches:
-            hidden = model.text_encoder(ids)[0]
-            loss = model.unet(latents, timesteps, hidden).sample.square().mean()
+            loss = unet(latents, timesteps, text_encoder(ids)[0]).sample.square().mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        elapsed = (time.perf_counter() - start) / steps
+        elapsed = (time.perf_counter() - start) / len(batches)
         network.restore()
         return elapsed
 
@@ -133,11 +129,36 @@ def step_times(steps: int, repeats: int, rank: int) -> None:
     for _ in range(repeats):  # interleaved, so a busy neighbour slows every contender alike
         for name, (network, optimizer) in contenders.items():
             times[name].append(run(network, optimizer))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, median in medians.items():
+        print(f"  {name:<20} {median * 1e3:9.1f} ms/step  x{median / medians['LoRA']:.2f} vs LoRA")
+    return medians
+
+
+def random_batches(count: int, batch: int, latent_size: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randint(0, vocab, (batch, 77), generator=generator),
+            torch.randn(batch, 4, latent_size, latent_size, generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def tiny_step_times(steps: int, repeats: int, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_stable_diffusion(write_tiny_sd(Path(tmp), seed=0).sd1_dir)
     print(f"Training step on the tiny SD1 fixture (batch 4, 64 px, rank {rank}, AdamW), median of {repeats}:")
-    reference = statistics.median(times["LoRA"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"  {name:<20} {median * 1e3:7.1f} ms/step  x{median / reference:.2f} vs LoRA")
+    step_times(model.text_encoder, model.unet, random_batches(steps, 4, 8, 100), rank, repeats)
+    print()
+
+
+def sd15_step_times(steps: int, repeats: int, rank: int) -> None:
+    torch.manual_seed(0)
+    text_encoder, unet = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), UNet2DConditionModel(**SD15_UNET)
+    print(f"Training step of an SD1.5-sized random model (batch 1, 256 px, rank {rank}, fp32), median of {repeats}:")
+    step_times(text_encoder, unet, random_batches(steps, 1, 32, 1000), rank, repeats)
 
 
 def main() -> None:
@@ -147,11 +168,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sd15_steps", type=int, default=0, help="also time SD1.5-sized steps (slow on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
     sd15_figures(args.ranks, args.conv)
-    step_times(args.steps, args.repeats, rank=4)
+    tiny_step_times(args.steps, args.repeats, rank=4)
+    if args.sd15_steps:
+        sd15_step_times(args.sd15_steps, args.repeats, rank=4)
 
 
 if __name__ == "__main__":
