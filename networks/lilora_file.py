@@ -46,7 +46,8 @@ def stable_seed(*parts: object) -> int:
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     """float32 ``rows x cols`` with orthonormal rows (rows <= cols) or columns, Haar-distributed, bit-stable."""
-    gaussian = torch.randn(max(rows, cols), min(rows, cols), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float32)
     q, r = torch.linalg.qr(gaussian.double())
     q = q * torch.where(r.diagonal() < 0, -1.0, 1.0)  # unique signs: Haar measure, no LAPACK-dependent choice
     return (q if rows >= cols else q.T).float().contiguous()

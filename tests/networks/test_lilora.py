@@ -196,6 +196,16 @@ def test_aux_bits_do_not_depend_on_the_thread_count():
         assert torch.equal(down, down_1) and torch.equal(up, up_1)
 
 
+def test_aux_bits_do_not_depend_on_the_default_dtype():
+    reference = sd_aux()[0]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(sd_aux()[0], reference))
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_aux_bits_are_the_same_in_another_process():
     script = (
         "import sys, json; from networks import lilora_file as f; shapes = json.loads(sys.argv[1]);"
