@@ -6,7 +6,8 @@ import pytest
 from accelerate.state import AcceleratorState
 
 import train_network
-from networks.lora_file import load_lora_file
+from networks import lilora_file
+from networks.lora_file import load_lora_file, save_lora_file
 from networks.network_args import NetworkArgsError
 from tests.test_train_network import base_argv, fixed_batch_loss
 
@@ -41,14 +42,25 @@ def test_each_init_lowers_the_loss_and_saves_a_kohya_lora(tiny_sd, data, init):
     assert metadata["ss_network_module"] == "networks.lilora" and metadata["ss_lilora_init"] == init
 
 
+def deltas(path):
+    tensors = load_lora_file(path)[0]
+    names = {key.partition(".")[0] for key in tensors}
+    return {n: tensors[f"{n}.lora_up.weight"].flatten(1) @ tensors[f"{n}.lora_down.weight"].flatten(1) for n in names}
+
+
 def test_a_compact_output_resumes_training(tiny_sd, data):
-    compact = data / "out" / "tiny.lilora.safetensors"
+    out = data / "out"
     train_network.main([*base_argv(tiny_sd, data, "--output_name", "tiny.lilora"), *LILORA])
-    assert load_lora_file(compact)[1]["ss_lilora_format"] == "compact"
+    assert load_lora_file(out / "tiny.lilora.safetensors")[1]["ss_lilora_format"] == "compact"
     AcceleratorState._reset_state(reset_partial_state=True)
-    train_network.main([*base_argv(tiny_sd, data, "--network_weights", str(compact)), *LILORA])
-    resumed = load_lora_file(data / "out" / "tiny.safetensors")[1]
-    assert resumed["ss_lilora_format"] == "standard" and resumed["ss_network_module"] == "networks.lilora"
+    resume = ["--network_weights", str(out / "tiny.lilora.safetensors"), "--learning_rate", "1e-6"]
+    train_network.main([*base_argv(tiny_sd, data, *resume), *LILORA])  # a tiny lr: the cores barely move
+    assert load_lora_file(out / "tiny.safetensors")[1]["ss_lilora_format"] == "standard"
+    trained = lilora_file.compact_to_standard(*load_lora_file(out / "tiny.lilora.safetensors"))[0]
+    save_lora_file(out / "trained.safetensors", trained)
+    before, after = deltas(out / "trained.safetensors"), deltas(out / "tiny.safetensors")
+    moved = sum((after[n] - before[n]).norm() for n in before)
+    assert moved < 0.01 * sum(delta.norm() for delta in before.values())  # it started from the trained cores
 
 
 def test_both_zero_is_refused_before_anything_is_written(tiny_sd, data):
