@@ -78,14 +78,14 @@ from networks.lilora_file import (
     stable_seed,
     unpack,
 )
-from networks.lora import DEFAULT_ALPHA, DEFAULT_DIM
-from networks.lora import create_network_from_weights as create_lora_from_weights
+from networks.lora import create_network_from_weights as create_lora_from_weights  # ours or kohya's: same call
 from networks.lora_file import LoRAFileError, load_lora_file, save_lora_file
 from networks.network_args import LowRankArgs, NetworkArgsError, NetworkError, parse_network_args
 
 logger = logging.getLogger(__name__)
 
 MODULE_NAME = "networks.lilora"
+DEFAULT_DIM, DEFAULT_ALPHA = 4, 1.0  # kohya's values when --network_dim / --network_alpha are not given
 INITS = ("up_zero", "down_zero", "joint")
 
 
