@@ -131,7 +131,7 @@ class LiLoRAModule(LowRankModule):
     LORAPLUS_PARAMS = ("lilora_up",)
 
     def __init__(self, lora_name: str, original: nn.Module, rank: int, alpha: float | None, *, aux_down: int = 100,
-                 aux_up: int = 50, aux_seed: int = 0, init: str = "up_zero", **dropouts):  # fmt: skip
+                 aux_up: int = 50, aux_seed: int = 0, init: str = "up_zero", **dropouts: float | None):  # fmt: skip
         super().__init__(lora_name, original, rank, alpha, **dropouts)
         self.init = init
         down_aux, up_aux = aux_matrices(aux_seed, lora_name, original.weight.shape, aux_down, aux_up)
@@ -178,7 +178,7 @@ class LiLoRAModule(LowRankModule):
         """The kohya (lora_down, lora_up) this module saves as."""
         return bake(self.cores(), self.down_aux, self.up_aux, self.lora_dim, self.original.weight.shape)
 
-    def state_from_cores(self, cores: Mapping[str, torch.Tensor], alpha: float, source: str) -> dict:
+    def state_from_cores(self, cores: Mapping[str, torch.Tensor], alpha: float | torch.Tensor, source: str) -> dict:
         """This module's state dict from a file's cores (a two-factor pair also makes a joint core)."""
         if self.init == "joint":
             core = cores.get("lilora_core")

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -53,12 +53,14 @@ def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (q if rows >= cols else q.T).float().contiguous()
 
 
-def layer_dims(shape) -> tuple[int, int]:
+def layer_dims(shape: Sequence[int]) -> tuple[int, int]:
     """(fan_in, out) of a layer weight shape: D_aux spans in·kh·kw, U_aux spans out."""
     return math.prod(shape[1:]), shape[0]
 
 
-def aux_matrices(seed: int, name: str, shape, aux_down: int, aux_up: int) -> tuple[torch.Tensor, torch.Tensor]:
+def aux_matrices(
+    seed: int, name: str, shape: Sequence[int], aux_down: int, aux_up: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(D_aux ``a x fan_in``, U_aux ``out x b``) of layer ``name``, with a and b clamped to the layer."""
     fan_in, out = layer_dims(shape)
     down = orthonormal(min(aux_down, fan_in), fan_in, stable_seed(seed, name, "down"))
@@ -80,7 +82,9 @@ def fingerprint(digests: Mapping[str, str]) -> str:
 # ---- cores <-> kohya factors ----
 
 
-def bake(cores: Mapping[str, torch.Tensor], down_aux, up_aux, rank: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def bake(
+    cores: Mapping[str, torch.Tensor], down_aux: torch.Tensor, up_aux: torch.Tensor, rank: int, shape: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """kohya's (lora_down, lora_up) for a module's cores: multiplied out in float64 on the CPU, returned in the
     cores' dtype or float32 if that is narrower.
 
@@ -101,7 +105,9 @@ def bake(cores: Mapping[str, torch.Tensor], down_aux, up_aux, rank: int, shape) 
     return down.view(rank, *shape[1:]), up.view(*up.shape, 1, 1) if len(shape) == 4 else up
 
 
-def project(down, up, down_aux, up_aux, name: str, source: str) -> dict[str, torch.Tensor]:
+def project(
+    down: torch.Tensor, up: torch.Tensor, down_aux: torch.Tensor, up_aux: torch.Tensor, name: str, source: str
+) -> dict[str, torch.Tensor]:
     """Cores reproducing kohya factors that lie in the aux bases (orthonormal: a transpose inverts them).
 
     Refuses factors off the bases by more than rounding: no cores reproduce them.

@@ -468,8 +468,9 @@ def test_for_inference_a_lilora_file_is_a_lora(sd1, tmp_path):
     assert_outputs_close(outputs(*merged), outputs(*ours))
 
 
-def test_diffusers_loads_the_standard_file_as_our_network_computes_it(tiny_sd, tmp_path):
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd.sd1_dir, local_files_only=True)
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_diffusers_loads_the_standard_file_as_our_network_computes_it(tiny_sd, tmp_path, name):
+    pipeline = StableDiffusionPipeline.from_pretrained(getattr(tiny_sd, f"{name}_dir"), local_files_only=True)
     pipeline.unet.to(torch.float64)  # see TOLERANCES: the tiny UNet amplifies float32 rounding
     ours = copy.deepcopy(pipeline.text_encoder), copy.deepcopy(pipeline.unet)
     network = perturb(lilora.create_network(1.0, 4, 2, None, *ours, conv_dim="2", **SMALL_AUX)).to(torch.float64)
