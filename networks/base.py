@@ -181,6 +181,8 @@ class NetworkModule(nn.Module):
         """Give the original layer its forward back (networks stacked on one layer restore last-first)."""
         if not self.is_applied:
             return
+        if self._original.__dict__.get("forward") != self.forward:  # restoring now would drop the later patch
+            raise NetworkStateError(f"{self.lora_name}: another network was applied over this one; restore it first")
         if self._patched_over is None:
             del self._original.forward
         else:

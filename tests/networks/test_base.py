@@ -202,6 +202,9 @@ def test_stacked_networks_restore_last_first():
     with_first = layer(x)
     second.apply_to(None, unet)
     assert not torch.allclose(layer(x), with_first)
+    with pytest.raises(NetworkStateError, match="another network was applied over this one; restore it first"):
+        first.restore()  # it would drop second's patch and leave second's forward calling a restored module
+    assert not torch.allclose(layer(x), with_first)
     second.restore()
     assert torch.equal(layer(x), with_first)
     first.restore()
