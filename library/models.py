@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import ldm_conversion as conv
 from library.errors import CheckpointError, TokenizerNotFoundError
+from library.ffn_compression.unet import load_unet_folder
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
 from library.noise import make_training_scheduler
 
@@ -87,7 +88,7 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableD
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        unet = load_unet_folder(path / "unet", dtype)  # stock, or with narrowed FFNs (tools/compress_ffn.py)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError) as err:
