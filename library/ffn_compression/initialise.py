@@ -108,18 +108,28 @@ def fold_into_kept(
     return folded, bias
 
 
-def choose_units(method: str, stats: HiddenStats, out_weight: torch.Tensor, k: int) -> torch.Tensor:
+def choose_units(
+    method: str, stats: HiddenStats, out_weight: torch.Tensor, k: int, axes: PrincipalAxes | None = None
+) -> torch.Tensor:
+    """The k units ``method`` keeps; ``axes`` (pca only) saves recomputing :func:`scaled_axes`."""
     if method == "pca":
-        return pca_units(scaled_axes(stats, out_weight), k)
+        return pca_units(axes or scaled_axes(stats, out_weight), k)
     if method == "prune":
         return prune_units(stats, out_weight, k)
     raise ConfigError(f"--init '{method}' is unknown; use one of {', '.join(INIT_METHODS)}")
 
 
 def initialise_network(
-    network: LowRankFFNNetwork, stats: Mapping[str, HiddenStats], method: str, ridge: float = DEFAULT_RIDGE
+    network: LowRankFFNNetwork,
+    stats: Mapping[str, HiddenStats],
+    method: str,
+    ridge: float = DEFAULT_RIDGE,
+    axes_cache: dict[str, PrincipalAxes] | None = None,
 ) -> None:
-    """Set every narrow FFN of ``network`` from its original and calibration ``stats`` (``pca``/``prune``)."""
+    """Set every narrow FFN of ``network`` from its original and calibration ``stats`` (``pca``/``prune``).
+
+    ``axes_cache`` keeps each FFN's eigendecomposition across calls (several widths from one calibration).
+    """
     for module in network.ffn_modules:
         if module.lora_name not in stats:
             raise ConfigError(
@@ -127,7 +137,12 @@ def initialise_network(
             )
         module_stats = stats[module.lora_name]
         _, out = ffn_layers(module.lora_name, module.original)
-        kept = choose_units(method, module_stats, out.weight, module.hidden_width)
+        axes = None
+        if method == "pca" and axes_cache is not None:
+            if module.lora_name not in axes_cache:
+                axes_cache[module.lora_name] = scaled_axes(module_stats, out.weight)
+            axes = axes_cache[module.lora_name]
+        kept = choose_units(method, module_stats, out.weight, module.hidden_width, axes)
         weight, bias = fold_into_kept(module_stats, out.weight, out.bias, kept, ridge)
         module.set_units(kept, weight.float(), None if bias is None else bias.float())
     network.init_method = method

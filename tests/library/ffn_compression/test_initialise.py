@@ -187,3 +187,16 @@ def test_missing_statistics_and_unknown_methods_are_named(tiny_unet):
         initialise_network(network, {}, "pca")
     with pytest.raises(ConfigError, match="--init 'svd' is unknown"):
         choose_units("svd", HiddenStats.empty(4), torch.ones(2, 4), 2)
+
+
+def test_an_axes_cache_serves_several_widths_from_one_eigendecomposition(tiny_unet):
+    unet = copy.deepcopy(tiny_unet)
+    stats, cache = calibrated(unet), {}
+    for ratio in ("0.25", "0.5"):
+        cached = lowrank_ffn.create_network(1.0, None, None, None, None, unet, ratio=ratio, blocks="IN4,MID")
+        initialise_network(cached, stats, "pca", axes_cache=cache)
+        plain = lowrank_ffn.create_network(1.0, None, None, None, None, unet, ratio=ratio, blocks="IN4,MID")
+        initialise_network(plain, stats, "pca")
+        for key, value in plain.state_dict().items():
+            assert torch.equal(cached.state_dict()[key], value)
+    assert set(cache) == {m.lora_name for m in plain.ffn_modules}
