@@ -29,7 +29,7 @@ from library.optimizers import make_lr_scheduler, make_optimizer
 from library.saving import per_save_metadata
 from library.theseus import ReplacementState, TheseusController, parse_replacement_schedule
 from networks.base import block_index
-from networks.lowrank_ffn import LowRankFFNNetwork, NarrowFFNModule, block_name
+from networks.lowrank_ffn import LowRankFFNNetwork, NarrowFFNModule, block_name, ffn_layers
 
 DEFAULT_OPTIMIZER = "Adafactor"  # the article's choice: no learning rate to tune per block
 
@@ -46,8 +46,8 @@ def original_outputs(network: LowRankFFNNetwork, inputs: dict[str, torch.Tensor]
     """Each original FFN's outputs on its cached inputs (the block-wise targets), on the CPU."""
     outputs = {}
     for module in network.ffn_modules:
-        weight = module.net[2].weight
-        pieces = [module.reference(x.to(weight.device)).float().cpu() for x in inputs[module.lora_name].split(chunk)]
+        weight = ffn_layers(module.lora_name, module.original)[0].weight  # the original's device and dtype
+        pieces = [module.reference(x.to(weight)).float().cpu() for x in inputs[module.lora_name].split(chunk)]
         outputs[module.lora_name] = torch.cat(pieces)
     return outputs
 

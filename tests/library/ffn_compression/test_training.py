@@ -133,3 +133,15 @@ def test_a_replaced_unit_gets_gradients_and_validation_uses_every_unit(sd1, tiny
     assert 0 < sum(drawn) < len(drawn)
     assert half.validate()["loss/validation"] == pytest.approx(student_loss, rel=1e-6)
     assert [m.use_successor for m in network.ffn_modules] == drawn  # the step's draw is back
+
+
+def test_block_targets_come_from_the_original_in_its_own_dtype(sd1):
+    unet = copy.deepcopy(sd1.unet).to(torch.bfloat16)
+    network = lowrank_ffn.create_network(1.0, None, None, None, None, unet, blocks="MID", ratio="0.5")
+    (module,) = network.ffn_modules
+    tokens = torch.randn(5, 64)
+    targets = original_outputs(network, {module.lora_name: tokens})[module.lora_name]
+    with torch.no_grad():
+        reference = copy.deepcopy(module.original).float()(tokens)
+    assert targets.dtype == torch.float32
+    torch.testing.assert_close(targets, reference, rtol=2e-2, atol=2e-2)
