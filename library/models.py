@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import ldm_conversion as conv
 from library.errors import CheckpointError, TokenizerNotFoundError
-from library.ffn_compression.unet import load_unet_folder
+from library.ffn_compression.unet import ffn_widths, load_unet_folder
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
 from library.noise import make_training_scheduler
 
@@ -281,6 +281,11 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | os.PathLike | None, mode
 
 def ldm_state_dict(model: StableDiffusionModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model in single-file LDM key layout (plus any extra tensors kept at load time)."""
+    if ffn_widths(model.unet):
+        raise CheckpointError(
+            "this UNet has narrowed feed-forwards, which no single-file (LDM) loader can build: "
+            "save it as a diffusers folder (tools/compress_ffn.py export)"
+        )
     state = conv.unet_to_ldm(model.unet.state_dict(), model.unet.config)
     state.update(conv.vae_to_ldm(model.vae.state_dict(), model.vae.config))
     te_state = model.text_encoder.state_dict()

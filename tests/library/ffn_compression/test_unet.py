@@ -16,7 +16,7 @@ from library.ffn_compression.unet import (
     ffn_widths,
     load_compressed_unet,
 )
-from library.models import load_stable_diffusion, save_diffusers_folder
+from library.models import load_stable_diffusion, save_diffusers_folder, save_ldm_checkpoint
 from library.sd_configs import SD15_UNET
 from networks import lowrank_ffn
 from tests.networks.tolerances import assert_close
@@ -81,6 +81,13 @@ def test_stock_diffusers_refuses_instead_of_misloading(compressed):
     _, _, folder = compressed
     with pytest.raises(ValueError, match=r"ff\.net\.0\.proj\..* expected shape"):
         UNet2DConditionModel.from_pretrained(folder / "unet")
+
+
+def test_single_file_export_is_refused(compressed, tmp_path):
+    model, _, _ = compressed
+    with pytest.raises(CheckpointError, match="narrowed feed-forwards, which no single-file"):
+        save_ldm_checkpoint(model, tmp_path / "model.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_meta_build_has_the_narrow_parameter_count():
