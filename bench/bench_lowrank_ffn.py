@@ -88,7 +88,7 @@ def sd15_model_and_calibration(calls: int, pixels: int):
     targets = lowrank_ffn.select_targets(unet, lowrank_ffn.parse_blocks(BLOCKS))
     generator = torch.Generator().manual_seed(1)
     latent = pixels // 8
-    with FFNRecorder({t.name: t.module for t in targets}, tokens_per_call=512) as recorder:
+    with FFNRecorder({t.name: t.module for t in targets}, tokens=32768) as recorder:
         for index, t in enumerate(spread_timesteps(calls)):
             recorder.heldout = is_heldout(index, 4)
             latents = torch.randn(4, 4, latent, latent, generator=generator)
@@ -206,20 +206,28 @@ def print_report(name: str, unet, sizes: dict, errors: dict, literal: tuple | No
               f"error {literal[0]:.4f} (max {literal[1]:.3f})")  # fmt: skip
 
 
+def progress(message: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    started = time.perf_counter()
     for name in args.models:
         with tempfile.TemporaryDirectory() as work:
+            progress(f"{name}: calibrating", started)
             if name == "tiny":
                 unet, calibration = tiny_model_and_calibration(Path(work))
                 pixels, runs = 64, 25 * args.runs
             else:
                 unet, calibration = sd15_model_and_calibration(args.calib_calls, args.calib_pixels)
                 pixels, runs = args.pixels, args.runs
+            progress(f"{name}: timing forwards", started)
             sizes = size_and_speed(unet, args.ratios, pixels, runs)
+            progress(f"{name}: initialising and measuring held-out errors", started)
             errors = held_out_errors(unet, calibration, args.ratios)
             literal = literal_rotation_errors(unet, calibration, min(args.ratios)) if name == "tiny" else None
             tokens = {n: (s.count, len(calibration.heldout.get(n, ()))) for n, s in calibration.stats.items()}

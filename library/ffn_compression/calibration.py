@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -78,23 +77,59 @@ class Calibration:
         return cls(stats, splits["fit"], splits["heldout"], json.loads(info))
 
 
+class TokenReservoir:
+    """A uniform sample of at most ``capacity`` of all the rows offered (Algorithm R), kept on the CPU.
+
+    Memory stays bounded however long calibration runs (100 prompts x 30 steps at 512 px offer
+    millions of tokens to an outer FFN), and every token seen has the same chance to be kept.
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity, self.generator = capacity, generator
+        self.rows: torch.Tensor | None = None
+        self.filled = self.seen = 0
+
+    def offer(self, rows: torch.Tensor) -> None:
+        if self.rows is None:
+            self.rows = torch.empty(self.capacity, rows.shape[1])
+        head = min(self.capacity - self.filled, len(rows))
+        self.rows[self.filled : self.filled + head] = rows[:head].float().cpu()
+        self.filled += head
+        rest = len(rows) - head
+        if rest:
+            # Row t of the stream replaces a uniform slot of [0, t] when that slot exists; of rows
+            # aiming at one slot, the last wins, as if they had been offered one by one.
+            stream = torch.arange(self.seen + head, self.seen + len(rows), dtype=torch.float64)
+            slots = (torch.rand(rest, generator=self.generator, dtype=torch.float64) * (stream + 1)).long()
+            hits = (slots < self.capacity).nonzero().squeeze(1)
+            last = torch.full((self.capacity,), -1).scatter_reduce(0, slots[hits], hits, "amax")
+            replaced = (last >= 0).nonzero().squeeze(1)
+            picked = (head + last[replaced]).to(rows.device)
+            self.rows[replaced] = rows[picked].float().cpu()
+        self.seen += len(rows)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self.rows[: self.filled] if self.rows is not None else torch.empty(0)
+
+
 class FFNRecorder:
     """Hooks on original FFNs (``{kohya module name: FeedForward}``): statistics and token samples.
 
     While ``heldout`` is false, each call adds all tokens of ``net.2``'s input to the FFN's
-    statistics; every call adds up to ``tokens_per_call`` random input tokens to the current split.
+    statistics. The FFN's input tokens go to a :class:`TokenReservoir` of ``tokens`` rows per FFN
+    and split (fit, held out).
     """
 
-    def __init__(self, ffns: Mapping[str, torch.nn.Module], tokens_per_call: int, seed: int = 0):
+    def __init__(self, ffns: Mapping[str, torch.nn.Module], tokens: int, seed: int = 0):
         patched = [name for name, ff in ffns.items() if "forward" in ff.__dict__]
         if patched:
             raise ValueError(f"calibration needs the original FFNs, but a network replaces {patched[0]}")
         self.ffns = dict(ffns)
-        self.tokens_per_call = tokens_per_call
-        self.generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.reservoirs = {split: {name: TokenReservoir(tokens, generator) for name in self.ffns} for split in SPLITS}
         self.heldout = False
         self.stats: dict[str, HiddenStats] = {}
-        self.samples: dict[str, dict[str, list[torch.Tensor]]] = {split: defaultdict(list) for split in SPLITS}
         self._handles = []
 
     def __enter__(self) -> FFNRecorder:
@@ -111,8 +146,7 @@ class FFNRecorder:
 
     def _input(self, name: str, module: torch.nn.Module, args: tuple) -> None:
         rows = args[0].detach().reshape(-1, args[0].shape[-1])
-        pick = torch.randperm(rows.shape[0], generator=self.generator)[: self.tokens_per_call]
-        self.samples["heldout" if self.heldout else "fit"][name].append(rows[pick.to(rows.device)].float().cpu())
+        self.reservoirs["heldout" if self.heldout else "fit"][name].offer(rows)
 
     def _hidden(self, name: str, module: torch.nn.Module, args: tuple) -> None:
         if self.heldout:
@@ -126,7 +160,9 @@ class FFNRecorder:
         missing = [name for name in self.ffns if name not in self.stats]
         if missing:
             raise ConfigError(f"calibration ran no fit input through {missing[0]}: give more prompts or images")
-        tokens = {split: {n: torch.cat(x) for n, x in self.samples[split].items()} for split in SPLITS}
+        tokens = {
+            split: {name: r.sample for name, r in self.reservoirs[split].items() if r.filled} for split in SPLITS
+        }
         stats = {n: HiddenStats(s.count, s.total.cpu(), s.outer.cpu()) for n, s in self.stats.items()}
         return Calibration(stats, tokens["fit"], tokens["heldout"], info)
 
@@ -243,10 +279,10 @@ def calibrate(
     ffns: Mapping[str, torch.nn.Module],
     *,
     run_sources: Callable[[FFNRecorder], dict],
-    tokens_per_call: int,
+    tokens: int,
     seed: int = 0,
 ) -> Calibration:
     """Record ``ffns`` while ``run_sources(recorder)`` runs the UNet; its returned dict describes the run."""
-    with FFNRecorder(ffns, tokens_per_call, seed) as recorder:
+    with FFNRecorder(ffns, tokens, seed) as recorder:
         info = run_sources(recorder)
     return recorder.result({"source": model.source, **info})

@@ -34,7 +34,17 @@ from library.ffn_compression.statistics import HiddenStats
 from networks.lowrank_ffn import LowRankFFNNetwork, ffn_layers
 
 INIT_METHODS = ("pca", "prune")
-DEFAULT_RIDGE = 1e-4  # relative to the kept units' mean variance; keeps the refit finite for collinear units
+MIN_RIDGE = 1e-6  # keeps the refit finite for collinear units even with plenty of tokens
+
+
+def default_ridge(kept: int, tokens: int) -> float:
+    """Ridge of the refit, relative to the kept units' mean variance: k/N for k units and N fit tokens.
+
+    That is the order of the ridge-regression optimum when what the kept units cannot explain is
+    about as large as what they can; it fades as calibration grows (N >> k) and holds the refit
+    back where N is close to k, where an unregularised fit would chase noise.
+    """
+    return max(MIN_RIDGE, kept / max(tokens, 1))
 
 
 @dataclass(frozen=True)
@@ -80,13 +90,14 @@ def fold_into_kept(
     out_weight: torch.Tensor,
     out_bias: torch.Tensor | None,
     kept: torch.Tensor,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``net.2`` weight (C x k) and bias that best reproduce ``W2 h + b2`` from the kept units alone.
 
     The dropped units D are regressed on the kept ones S, ``h_D ≈ μ_D + B (h_S - μ_S)`` with
     ``B = Σ_DS (Σ_SS + λI)⁻¹``, and their columns folded in: ``W' = W2_S + W2_D B``,
     ``b' = b2 + W2_D (μ_D - B μ_S)``. With D empty this is ``W2_S``, ``b2`` untouched.
+    ``λ = ridge * mean var(h_S)``; ``ridge`` defaults to :func:`default_ridge`.
     """
     weight = out_weight.detach().double().cpu()
     bias = None if out_bias is None else out_bias.detach().double().cpu()
@@ -98,6 +109,7 @@ def fold_into_kept(
         return weight[:, kept], bias
     covariance, mean = stats.covariance().cpu(), stats.mean.cpu()
     kept_cov = covariance[kept][:, kept]
+    ridge = default_ridge(len(kept), stats.count) if ridge is None else ridge
     damping = ridge * kept_cov.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
     regression = torch.linalg.solve(
         kept_cov + damping * torch.eye(len(kept), dtype=torch.float64), covariance[kept][:, dropped]
@@ -123,7 +135,7 @@ def initialise_network(
     network: LowRankFFNNetwork,
     stats: Mapping[str, HiddenStats],
     method: str,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | None = None,
     axes_cache: dict[str, PrincipalAxes] | None = None,
 ) -> None:
     """Set every narrow FFN of ``network`` from its original and calibration ``stats`` (``pca``/``prune``).

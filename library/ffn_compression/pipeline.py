@@ -56,7 +56,7 @@ def compress_ffn_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib_timesteps", type=int, default=4, help="noise levels per calibration image batch")
     g.add_argument("--calib_max_batches", type=int, help="at most this many image batches (default: one epoch)")
     g.add_argument("--calib_holdout_every", type=int, default=4, help="hold out every n-th prompt/batch (0: none)")
-    g.add_argument("--calib_tokens_per_call", type=int, default=256, help="FFN input tokens kept per UNet call")
+    g.add_argument("--calib_tokens", type=int, default=32768, help="FFN input tokens kept per FFN (fit, held out)")
     g.add_argument("--calib_file", type=str, help="calibration file (calibrate writes it; init and blockwise read it)")
     g.add_argument("--init", choices=INIT_METHODS, default="pca", help="how init chooses the kept hidden units")
     g.add_argument("--token_batch_size", type=int, default=1024, help="blockwise: tokens per FFN per step")
@@ -69,7 +69,7 @@ def compress_ffn_parser() -> argparse.ArgumentParser:
 def run_stage(args: argparse.Namespace) -> Path:
     """Run ``args.stage``; returns what it wrote."""
     if args.output_config:
-        raise ConfigError("--output_config: write the config with train_network.py; this tool reads it")
+        raise ConfigError("--output_config is train_network.py's; write the toml by hand (docs/lowrank_ffn.md)")
     verify_training_args(args)
     if args.seed is not None:
         set_seed(args.seed)  # calibration noise and VAE sampling; the training stages seed as train_network does
@@ -166,8 +166,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
         return info
 
     ffns = {t.name: t.module for t in targets}
-    tokens = args.calib_tokens_per_call
-    calibration = calibrate(model, ffns, run_sources=run_sources, tokens_per_call=tokens, seed=seed)
+    calibration = calibrate(model, ffns, run_sources=run_sources, tokens=args.calib_tokens, seed=seed)
     calibration.save(out)
     for name, stats in calibration.stats.items():
         held_out = len(calibration.heldout.get(name, ()))

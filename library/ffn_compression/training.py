@@ -136,6 +136,9 @@ def train_blockwise(
     save_dtype: torch.dtype | None = None,
 ) -> None:
     """Train every narrow FFN of ``network`` (built on ``unet``) on ``calibration``'s tokens, with kohya's flags."""
+    missing = [m.lora_name for m in network.ffn_modules if m.lora_name not in calibration.fit]
+    if missing:
+        raise ConfigError(f"the calibration holds no tokens for {missing[0]}: calibrate with the same blocks")
     accelerator = make_accelerator(args, "lowrank_ffn_blockwise")
     unet.to(accelerator.device)
     network.to(accelerator.device, torch.float32)

@@ -12,6 +12,7 @@ from library.data import build_dataset_group
 from library.ffn_compression.calibration import (
     Calibration,
     FFNRecorder,
+    TokenReservoir,
     calibrate_on_dataset,
     calibrate_on_prompts,
     relative_errors,
@@ -57,7 +58,7 @@ def test_statistics_hold_the_hidden_tokens_of_fit_calls_only(sd1):
     ffns = targets(sd1.unet)
     log = CallLog(sd1.unet, ffns)
     generator = torch.Generator().manual_seed(0)
-    with FFNRecorder(ffns, tokens_per_call=10_000) as recorder, torch.no_grad():
+    with FFNRecorder(ffns, tokens=10_000) as recorder, torch.no_grad():
         for heldout in (False, True, False):
             recorder.heldout = heldout
             sd1.unet(torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([50, 900]), torch.randn(2, 77, 64))
@@ -73,16 +74,34 @@ def test_statistics_hold_the_hidden_tokens_of_fit_calls_only(sd1):
         torch.testing.assert_close(stats.covariance(), reference.covariance(), rtol=1e-5, atol=1e-6)
         result = recorder.result({})
         held_out = log.inputs[name][1].reshape(-1, fit_inputs.shape[1])
-        assert torch.equal(result.heldout[name].sort(0).values, held_out.sort(0).values)  # all tokens, shuffled
+        assert torch.equal(result.heldout[name].sort(0).values, held_out.sort(0).values)  # every token
         assert len(result.fit[name]) == len(fit_inputs)
 
 
-def test_tokens_per_call_caps_the_kept_inputs(sd1):
+def test_the_reservoir_keeps_all_rows_until_full_then_a_uniform_sample():
+    reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
+    stream = torch.arange(20_000.0)[:, None]
+    reservoir.offer(stream[:600])
+    assert torch.equal(reservoir.sample, stream[:600])
+    for chunk in stream[600:].split(3_700):
+        reservoir.offer(chunk)
+    kept = reservoir.sample.squeeze(1)
+    assert len(kept) == 1000 == len(kept.unique()) and reservoir.seen == 20_000
+    # Each quarter of the stream holds a quarter of the sample (binomial sd 0.014; 0.05 is 3.6 sd).
+    quarters = torch.bincount((kept // 5_000).long(), minlength=4) / 1000
+    assert torch.allclose(quarters, torch.full((4,), 0.25), atol=0.05), quarters
+
+
+def test_recorded_tokens_are_capped_and_come_from_the_inputs(sd1):
     ffns = targets(sd1.unet, "IN4")  # 16 tokens per sample at 8x8 latents / 2
-    with FFNRecorder(ffns, tokens_per_call=5) as recorder, torch.no_grad():
+    log = CallLog(sd1.unet, ffns)
+    with FFNRecorder(ffns, tokens=5) as recorder, torch.no_grad():
         sd1.unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 77, 64))
+    log.remove()
     (name,) = ffns
-    assert recorder.result({}).fit[name].shape == (5, 64) and recorder.stats[name].count == 2 * 16
+    kept, offered = recorder.result({}).fit[name], log.inputs[name][0].reshape(-1, 64)
+    assert kept.shape == (5, 64) and recorder.stats[name].count == 2 * 16
+    assert all((offered == row).all(1).any() for row in kept)
 
 
 def test_dataset_batches_run_at_spread_timesteps_with_and_without_captions(sd1, tiny_sd, tmp_path):
@@ -93,7 +112,7 @@ def test_dataset_batches_run_at_spread_timesteps_with_and_without_captions(sd1, 
     group = build_dataset_group(build_blueprints(args), sd1.tokenizer, seed=0)
     ffns = targets(sd1.unet)
     log = CallLog(sd1.unet, ffns)
-    with FFNRecorder(ffns, tokens_per_call=1) as recorder:
+    with FFNRecorder(ffns, tokens=1) as recorder:
         batches = calibrate_on_dataset(sd1, group, recorder, timesteps=3, holdout_every=2, max_batches=4)
     log.remove()
     assert batches == 4 and len(log.calls) == 4 * 3
@@ -111,7 +130,7 @@ def test_prompts_are_sampled_with_cfg_and_every_other_prompt_is_held_out(sd1):
     ffns = targets(sd1.unet, "MID")
     log = CallLog(sd1.unet, ffns)
     prompts = [SamplePrompt(p, width=64, height=64, sample_steps=3, seed=i) for i, p in enumerate(["a toy", "a cube"])]
-    with FFNRecorder(ffns, tokens_per_call=100) as recorder:
+    with FFNRecorder(ffns, tokens=100) as recorder:
         assert calibrate_on_prompts(sd1, prompts, recorder, holdout_every=2) == 2
     log.remove()
     assert len(log.calls) == 6 and all(len(latents) == 2 for latents, _, _ in log.calls)  # negative and prompt
@@ -148,4 +167,4 @@ def test_a_replaced_ffn_cannot_be_calibrated(sd1):
     unet = copy.deepcopy(sd1.unet)
     lowrank_ffn.create_network(1.0, None, None, None, None, unet, blocks="MID", ratio="0.5").apply_to(None, unet)
     with pytest.raises(ValueError, match="a network replaces lora_unet_mid_block"):
-        FFNRecorder(targets(unet, "MID"), tokens_per_call=1)
+        FFNRecorder(targets(unet, "MID"), tokens=1)

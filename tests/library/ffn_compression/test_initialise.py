@@ -11,6 +11,7 @@ from library.errors import ConfigError
 from library.ffn_compression.calibration import FFNRecorder
 from library.ffn_compression.initialise import (
     choose_units,
+    default_ridge,
     fold_into_kept,
     initialise_network,
     literal_pca_rotation,
@@ -143,7 +144,7 @@ def calibrated(unet, calls=6):
     """Statistics of every FFN over a few UNet calls on random inputs."""
     targets = {t.name: t.module for t in lowrank_ffn.ffn_targets(unet)}
     generator = torch.Generator().manual_seed(5)
-    with FFNRecorder(targets, tokens_per_call=8) as recorder, torch.no_grad():
+    with FFNRecorder(targets, tokens=64) as recorder, torch.no_grad():
         for t in range(calls):
             latents = torch.randn(2, 4, 8, 8, generator=generator)
             unet(latents, torch.tensor([100 + 150 * t] * 2), torch.randn(2, 77, 64, generator=generator))
@@ -200,3 +201,18 @@ def test_an_axes_cache_serves_several_widths_from_one_eigendecomposition(tiny_un
         for key, value in plain.state_dict().items():
             assert torch.equal(cached.state_dict()[key], value)
     assert set(cache) == {m.lora_name for m in plain.ffn_modules}
+
+
+def test_the_default_ridge_holds_the_refit_back_when_tokens_barely_outnumber_units():
+    generator = torch.Generator().manual_seed(7)
+    mixing = torch.randn(60, 60, generator=generator, dtype=torch.float64)
+    fit = torch.randn(48, 60, generator=generator, dtype=torch.float64) @ mixing  # N = 48 tokens, k = 40 units
+    held_out = torch.randn(4000, 60, generator=generator, dtype=torch.float64) @ mixing
+    weight, bias = torch.randn(8, 60, generator=generator, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    stats, kept = stats_of(fit), torch.arange(40)
+    default = fold_into_kept(stats, weight, bias, kept)
+    assert all(torch.equal(a, b) for a, b in zip(default, fold_into_kept(stats, weight, bias, kept, ridge=40 / 48)))
+    unregularised = fold_into_kept(stats, weight, bias, kept, ridge=1e-9)
+    default_error = output_error(held_out, weight, bias, kept, *default)
+    assert default_error < 0.5 * output_error(held_out, weight, bias, kept, *unregularised)
+    assert default_ridge(40, 1_000_000) == pytest.approx(4e-5)  # fades with plenty of tokens

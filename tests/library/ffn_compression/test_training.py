@@ -10,6 +10,7 @@ from accelerate.state import AcceleratorState
 from library.args import parse_args, verify_training_args
 from library.config import build_blueprints
 from library.data import build_dataset_group
+from library.errors import ConfigError
 from library.ffn_compression.calibration import FFNRecorder, calibrate_on_dataset
 from library.ffn_compression.initialise import initialise_network
 from library.ffn_compression.pipeline import compress_ffn_parser
@@ -49,7 +50,7 @@ def calibration(sd1, tiny_sd, tmp_path_factory):
     args = stage_args("calibrate", tiny_sd, tmp_path_factory.mktemp("calibration"))
     group = build_dataset_group(build_blueprints(args), sd1.tokenizer, seed=0)
     ffns = {t.name: t.module for t in lowrank_ffn.select_targets(sd1.unet, lowrank_ffn.parse_blocks(BLOCKS))}
-    with FFNRecorder(ffns, tokens_per_call=64) as recorder:
+    with FFNRecorder(ffns, tokens=2048) as recorder:
         calibrate_on_dataset(sd1, group, recorder, timesteps=4, holdout_every=3, max_batches=12)
     return recorder.result({})
 
@@ -92,6 +93,14 @@ def test_blockwise_training_lowers_every_blocks_error(sd1, tiny_sd, tmp_path, ca
     saved_file = tmp_path / "out" / "blockwise.safetensors"
     saved = lowrank_ffn.create_network_from_weights(1.0, saved_file, None, None, unet)[0]
     assert saved.widths == network.widths
+
+
+def test_blockwise_needs_tokens_for_every_ffn(sd1, tiny_sd, tmp_path, calibration):
+    unet = copy.deepcopy(sd1.unet)
+    network = lowrank_ffn.create_network(1.0, None, None, None, None, unet, blocks="MID", ratio="0.5")
+    args = stage_args("blockwise", tiny_sd, tmp_path, "--max_train_steps", "1")
+    with pytest.raises(ConfigError, match="no tokens for lora_unet_mid_block_attentions_0_transformer_blocks_0_ff"):
+        train_blockwise(args, unet, network, calibration, {})
 
 
 def theseus_task(sd1, tiny_sd, tmp_path, schedule):
