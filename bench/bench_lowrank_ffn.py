@@ -2,7 +2,7 @@
 
     python -m bench.bench_lowrank_ffn                        # the tiny fixture, then an SD1.5-sized random UNet
     python -m bench.bench_lowrank_ffn --models tiny
-    python -m bench.bench_lowrank_ffn --models sd15 --calib_calls 12 --runs 2 --pixels 512
+    python -m bench.bench_lowrank_ffn --models sd15 --calib_calls 48 --runs 8 --pixels 768
 
 The article's blocks IN7, IN8, MID, OUT3, OUT4, OUT5 (4C = 5120 hidden units in SD1.5) are narrowed to
 ``--ratios`` of 4C: 0.1875 is the article's 960; the tiny fixture's FFNs (4C = 256) get the same ratios.
@@ -32,7 +32,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 
-from library.args import parse_args as parse_stage_args
 from library.distill.cost import CONTEXT_TOKENS, count_macs, count_parameters
 from library.ffn_compression.calibration import (
     Calibration,
@@ -42,7 +41,7 @@ from library.ffn_compression.calibration import (
     spread_timesteps,
 )
 from library.ffn_compression.initialise import INIT_METHODS, initialise_network, literal_pca_rotation
-from library.ffn_compression.pipeline import compress_ffn_parser, run_stage
+from library.ffn_compression.pipeline import parse_stage_args, run_stage
 from library.ffn_compression.unet import FFN_WIDTHS_KEY, build_compressed_unet
 from library.models import load_stable_diffusion
 from library.sd_configs import SD15_UNET
@@ -57,10 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["tiny", "sd15"], default=["tiny", "sd15"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1875, 0.375, 0.5], help="k / 4C")
-    parser.add_argument("--calib_calls", type=int, default=12, help="sd15: calibration UNet calls")
+    parser.add_argument("--calib_calls", type=int, default=24, help="sd15: calibration UNet calls")
     parser.add_argument("--calib_pixels", type=int, default=256, help="sd15: calibration image size")
     parser.add_argument("--pixels", type=int, default=512, help="sd15: size for MACs and latency (tiny: 64)")
-    parser.add_argument("--runs", type=int, default=2, help="timed sd15 forwards per variant (tiny: 25x)")
+    parser.add_argument("--runs", type=int, default=4, help="timed sd15 forwards per variant (tiny: 25x)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
@@ -76,7 +75,7 @@ def tiny_model_and_calibration(work: Path):
     argv = ["calibrate", "--pretrained_model_name_or_path", str(tiny.sd1_dir), "--output_dir", str(work)]
     argv += ["--train_data_dir", str(tiny.train_data_dir), "--caption_extension", ".txt", "--resolution", "64"]
     argv += ["--calib_prompts", str(work / "prompts.txt"), "--network_args", f"blocks={BLOCKS}", "--seed", "0"]
-    path = run_stage(parse_stage_args(compress_ffn_parser(), argv))
+    path = run_stage(parse_stage_args(argv))
     return load_stable_diffusion(tiny.sd1_dir).unet, Calibration.load(path)
 
 
@@ -195,7 +194,7 @@ def print_report(name: str, unet, sizes: dict, errors: dict, literal: tuple | No
     header = f"{'k/4C':>7} {'k':>5} {'params':>13} {'ratio':>6} {'GMACs':>8} {'ratio':>6} {'s/fwd':>8} {'ratio':>6}"
     print(header + "".join(f" {m + ' err':>10} {'(max)':>6}" for m in INIT_METHODS))
     for ratio, (p, m, s) in sizes.items():
-        line = f"{ratio:>7.4f} {round(ratio * full):>5} {p:>13,} {p / params:>6.3f} {m / 1e9:>8.2f} {m / macs:>6.3f}"
+        line = f"{ratio:>7.4f} {round(ratio * full):>5} {p:>13,} {p / params:>6.3f} {m / 1e9:>8.3f} {m / macs:>6.3f}"
         line += f" {s:>8.3f} {s / seconds:>6.3f}"
         for method in INIT_METHODS:
             mean, worst = errors.get((method, ratio), (0.0, 0.0))

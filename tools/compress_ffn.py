@@ -15,13 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.args import parse_args
 from library.cli import run_cli
-from library.ffn_compression.pipeline import compress_ffn_parser, run_stage
+from library.ffn_compression.pipeline import parse_stage_args, run_stage
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return run_stage(parse_args(compress_ffn_parser(), argv))
+    return run_stage(parse_stage_args(argv))
 
 
 if __name__ == "__main__":

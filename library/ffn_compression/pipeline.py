@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from library.args import parse_key_values, train_network_parser, verify_training_args
+from library.args import parse_args, parse_key_values, train_network_parser, verify_training_args
 from library.config import build_blueprints
 from library.data import build_dataset_group
 from library.distill.cost import count_parameters
@@ -46,11 +47,10 @@ HELD_OUT_METADATA = "lowrank_ffn_heldout_error"
 
 
 def compress_ffn_parser() -> argparse.ArgumentParser:
-    """train_network.py's flags, the stage, and the compression flags."""
+    """train_network.py's flags and the compression flags (the stage comes first, see :func:`parse_stage_args`)."""
     parser = train_network_parser()
-    parser.prog = "tools/compress_ffn.py"
-    parser.description = "Compress a UNet's feed-forwards to narrow ones (docs/lowrank_ffn.md)"
-    parser.add_argument("stage", choices=STAGES, help="pipeline stage: " + " -> ".join(STAGES))
+    parser.prog = "tools/compress_ffn.py {" + ",".join(STAGES) + "}"
+    parser.description = "Compress a UNet's feed-forwards to narrow ones, in stages: " + " -> ".join(STAGES)
     g = parser.add_argument_group("FFN compression")
     g.add_argument("--calib_prompts", type=str, help="kohya prompt file sampled with CFG for calibration")
     g.add_argument("--calib_timesteps", type=int, default=4, help="noise levels per calibration image batch")
@@ -64,6 +64,21 @@ def compress_ffn_parser() -> argparse.ArgumentParser:
         "--theseus_schedule", default=DEFAULT_THESEUS_SCHEDULE, help="'constant:P' or 'linear:K,B' (p=min(1,K*t+B))"
     )
     return parser
+
+
+def parse_stage_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``STAGE --flag ...``. The stage is taken off first: as a positional argument it would be
+    swallowed by a list flag such as ``network_args`` coming from ``--config_file``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = compress_ffn_parser()
+    if argv and argv[0] in ("-h", "--help"):
+        parser.print_help()
+        raise SystemExit(0)
+    if not argv or argv[0] not in STAGES:
+        parser.error(f"the first argument must be the stage: one of {', '.join(STAGES)}")
+    args = parse_args(parser, argv[1:])
+    args.stage = argv[0]
+    return args
 
 
 def run_stage(args: argparse.Namespace) -> Path:

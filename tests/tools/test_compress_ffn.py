@@ -11,6 +11,7 @@ from PIL import Image
 
 from library.errors import ConfigError
 from library.ffn_compression.calibration import Calibration
+from library.ffn_compression.pipeline import STAGES, parse_stage_args
 from library.ffn_compression.unet import ffn_widths, load_compressed_unet
 from library.models import load_stable_diffusion
 from library.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
@@ -154,3 +155,20 @@ def test_stages_name_what_they_miss(tiny_sd, work):
         run("blockwise", tiny_sd, work, "--calib_file", "any.safetensors")
     with pytest.raises(ConfigError, match="'.*prompts.txt' is not a calibration file"):
         run("init", tiny_sd, work, "--calib_file", str(work / "prompts.txt"), "--network_args", "ratio=0.5")
+
+
+def test_one_config_file_with_list_flags_serves_every_stage(tmp_path):
+    config = tmp_path / "ffn.toml"
+    config.write_text('output_dir = "out"\nseed = 1\nnetwork_args = ["blocks=IN7,MID", "ratio=0.25"]\n')
+    for stage in STAGES:
+        args = parse_stage_args([stage, "--config_file", str(config), "--calib_file", "c.safetensors", "--seed", "2"])
+        assert args.stage == stage and args.network_args == ["blocks=IN7,MID", "ratio=0.25"]
+        assert args.calib_file == "c.safetensors" and args.seed == 2  # the command line wins over the file
+
+
+def test_the_stage_comes_first(capsys):
+    with pytest.raises(SystemExit):
+        parse_stage_args(["--seed", "1", "init"])
+    assert "the first argument must be the stage: one of calibrate, init, blockwise, theseus, export" in (
+        capsys.readouterr().err
+    )

@@ -7,13 +7,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from library.args import parse_args, verify_training_args
+from library.args import verify_training_args
 from library.config import build_blueprints
 from library.data import build_dataset_group
 from library.errors import ConfigError
 from library.ffn_compression.calibration import FFNRecorder, calibrate_on_dataset
 from library.ffn_compression.initialise import initialise_network
-from library.ffn_compression.pipeline import compress_ffn_parser
+from library.ffn_compression.pipeline import parse_stage_args
 from library.ffn_compression.training import TheseusNetworkTask, TokenBatches, original_outputs, train_blockwise
 from library.models import load_stable_diffusion
 from library.noise import NoiseOptions
@@ -35,7 +35,7 @@ def stage_args(stage, tiny_sd, tmp_path, *extra):
     argv = [stage, "--pretrained_model_name_or_path", str(tiny_sd.sd1_dir), "--output_dir", str(tmp_path / "out")]
     argv += ["--train_data_dir", str(tiny_sd.train_data_dir), "--caption_extension", ".txt", "--resolution", "64"]
     argv += ["--seed", "3", "--max_data_loader_n_workers", "0", *extra]
-    args = parse_args(compress_ffn_parser(), argv)
+    args = parse_stage_args(argv)
     verify_training_args(args)
     return args
 
