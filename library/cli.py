@@ -8,6 +8,11 @@ import sys
 from collections.abc import Callable
 
 from library.errors import SuiteError
+from networks.lora_file import LoRAFileError
+from networks.network_args import NetworkError
+
+# networks/ cannot import library/, so its input errors (--network_args, weight files) have their own bases.
+USER_ERRORS = (SuiteError, NetworkError, LoRAFileError)
 
 
 def configure_logging() -> None:
@@ -19,10 +24,10 @@ def configure_logging() -> None:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run ``main``; a :class:`SuiteError` becomes ``error: <message>`` on stderr and exit status 2."""
+    """Run ``main``; a user error (:data:`USER_ERRORS`) becomes ``error: <message>`` on stderr and exit status 2."""
     configure_logging()
     try:
         main()
-    except SuiteError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

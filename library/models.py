@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import ldm_conversion as conv
 from library.errors import CheckpointError, TokenizerNotFoundError
+from library.ffn_compression.unet import ffn_widths, load_unet_folder
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
 from library.noise import make_training_scheduler
 
@@ -87,7 +88,7 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableD
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        unet = load_unet_folder(path / "unet", dtype)  # stock, or with narrowed FFNs (tools/compress_ffn.py)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError) as err:
@@ -280,6 +281,11 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | os.PathLike | None, mode
 
 def ldm_state_dict(model: StableDiffusionModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model in single-file LDM key layout (plus any extra tensors kept at load time)."""
+    if ffn_widths(model.unet):
+        raise CheckpointError(
+            "this UNet has narrowed feed-forwards, which no single-file (LDM) loader can build: "
+            "save it as a diffusers folder (tools/compress_ffn.py export)"
+        )
     state = conv.unet_to_ldm(model.unet.state_dict(), model.unet.config)
     state.update(conv.vae_to_ldm(model.vae.state_dict(), model.vae.config))
     te_state = model.text_encoder.state_dict()

@@ -200,7 +200,13 @@ class NetworkTask:
 
 
 class NetworkTrainer:
-    """kohya's ``NetworkTrainer``: ``NetworkTrainer(args).train()``."""
+    """kohya's ``NetworkTrainer``: ``NetworkTrainer(args).train()``.
+
+    ``task_class`` builds the step: a subclass of :class:`NetworkTask` (same constructor) changes
+    what a step does without rebuilding models, data and optimizer (e.g. Theseus replacement).
+    """
+
+    task_class: type[NetworkTask] = NetworkTask
 
     def __init__(self, args: argparse.Namespace):
         verify_training_args(args)
@@ -325,7 +331,7 @@ class NetworkTrainer:
         metadata.update(
             modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
         )
-        task = NetworkTask(
+        task = self.task_class(
             args, accelerator, model, network, NoiseOptions.from_args(args), not args.network_train_unet_only,
             metadata, group, validation_loader, sample_prompts,
         )  # fmt: skip
