@@ -6,7 +6,7 @@ python distill_unet.py --pretrained_model_name_or_path model.safetensors --stude
 
 from __future__ import annotations
 
-from library.args import parse_args, write_config_file
+from library.args import parse_or_write_config
 from library.cli import run_cli
 from library.distill.args import distill_unet_parser
 
@@ -17,12 +17,8 @@ def setup_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = setup_parser()
-    args = parse_args(parser, argv)
-    if args.output_config:
-        if not args.config_file:
-            parser.error("--output_config needs --config_file PATH to write to")
-        print(f"wrote {write_config_file(args, parser, args.config_file)}")
+    args = parse_or_write_config(setup_parser(), argv)
+    if args is None:
         return
     from library.distill.trainer import DistillTrainer  # heavy imports only when training
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from library.errors import SuiteError
+from library.cli import run_cli
 from library.resize import ResizeRequest
 from library.resize_files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
-from networks.lora_file import LoRAFileError
 from networks.svd import DYNAMIC_METHODS
 
 
@@ -70,24 +68,18 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # A sweep supplies the --dynamic_param values itself.
     dynamic_param = args.sweep[0] if args.sweep and args.dynamic_param is None else args.dynamic_param
-    try:
-        request = ResizeRequest(args.new_rank, args.new_conv_rank, args.dynamic_method, dynamic_param, args.keep_alpha)
-        if args.sweep is not None:
-            if args.save_to:
-                logging.info("--sweep writes nothing: --save_to ignored")
-            preview_sweep(args.model, request, args.sweep, args.save_precision, args.device)
-        else:
-            resize_lora_file(args.model, args.save_to, request, args.save_precision, args.device, args.verbose)
-    except (SuiteError, LoRAFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    request = ResizeRequest(args.new_rank, args.new_conv_rank, args.dynamic_method, dynamic_param, args.keep_alpha)
+    if args.sweep is not None:
+        if args.save_to:
+            logging.info("--sweep writes nothing: --save_to ignored")
+        preview_sweep(args.model, request, args.sweep, args.save_precision, args.device)
+    else:
+        resize_lora_file(args.model, args.save_to, request, args.save_precision, args.device, args.verbose)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

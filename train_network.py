@@ -6,7 +6,7 @@ python train_network.py --pretrained_model_name_or_path model.safetensors --netw
 
 from __future__ import annotations
 
-from library.args import parse_args, train_network_parser, write_config_file
+from library.args import parse_or_write_config, train_network_parser
 from library.cli import run_cli
 
 
@@ -16,12 +16,8 @@ def setup_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = setup_parser()
-    args = parse_args(parser, argv)
-    if args.output_config:
-        if not args.config_file:
-            parser.error("--output_config needs --config_file PATH to write to")
-        print(f"wrote {write_config_file(args, parser, args.config_file)}")
+    args = parse_or_write_config(setup_parser(), argv)
+    if args is None:
         return
     from library.network_training import NetworkTrainer  # heavy imports only when training
 

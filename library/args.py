@@ -212,24 +212,39 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_config", action="store_true", help="write non-default flags to --config_file, exit")
 
 
+# The flag groups of kohya's SD1.x/SD2.x training scripts, in kohya's order.
+TRAINING_FLAG_GROUPS = (
+    add_model_args,
+    add_dataset_args,
+    add_training_args,
+    add_noise_args,
+    add_optimizer_args,
+    add_network_args,
+    add_sampling_args,
+    add_logging_args,
+    add_config_args,
+)
+
+
 def train_network_parser() -> argparse.ArgumentParser:
     """kohya's train_network.py flags (SD1.x/SD2.x)."""
     parser = argparse.ArgumentParser(
         prog="train_network.py", description="Train a LoRA-style network on SD1.x/SD2.x", allow_abbrev=False
     )
-    for add in (
-        add_model_args,
-        add_dataset_args,
-        add_training_args,
-        add_noise_args,
-        add_optimizer_args,
-        add_network_args,
-        add_sampling_args,
-        add_logging_args,
-        add_config_args,
-    ):
+    for add in TRAINING_FLAG_GROUPS:
         add(parser)
     return parser
+
+
+def parse_or_write_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
+    """Parse a training script's flags; with ``--output_config``, write them to --config_file instead (None)."""
+    args = parse_args(parser, argv)
+    if not args.output_config:
+        return args
+    if not args.config_file:
+        parser.error("--output_config needs --config_file PATH to write to")
+    print(f"wrote {write_config_file(args, parser, args.config_file)}")
+    return None
 
 
 # kohya flags with no counterpart here: accepted at their defaults (GUI-exported configs list them

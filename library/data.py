@@ -389,13 +389,17 @@ def build_validation_group(
     return DatasetGroup(datasets, tokenizer, max_token_length=max_token_length, seed=seed)
 
 
-def batch_latents(batch: dict, vae, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The batch's latents times the VAE scaling factor (0.18215), encoding its images if not cached."""
+def batch_latents(batch: dict, vae, *, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """The batch's latents times the VAE scaling factor (0.18215), encoding its images if not cached.
+
+    Cached latents go to ``device`` (default: the VAE's, which may stay on the CPU once caching is done).
+    """
     if "latents" in batch:
-        latents = batch["latents"].to(vae.device)
+        latents = batch["latents"].to(device or vae.device)
     else:
         with torch.no_grad():
             latents = vae.encode(batch["images"].to(vae.device, vae.dtype)).latent_dist.sample()
+        latents = latents.to(device or latents.device)
     return latents.to(dtype or latents.dtype) * vae.config.scaling_factor
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resize_lora import main  # the root must be on sys.path first
+from library.cli import run_cli  # the root must be on sys.path first
+from resize_lora import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

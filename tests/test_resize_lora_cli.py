@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 import resize_lora
+from library.cli import run_cli
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
 from networks.lora_file import load_lora_file
 from tests.kohya_reference import dense_delta, dense_truncation
@@ -42,7 +43,12 @@ def lora_file(tmp_path):
 
 
 def run(*args) -> int:
-    return resize_lora.main([str(a) for a in args])
+    """The script's exit status, as ``python resize_lora.py ARGS`` would end."""
+    try:
+        run_cli(lambda: resize_lora.main([str(a) for a in args]))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
 
 
 def data_hash(path: Path) -> str:
@@ -180,7 +186,7 @@ def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, 
         model = tmp_path / "loha.safetensors"
         save_file({"lora_unet_x.hada_w1_a": torch.zeros(8, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 8)}, model)
     listing = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    assert run("--model", model, "--save_to", out, "--new_rank", 2, *extra) == 1
+    assert run("--model", model, "--save_to", out, "--new_rank", 2, *extra) == 2
     error = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"error: .*{message}.*", error), error
     assert "\n" not in error

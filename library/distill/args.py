@@ -8,18 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from library.args import (
-    add_config_args,
-    add_dataset_args,
-    add_logging_args,
-    add_model_args,
-    add_network_args,
-    add_noise_args,
-    add_optimizer_args,
-    add_sampling_args,
-    add_training_args,
-    verify_training_args,
-)
+from library.args import TRAINING_FLAG_GROUPS, verify_training_args
 from library.distill.students import STUDENTS, check_student_name, read_student_config_file
 from library.errors import ConfigError
 from library.theseus import SCHEDULE_HELP, parse_replacement_schedule
@@ -106,18 +95,7 @@ def distill_unet_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         conflict_handler="resolve",
     )
-    for add in (
-        add_model_args,
-        add_dataset_args,
-        add_training_args,
-        add_noise_args,
-        add_optimizer_args,
-        add_network_args,
-        add_sampling_args,
-        add_logging_args,
-        add_config_args,
-        add_distill_args,
-    ):
+    for add in (*TRAINING_FLAG_GROUPS, add_distill_args):
         add(parser)
     return parser
 

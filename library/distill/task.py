@@ -30,7 +30,6 @@ from library.distill.loss import DistillLoss, DistillWeights, distill_loss
 from library.distill.teacher import FrozenTeacher
 from library.models import StableDiffusionModel
 from library.network_protocol import TrainableNetwork
-from library.network_training import NUM_VALIDATION_TIMESTEPS, SAVE_DTYPES, encode_captions
 from library.noise import (
     NoiseOptions,
     make_noise,
@@ -40,10 +39,9 @@ from library.noise import (
     sample_timesteps,
     timestep_weights,
 )
-from library.sampling import generate_samples
 from library.saving import per_save_metadata
-from library.text import tokenize_captions
 from library.theseus import ReplacementState, TheseusController
+from library.training_parts import SAVE_DTYPES, encode_captions, render_samples, validation_timesteps
 
 
 @dataclass
@@ -145,44 +143,16 @@ class DistillTask:
     def sample(self, epoch: int | None, step: int) -> None:
         if not self.sample_prompts:
             return
-        device = self.accelerator.device
-        vae = self.model.vae
-        vae_place = (vae.device, vae.dtype)
-        vae.to(device, torch.float32)
-        components = {
-            "vae": vae,
-            "text_encoder": self.model.text_encoder,
-            "tokenizer": self.model.tokenizer,
-            "unet": self.student,
-        }
-
-        def encode(prompts: list[str]) -> torch.Tensor:
-            ids = tokenize_captions(self.model.tokenizer, prompts, self.args.max_token_length)
-            return encode_captions(self.model, ids, self.args.clip_skip).to(self.student.dtype)
-
         # The pipeline casts the prompt embeddings to the text encoder's dtype, which under mixed
         # precision is not the float32 student's; autocast runs both in the mixed dtype.
         with self._saved_weights(), self._evaluating(), self.accelerator.autocast():
-            generate_samples(
-                components,
-                self.sample_prompts,
-                encode,
-                default_sampler=self.args.sample_sampler,
-                v_parameterization=self.model.v_parameterization,
-                out_dir=Path(self.args.output_dir) / "sample",
-                output_name=self.args.output_name,
-                epoch=epoch,
-                step=step,
-                device=device,
-            )
-        vae.to(*vae_place)
+            render_samples(self.args, self.accelerator, self.model, self.student, self.sample_prompts, epoch, step)
 
     def validate(self) -> dict[str, float]:
         """The loss terms of the saved weights on the held-out images, at fixed timesteps and noise."""
         if self.validation_loader is None:
             return {}
-        bounds = (self.options.min_timestep, self.options.max_timestep)
-        fixed = torch.linspace(*bounds, NUM_VALIDATION_TIMESTEPS + 2).long()[1:-1].tolist()
+        fixed = validation_timesteps(self.options)
         seed = self.args.validation_seed if self.args.validation_seed is not None else self.args.seed
         device = self.accelerator.device
         losses: list[DistillLoss] = []
@@ -204,13 +174,8 @@ class DistillTask:
 
     # ---- the step --------------------------------------------------------------------------
 
-    def _latents(self, batch: dict) -> torch.Tensor:
-        if "latents" in batch:  # cached: unscaled, as in kohya's npz files
-            return batch["latents"].to(self.accelerator.device, torch.float32) * self.model.vae.config.scaling_factor
-        return batch_latents(batch, self.model.vae, dtype=torch.float32)
-
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> DistillLoss:
-        latents = self._latents(batch)
+        latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
         with torch.no_grad():
             hidden = encode_captions(self.model, batch["input_ids"], self.args.clip_skip)
         scheduler = self.model.noise_scheduler

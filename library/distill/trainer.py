@@ -11,7 +11,6 @@ import argparse
 import copy
 import dataclasses
 import logging
-import math
 import time
 
 import torch
@@ -19,9 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 
-from library.args import parse_key_values
 from library.config import build_blueprints
-from library.data import build_dataset_group, build_validation_group, make_dataloader
+from library.data import build_dataset_group, build_validation_group
 from library.distill.args import DEFAULT_THESEUS_SCHEDULE, output_format, verify_distill_args
 from library.distill.block_map import weight_map
 from library.distill.features import feature_pairs
@@ -31,21 +29,27 @@ from library.distill.students import build_student, student_config
 from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
-from library.loop import Cadence, Schedule, TrainingRun, make_accelerator
-from library.models import StableDiffusionModel, load_stable_diffusion, load_vae
-from library.network_protocol import TrainableNetwork, as_trainable_network
-from library.network_training import (
+from library.loop import Cadence, TrainingRun, make_accelerator
+from library.models import StableDiffusionModel
+from library.network_protocol import TrainableNetwork
+from library.noise import NoiseOptions
+from library.sampling import load_sample_prompts, make_sampler
+from library.theseus import TheseusController, parse_replacement_schedule
+from library.training_parts import (
     SAVE_DTYPES,
     WEIGHT_DTYPES,
+    Prepared,
+    create_network,
+    enable_xformers,
     import_network_module,
+    load_network_weights,
+    load_training_model,
+    prepare_latents,
+    prepare_optimization,
     print_dataset_preview,
+    run_metadata,
     shared_seed,
 )
-from library.noise import NoiseOptions, make_training_scheduler
-from library.optimizers import make_lr_scheduler, make_optimizer
-from library.sampling import load_sample_prompts, make_sampler
-from library.saving import modelspec_metadata, training_metadata
-from library.theseus import TheseusController, parse_replacement_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class DistillTrainer:
         )
         if module is not None:
             models.network = self._apply_network(module, models.model)
-        self._prepare_latents(accelerator, models.model, [g for g in (group, validation) if g is not None])
+        prepare_latents(args, accelerator, models.model, [group, validation])
         task = self._task(accelerator, models, group, sample_prompts)
         run = self._run(accelerator, task, models, group, validation, started_at)
         run.run()
@@ -113,31 +117,22 @@ class DistillTrainer:
         """Optimizer, scheduler and loader through accelerate, and the loop (resumed if asked)."""
         args = self.args
         param_groups, lr_descriptions = self._param_groups(task, models.network)
-        optimizer_name, optimizer = make_optimizer(args, param_groups)
-        loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
-        # Batches each process sees per epoch once accelerate shards the loader (it pads to even).
-        schedule = Schedule.from_args(args, math.ceil(len(loader) / accelerator.num_processes))
-        # accelerate steps a prepared scheduler once per process per optimizer step (as kohya counts).
-        lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
-        optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
-        if validation is not None:
-            task.validation_loader = accelerator.prepare(make_dataloader(validation))
-        group.set_max_train_steps(schedule.max_train_steps)
+        prepared = prepare_optimization(args, accelerator, param_groups, group, validation)
+        task.validation_loader = prepared.validation_loader
         if models.network is not None:
-            task.metadata = self._network_metadata(
-                models, group, validation, accelerator, optimizer_name, schedule, len(loader), started_at
-            )
+            task.metadata = self._network_metadata(models, group, validation, accelerator, prepared, started_at)
+        schedule = prepared.schedule
         cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
         cadence = dataclasses.replace(cadence, extension=self.output.extension)
         run = TrainingRun(
-            accelerator, task, loader, optimizer, lr_scheduler, schedule, cadence, lr_descriptions,
-            max_grad_norm=args.max_grad_norm, seed=args.seed,
+            accelerator, task, prepared.loader, prepared.optimizer, prepared.lr_scheduler, schedule, cadence,
+            lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed,
         )  # fmt: skip
         if args.resume:
             run.resume(args.resume)
         logger.info(
             "distilling %d steps (%d epochs x %d batches), %d trainable parameters, %d feature pairs%s",
-            schedule.max_train_steps, schedule.num_epochs, len(loader),
+            schedule.max_train_steps, schedule.num_epochs, len(prepared.loader),
             sum(p.numel() for p in task.trainable_parameters()), len(task.pairs),
             f", {len(task.theseus.units)} Theseus units" if task.theseus else "",
         )  # fmt: skip
@@ -145,22 +140,10 @@ class DistillTrainer:
 
     # ---- models ----------------------------------------------------------------------------
 
-    def _load(self, path: str) -> StableDiffusionModel:
-        args = self.args
-        return load_stable_diffusion(
-            path,
-            v2=args.v2 or None,
-            v_parameterization=args.v_parameterization or None,
-            tokenizer_cache_dir=args.tokenizer_cache_dir,
-        )
-
     def _load_models(self) -> Models:
         """The loaded model with the student as its UNet, and the teacher UNet (float32 until placed)."""
         args = self.args
-        model = self._load(args.pretrained_model_name_or_path)
-        model.noise_scheduler = make_training_scheduler(model.v_parameterization, args.zero_terminal_snr)
-        if args.vae:
-            model.vae = load_vae(args.vae)
+        model = load_training_model(args)
         teacher = model.unet if not args.teacher else self._load_teacher(model)
         try:
             student = self._student(model.unet, teacher)
@@ -190,7 +173,7 @@ class DistillTrainer:
 
     def _load_teacher(self, model: StableDiffusionModel) -> UNet2DConditionModel:
         """The UNet of --teacher, which must read the loaded text encoder and predict the same target."""
-        other = self._load(self.args.teacher)
+        other = load_training_model(self.args, self.args.teacher)
 
         def kind(m: StableDiffusionModel) -> str:
             return f"SD{'2' if m.v2 else '1'} {'v-prediction' if m.v_parameterization else 'epsilon-prediction'}"
@@ -207,32 +190,9 @@ class DistillTrainer:
 
     def _apply_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
         """kohya's network on the student UNet only (the text encoder is shared with the teacher)."""
-        args = self.args
-        net_kwargs = parse_key_values(args.network_args, "--network_args")
-        if args.dim_from_weights:
-            if not args.network_weights:
-                raise ConfigError("--dim_from_weights needs --network_weights")
-            network, _ = module.create_network_from_weights(
-                1, args.network_weights, model.vae, model.text_encoder, model.unet, **net_kwargs
-            )
-        else:
-            network = module.create_network(
-                1.0, args.network_dim, args.network_alpha, model.vae, model.text_encoder, model.unet,
-                neuron_dropout=args.network_dropout, **net_kwargs,
-            )  # fmt: skip
-        if network is None:
-            raise ConfigError(f"--network_module {args.network_module} built no network from these arguments")
-        requested = {
-            "ss_network_module": args.network_module,
-            "ss_network_dim": str(args.network_dim),
-            "ss_network_alpha": str(args.network_alpha),
-        }
-        network = as_trainable_network(network, args.network_module, requested)
+        network = create_network(self.args, module, model)
         network.apply_to(model.text_encoder, model.unet, apply_text_encoder=False, apply_unet=True)
-        if args.network_weights:
-            logger.info(
-                "loaded --network_weights %s: %s", args.network_weights, network.load_weights(args.network_weights)
-            )
+        load_network_weights(self.args, network)
         return network
 
     def _place_models(self, accelerator: Accelerator, models: Models) -> tuple[FrozenTeacher, list]:
@@ -260,11 +220,7 @@ class DistillTrainer:
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         if args.xformers:
-            try:
-                for unet in (student, teacher.unet):
-                    unet.enable_xformers_memory_efficient_attention()
-            except (ImportError, ModuleNotFoundError, ValueError) as err:
-                raise ConfigError(f"--xformers: {err}; the default SDPA attention needs no extra package") from err
+            enable_xformers(student, teacher.unet)
         return teacher, pairs
 
     def _theseus(self, teacher: FrozenTeacher, student: UNet2DConditionModel):
@@ -276,26 +232,6 @@ class DistillTrainer:
         schedule = parse_replacement_schedule(args.theseus_schedule or DEFAULT_THESEUS_SCHEDULE)
         return hybrid, TheseusController(hybrid.units, schedule, seed=args.seed)
 
-    def _prepare_latents(self, accelerator: Accelerator, model: StableDiffusionModel, groups: list) -> None:
-        """Cache latents (then the VAE leaves the accelerator), or keep the VAE there for encoding."""
-        args = self.args
-        vae_dtype = torch.float32 if args.no_half_vae else WEIGHT_DTYPES[args.mixed_precision]
-        model.vae.to(accelerator.device, dtype=vae_dtype)
-        if not args.cache_latents:
-            return
-        for group in groups:
-            group.cache_latents(
-                model.vae,
-                vae_batch_size=args.vae_batch_size,
-                to_disk=args.cache_latents_to_disk,
-                device=accelerator.device,
-                dtype=vae_dtype,
-                process_index=accelerator.process_index,
-                num_processes=accelerator.num_processes,
-            )
-        model.vae.to("cpu")
-        accelerator.wait_for_everyone()
-
     # ---- optimizer and metadata --------------------------------------------------------------
 
     def _param_groups(self, task: DistillTask, network: TrainableNetwork | None) -> tuple[list[dict], list[str]]:
@@ -305,27 +241,12 @@ class DistillTrainer:
         return [{"params": task.trainable_parameters(), "lr": args.learning_rate}], ["unet"]
 
     def _network_metadata(
-        self, models: Models, group, validation, accelerator, optimizer_name, schedule, batches, started_at
+        self, models: Models, group, validation, accelerator: Accelerator, prepared: Prepared, started_at: float
     ) -> dict[str, str]:
         """kohya's ss_* keys of the network file, plus how it was distilled."""
-        args, model = self.args, models.model
-        metadata = training_metadata(
-            args,
-            network_metadata=models.network.network_metadata(),
-            dataset_metadata=group.metadata(
-                validation=validation,
-                num_processes=accelerator.num_processes,
-                gradient_accumulation_steps=args.gradient_accumulation_steps,
-            ),
-            optimizer_name=optimizer_name,
-            base_model_version=model.base_model_version,
-            v2=model.v2,
-            num_epochs=schedule.num_epochs,
-            num_batches_per_epoch=batches,
-            started_at=started_at,
-        )
-        metadata.update(
-            modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
+        args = self.args
+        metadata = run_metadata(
+            args, accelerator, models.model, models.network, group, validation, prepared, started_at
         )
         if not args.no_metadata:
             metadata.update(

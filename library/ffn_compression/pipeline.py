@@ -34,8 +34,8 @@ from library.ffn_compression.initialise import INIT_METHODS, initialise_network
 from library.ffn_compression.training import DEFAULT_OPTIMIZER, TheseusNetworkTrainer, short_names, train_blockwise
 from library.ffn_compression.unet import compress_unet
 from library.models import StableDiffusionModel, load_stable_diffusion, save_diffusers_folder
-from library.network_training import SAVE_DTYPES, WEIGHT_DTYPES
 from library.sampling import load_sample_prompts
+from library.training_parts import SAVE_DTYPES, WEIGHT_DTYPES
 from networks import lowrank_ffn
 from networks.network_args import parse_network_args
 
