@@ -83,9 +83,8 @@ def run_script(*args: str) -> tuple[float, float, int, str]:
 # Runs resize_lora.main and reports the child's own peak RSS on its last stderr line.
 _CHILD = (
     "import resource, sys, resize_lora\n"
-    "code = resize_lora.main(sys.argv[1:])\n"
+    "resize_lora.main(sys.argv[1:])\n"
     "print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
-    "sys.exit(code)\n"
 )
 
 

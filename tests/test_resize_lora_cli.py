@@ -146,9 +146,8 @@ def test_sweep_previews_without_writing(lora_file, tmp_path, capsys):
 
 
 def test_sweep_values_must_be_numbers(lora_file, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run("--model", lora_file, "--sweep", "8,x")
-    assert exit_.value.code == 2 and "--sweep: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err
+    assert run("--model", lora_file, "--sweep", "8,x") == 2
+    assert "--sweep: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
