@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from library.args import verify_training_args
 from library.config import build_blueprints
 from library.data import DatasetGroup, batch_latents, build_dataset_group, build_validation_group
-from library.loop import Cadence, TrainingRun, make_accelerator
+from library.loop import make_accelerator
 from library.models import StableDiffusionModel
 from library.network_protocol import TrainableNetwork
 from library.noise import (
@@ -51,6 +51,7 @@ from library.training_parts import (
     render_samples,
     run_metadata,
     shared_seed,
+    start_run,
     validation_timesteps,
 )
 
@@ -207,14 +208,8 @@ class NetworkTrainer:
             args, accelerator, model, network, NoiseOptions.from_args(args), not args.network_train_unet_only,
             metadata, group, prepared.validation_loader, sample_prompts,
         )  # fmt: skip
+        run = start_run(args, accelerator, task, prepared, lr_descriptions)
         schedule = prepared.schedule
-        cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
-        run = TrainingRun(
-            accelerator, task, prepared.loader, prepared.optimizer, prepared.lr_scheduler, schedule, cadence,
-            lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        )  # fmt: skip
-        if args.resume:
-            run.resume(args.resume)
         logger.info(
             "training %d steps (%d epochs x %d batches), %d trainable parameters",
             schedule.max_train_steps, schedule.num_epochs, len(prepared.loader),

@@ -8,6 +8,7 @@ dicts), as in kohya's sd-scripts.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -119,7 +120,10 @@ def make_sampler(name: str, v_parameterization: bool):
     if name not in SAMPLERS:
         raise ConfigError(f"--sample_sampler '{name}' is unknown (known: {', '.join(sorted(SAMPLERS))})")
     class_name, extra = SAMPLERS[name]
-    return getattr(diffusers, class_name)(
+    scheduler_class = getattr(diffusers, class_name)
+    if "steps_offset" in inspect.signature(scheduler_class.__init__).parameters:
+        extra = {**extra, "steps_offset": 1}  # SD's released scheduler configs use 1
+    return scheduler_class(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,

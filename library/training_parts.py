@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import logging
 import math
@@ -25,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 from library.args import parse_key_values
 from library.data import DatasetGroup, make_dataloader
 from library.errors import ConfigError
-from library.loop import Schedule
+from library.loop import Cadence, Schedule, TrainingRun
 from library.models import StableDiffusionModel, load_stable_diffusion, load_vae
 from library.network_protocol import TrainableNetwork, as_trainable_network
 from library.noise import NoiseOptions, make_training_scheduler
@@ -205,6 +206,30 @@ def prepare_optimization(
     validation_loader = accelerator.prepare(make_dataloader(validation)) if validation is not None else None
     group.set_max_train_steps(schedule.max_train_steps)
     return Prepared(optimizer_name, optimizer, lr_scheduler, loader, validation_loader, schedule)
+
+
+def start_run(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    task,
+    prepared: Prepared,
+    lr_descriptions: list[str],
+    extension: str | None = None,
+) -> TrainingRun:
+    """The loop over ``task`` with kohya's save/sample cadence, resumed from ``--resume`` if given.
+
+    ``extension`` overrides ``--save_model_as`` in checkpoint names ("" names folders).
+    """
+    cadence = Cadence.from_args(args, default_name="last", num_epochs=prepared.schedule.num_epochs)
+    if extension is not None:
+        cadence = dataclasses.replace(cadence, extension=extension)
+    run = TrainingRun(
+        accelerator, task, prepared.loader, prepared.optimizer, prepared.lr_scheduler, prepared.schedule, cadence,
+        lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed,
+    )  # fmt: skip
+    if args.resume:
+        run.resume(args.resume)
+    return run
 
 
 def run_metadata(

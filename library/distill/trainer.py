@@ -29,7 +29,7 @@ from library.distill.students import build_student, student_config
 from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
-from library.loop import Cadence, TrainingRun, make_accelerator
+from library.loop import make_accelerator
 from library.models import StableDiffusionModel
 from library.network_protocol import TrainableNetwork
 from library.noise import NoiseOptions
@@ -49,6 +49,7 @@ from library.training_parts import (
     print_dataset_preview,
     run_metadata,
     shared_seed,
+    start_run,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,15 +122,8 @@ class DistillTrainer:
         task.validation_loader = prepared.validation_loader
         if models.network is not None:
             task.metadata = self._network_metadata(models, group, validation, accelerator, prepared, started_at)
+        run = start_run(args, accelerator, task, prepared, lr_descriptions, extension=self.output.extension)
         schedule = prepared.schedule
-        cadence = Cadence.from_args(args, default_name="last", num_epochs=schedule.num_epochs)
-        cadence = dataclasses.replace(cadence, extension=self.output.extension)
-        run = TrainingRun(
-            accelerator, task, prepared.loader, prepared.optimizer, prepared.lr_scheduler, schedule, cadence,
-            lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        )  # fmt: skip
-        if args.resume:
-            run.resume(args.resume)
         logger.info(
             "distilling %d steps (%d epochs x %d batches), %d trainable parameters, %d feature pairs%s",
             schedule.max_train_steps, schedule.num_epochs, len(prepared.loader),
