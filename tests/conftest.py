@@ -34,3 +34,23 @@ def _single_thread_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; every in-process training run starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def data(tiny_sd, tmp_path):
+    """A private copy of the tiny dataset (runs write latent caches beside the images)."""
+    import shutil
+
+    shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
+    shutil.copytree(tiny_sd.reg_data_dir, tmp_path / "reg")
+    return tmp_path

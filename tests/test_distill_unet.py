@@ -42,19 +42,7 @@ TINY_FEATURE_PAIRS = {
 }
 FIXED_TIMESTEPS = [100, 400, 700, 950]
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    """A private copy of the tiny dataset, so that nothing a run writes lands in the shared one."""
-    shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def distill_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

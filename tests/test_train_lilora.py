@@ -1,7 +1,5 @@
 """train_network.py with --network_module networks.lilora on the tiny fixture: each init trains, files, resume."""
 
-import shutil
-
 import pytest
 from accelerate.state import AcceleratorState
 
@@ -13,18 +11,7 @@ from tests.test_train_network import base_argv, fixed_batch_loss
 
 LILORA = ["--network_module", "networks.lilora", "--network_args", "aux_down=16", "aux_up=8"]
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.parametrize("init", ["up_zero", "down_zero", "joint"])

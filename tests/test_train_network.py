@@ -1,7 +1,6 @@
 """train_network.py end to end on the tiny fixtures: training, saving, resuming, errors."""
 
 import hashlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 import train_network
@@ -22,20 +20,7 @@ from networks.lora_file import load_lora_file
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    """A private copy of the tiny dataset (latent caches are written next to images)."""
-    shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
-    shutil.copytree(tiny_sd.reg_data_dir, tmp_path / "reg")
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def base_argv(tiny_sd, data: Path, *extra: str) -> list[str]:

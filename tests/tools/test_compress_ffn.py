@@ -29,11 +29,7 @@ WIDTHS = {path: (32 if path.startswith(("down_blocks.0", "up_blocks.3")) else 64
 MID = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

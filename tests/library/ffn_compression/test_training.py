@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from library.args import verify_training_args
 from library.config import build_blueprints
@@ -24,11 +23,7 @@ from networks import lowrank_ffn
 BLOCKS = "IN4,IN5,OUT6,OUT7,OUT8"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def stage_args(stage, tiny_sd, tmp_path, *extra):
