@@ -25,15 +25,22 @@ def tiny_sd(tmp_path_factory):
     return write_tiny_sd(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread_and_seed():
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
     # Tiny models spend more time synchronising threads than computing: one thread per test
     # process is several times faster on a small shared CPU (pytest -n 2 uses both cores).
+    # Session-wide, so module and session fixtures that run the tiny models get it too.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_thread_count():
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(1)  # a test may change it (e.g. to check results across thread counts)
 
 
 @pytest.fixture

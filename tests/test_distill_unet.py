@@ -81,12 +81,9 @@ def distilled(tiny_sd, tmp_path_factory):
         "--save_model_as",
         "safetensors",
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test thread setting
     try:
         distill_unet.main(distill_argv(tiny_sd.sd1_dir, root, root / "out", *argv))
     finally:
-        torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
     return root / "out"
 

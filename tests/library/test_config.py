@@ -7,12 +7,7 @@ import pytest
 
 from library.config import build_blueprints, load_dataset_config, parse_resolution
 from library.errors import ConfigError, DatasetError
-from tests.library.dataset_helpers import copy_tiny_dataset, dataset_args
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    return copy_tiny_dataset(tiny_sd, tmp_path)
+from tests.library.dataset_helpers import dataset_args
 
 
 def write(path, text):

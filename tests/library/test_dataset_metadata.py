@@ -2,24 +2,11 @@
 
 import json
 
-import pytest
-from transformers import CLIPTokenizer
-
 from library.config import build_blueprints
 from library.data import build_dataset_group
-from tests.library.dataset_helpers import copy_tiny_dataset, dataset_args
+from tests.library.dataset_helpers import dataset_args
 
 TAGS = {"sks toy": 6, "red": 2, "cube": 3, "on the table": 6, "green": 2, "ball": 3, "blue": 1, "yellow": 1}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_sd):
-    return CLIPTokenizer.from_pretrained(tiny_sd.sd1_dir, subfolder="tokenizer")
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    return copy_tiny_dataset(tiny_sd, tmp_path)
 
 
 def test_command_line_form(data, tokenizer):

@@ -12,16 +12,10 @@ from pathlib import Path
 
 import pytest
 import toml
-from transformers import CLIPTokenizer
 
 from library.config import build_blueprints
 from library.data import BatchKey, build_dataset_group
 from tests.library.dataset_helpers import copy_tiny_dataset, dataset_args
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_sd):
-    return CLIPTokenizer.from_pretrained(tiny_sd.sd1_dir, subfolder="tokenizer")
 
 
 @pytest.fixture

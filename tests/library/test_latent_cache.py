@@ -7,22 +7,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import CLIPTokenizer
 
 from library.config import build_blueprints
 from library.data import BatchKey, batch_latents, build_dataset_group
 from library.errors import ConfigError, DatasetError
-from tests.library.dataset_helpers import PoolingVAE, copy_tiny_dataset, dataset_args, pooled_latents
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_sd):
-    return CLIPTokenizer.from_pretrained(tiny_sd.sd1_dir, subfolder="tokenizer")
-
-
-@pytest.fixture
-def data(tiny_sd, tmp_path):
-    return copy_tiny_dataset(tiny_sd, tmp_path)
+from tests.library.dataset_helpers import PoolingVAE, dataset_args, pooled_latents
 
 
 def make_group(data, tokenizer, **flags):

@@ -20,6 +20,7 @@ from networks import lilora, lilora_file, lora
 from networks.base import NetworkWeightsError
 from networks.lora_file import load_lora_file, save_lora_file
 from networks.network_args import NetworkArgsError, NetworkError
+from tests.networks.helpers import assert_outputs_close, outputs
 from tests.networks.tolerances import assert_close
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,20 +44,6 @@ def perturb(network, seed=0):
         for param in network.parameters():
             param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.1)
     return network
-
-
-def outputs(text_encoder, unet, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 100, (2, 77), generator=generator)
-    latents, context = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 64, generator=generator)
-    with torch.no_grad():
-        hidden = text_encoder(ids)[0]
-        return hidden, unet(latents.to(unet.dtype), torch.tensor([10, 500]), context.to(unet.dtype)).sample
-
-
-def assert_outputs_close(actual, expected):
-    for a, e in zip(actual, expected):
-        assert_close(a, e)
 
 
 def definition_delta(module):
