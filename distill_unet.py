@@ -6,9 +6,9 @@ python distill_unet.py --pretrained_model_name_or_path model.safetensors --stude
 
 from __future__ import annotations
 
-from library.args import parse_or_write_config
 from library.cli import run_cli
 from library.distill.args import distill_unet_parser
+from library.training.args import parse_or_write_config
 
 
 def setup_parser():

@@ -11,8 +11,8 @@ import argparse
 import logging
 
 from library.cli import run_cli
-from library.resize import ResizeRequest
-from library.resize_files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
+from library.resize.files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
+from library.resize.rank_reduction import ResizeRequest
 from networks.svd import DYNAMIC_METHODS
 
 

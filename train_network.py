@@ -6,8 +6,8 @@ python train_network.py --pretrained_model_name_or_path model.safetensors --netw
 
 from __future__ import annotations
 
-from library.args import parse_or_write_config, train_network_parser
 from library.cli import run_cli
+from library.training.args import parse_or_write_config, train_network_parser
 
 
 def setup_parser():
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_or_write_config(setup_parser(), argv)
     if args is None:
         return
-    from library.network_training import NetworkTrainer  # heavy imports only when training
+    from library.training.network_trainer import NetworkTrainer  # heavy imports only when training
 
     NetworkTrainer(args).train()
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from library.distill.cost import CONTEXT_TOKENS, count_macs, count_parameters
 from library.distill.students import STUDENTS, build_student, student_config
-from library.sd_configs import SD15_UNET, SD21_UNET
+from library.models.sd_configs import SD15_UNET, SD21_UNET
 
 TEACHERS = {"sd15": SD15_UNET, "sd21": SD21_UNET}
 

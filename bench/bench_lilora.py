@@ -27,9 +27,9 @@ from accelerate import init_empty_weights  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from library.models import load_stable_diffusion  # noqa: E402
-from library.sd_configs import CLIP_L_TEXT, SD15_UNET  # noqa: E402
-from library.testing import write_tiny_sd  # noqa: E402
+from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET  # noqa: E402
+from library.models.stable_diffusion import load_stable_diffusion  # noqa: E402
+from library.tiny_sd import write_tiny_sd  # noqa: E402
 from networks import lilora, lora  # noqa: E402
 
 KB = 1000

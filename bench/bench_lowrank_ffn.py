@@ -43,9 +43,9 @@ from library.ffn_compression.calibration import (
 from library.ffn_compression.initialise import INIT_METHODS, initialise_network, literal_pca_rotation
 from library.ffn_compression.pipeline import parse_stage_args, run_stage
 from library.ffn_compression.unet import FFN_WIDTHS_KEY, build_compressed_unet
-from library.models import load_stable_diffusion
-from library.sd_configs import SD15_UNET
-from library.testing import write_tiny_sd
+from library.models.sd_configs import SD15_UNET
+from library.models.stable_diffusion import load_stable_diffusion
+from library.tiny_sd import write_tiny_sd
 from networks import lowrank_ffn
 
 BLOCKS = "IN7,IN8,MID,OUT3,OUT4,OUT5"

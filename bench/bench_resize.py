@@ -34,8 +34,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.resize_report import format_size
-from library.sd_configs import CLIP_L_TEXT, SD15_UNET
+from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET
+from library.resize.report import format_size
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
 from networks.svd import factored_svd, lora_matrices, select_rank
 

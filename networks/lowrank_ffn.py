@@ -156,7 +156,7 @@ def ffn_layers(name: str, ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
 class NarrowFFNModule(NetworkModule):
     """A narrow GEGLU FFN (``net.0.proj`` C -> 2k, ``net.2`` k -> C) that takes over an original FFN.
 
-    It is also a Theseus unit (``library/theseus.py``): with ``use_successor`` false the original
+    It is also a Theseus unit (``library/training/theseus.py``): with ``use_successor`` false the original
     FFN runs. ``multiplier`` blends the two outputs (1: narrow only, 0: original only).
     """
 

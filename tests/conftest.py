@@ -16,7 +16,7 @@ logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from library.testing import write_tiny_sd  # noqa: E402
+from library.tiny_sd import write_tiny_sd  # noqa: E402
 
 
 @pytest.fixture(scope="session")

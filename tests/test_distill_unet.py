@@ -22,9 +22,9 @@ import train_network
 from library.cli import run_cli
 from library.distill.students import build_student, student_config
 from library.errors import ConfigError
-from library.models import load_stable_diffusion, save_diffusers_folder
-from library.text import encode_tokens, tokenize_captions
-from library.theseus import draw_replacements
+from library.models.stable_diffusion import load_stable_diffusion, save_diffusers_folder
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.theseus import draw_replacements
 from networks import lora
 from networks.lora_file import load_lora_file
 
@@ -359,7 +359,7 @@ import sys
 sys.path.insert(0, {repo!r})
 from accelerate import PartialState
 from safetensors.torch import save_file
-from library.args import parse_args
+from library.training.args import parse_args
 from library.distill.args import distill_unet_parser
 from library.distill.trainer import DistillTrainer
 

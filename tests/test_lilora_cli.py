@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.models import load_stable_diffusion
+from library.models.stable_diffusion import load_stable_diffusion
 from networks import lilora
 from networks.lora_file import load_lora_file
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 import train_network
 from library.errors import SuiteError
-from library.models import load_stable_diffusion
-from library.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
-from library.text import encode_tokens, tokenize_captions
+from library.models.stable_diffusion import load_stable_diffusion
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
 from networks import lora
 from networks.lora_file import load_lora_file
 
@@ -337,8 +337,8 @@ def test_dim_from_weights_max_norm_and_text_encoder_only(tiny_sd, data):
 
 
 def test_base_weights_are_merged_with_their_multiplier(tiny_sd, data):
-    from library.args import parse_args, train_network_parser
-    from library.network_training import NetworkTrainer
+    from library.training.args import parse_args, train_network_parser
+    from library.training.network_trainer import NetworkTrainer
 
     train_network.main(base_argv(tiny_sd, data, "--output_name", "base"))
     base = str(data / "out" / "base.safetensors")

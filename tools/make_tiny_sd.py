@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.testing import write_tiny_sd
+from library.tiny_sd import write_tiny_sd
 
 
 def main(argv: list[str] | None = None) -> None:

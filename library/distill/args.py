@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from library.args import TRAINING_FLAG_GROUPS, verify_training_args
 from library.distill.students import STUDENTS, check_student_name, read_student_config_file
 from library.errors import ConfigError
-from library.theseus import SCHEDULE_HELP, parse_replacement_schedule
+from library.training.args import TRAINING_FLAG_GROUPS, verify_training_args
+from library.training.theseus import SCHEDULE_HELP, parse_replacement_schedule
 
 DTYPE_NAMES = ("float", "fp16", "bf16")  # kohya's --save_precision vocabulary
 FOLDER_FORMATS = ("diffusers", "diffusers_safetensors")

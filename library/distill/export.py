@@ -16,7 +16,7 @@ from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
-from library.models import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
+from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 
 
 def cpu_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

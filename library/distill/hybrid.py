@@ -21,7 +21,7 @@ Units per student (SD1.x/SD2.x teacher, 4 stages + mid block):
 
 A student that keeps every stage and layer (e.g. a deep copy of the teacher, or a narrow-FFN
 student) gets the same stage-pair units; finer units such as single FFNs are
-``library.theseus.TheseusModule``'s job.
+``library.training.theseus.TheseusModule``'s job.
 
 The stems (time embedding, ``conv_in``, ``conv_out``) are always the student's: they are copies of
 the teacher's at initialisation and are trained with the rest of the student. The teacher is
@@ -46,7 +46,7 @@ _UNSUPPORTED_KEYS = ("class_embed_type", "addition_embed_type", "encoder_hid_dim
 
 @dataclass(eq=False)
 class StageUnit:
-    """One replaceable unit; ``use_successor`` is set by ``library.theseus.TheseusController``."""
+    """One replaceable unit; ``use_successor`` is set by ``library.training.theseus.TheseusController``."""
 
     name: str
     use_successor: bool = False

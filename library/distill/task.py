@@ -1,4 +1,4 @@
-"""One distillation step for the shared loop (``library.loop.TrainingRun``), and how the result is
+"""One distillation step for the shared loop (``library.training.loop.TrainingRun``), and how the result is
 saved, sampled and validated.
 
 The student is trained; the teacher is a :class:`FrozenTeacher` that only the step calls, so it is
@@ -21,16 +21,16 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from library.data import DatasetGroup, batch_latents
+from library.data.dataset_group import DatasetGroup, batch_latents
 from library.distill.args import OutputFormat
 from library.distill.ema import TrainingEMA
 from library.distill.export import save_student
 from library.distill.features import FeatureHooks, FeaturePair
 from library.distill.loss import DistillLoss, DistillWeights, distill_loss
 from library.distill.teacher import FrozenTeacher
-from library.models import StableDiffusionModel
-from library.network_protocol import TrainableNetwork
-from library.noise import (
+from library.models.stable_diffusion import StableDiffusionModel
+from library.training.network_protocol import TrainableNetwork
+from library.training.noise import (
     NoiseOptions,
     make_noise,
     noisy_latents,
@@ -39,9 +39,9 @@ from library.noise import (
     sample_timesteps,
     timestep_weights,
 )
-from library.saving import per_save_metadata
-from library.theseus import ReplacementState, TheseusController
-from library.training_parts import SAVE_DTYPES, encode_captions, render_samples, validation_timesteps
+from library.training.parts import SAVE_DTYPES, encode_captions, render_samples, validation_timesteps
+from library.training.saving import per_save_metadata
+from library.training.theseus import ReplacementState, TheseusController
 
 
 @dataclass

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 
-from library.config import build_blueprints
-from library.data import build_dataset_group, build_validation_group
+from library.data.dataset_config import build_blueprints
+from library.data.dataset_group import build_dataset_group, build_validation_group
 from library.distill.args import DEFAULT_THESEUS_SCHEDULE, output_format, verify_distill_args
 from library.distill.block_map import weight_map
 from library.distill.features import feature_pairs
@@ -29,13 +29,11 @@ from library.distill.students import build_student, student_config
 from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
-from library.loop import make_accelerator
-from library.models import StableDiffusionModel
-from library.network_protocol import TrainableNetwork
-from library.noise import NoiseOptions
-from library.sampling import load_sample_prompts, make_sampler
-from library.theseus import TheseusController, parse_replacement_schedule
-from library.training_parts import (
+from library.models.stable_diffusion import StableDiffusionModel
+from library.training.loop import make_accelerator
+from library.training.network_protocol import TrainableNetwork
+from library.training.noise import NoiseOptions
+from library.training.parts import (
     SAVE_DTYPES,
     WEIGHT_DTYPES,
     Prepared,
@@ -51,6 +49,8 @@ from library.training_parts import (
     shared_seed,
     start_run,
 )
+from library.training.sampling import load_sample_prompts, make_sampler
+from library.training.theseus import TheseusController, parse_replacement_schedule
 
 logger = logging.getLogger(__name__)
 

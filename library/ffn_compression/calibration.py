@@ -29,13 +29,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from library.data import DatasetGroup, batch_latents
+from library.data.dataset_group import DatasetGroup, batch_latents
 from library.errors import ConfigError
 from library.ffn_compression.statistics import HiddenStats
 from library.fileio import read_state_dict, save_state_dict
-from library.models import StableDiffusionModel
-from library.sampling import SamplePrompt, make_sampler
-from library.text import encode_tokens, tokenize_captions
+from library.models.stable_diffusion import StableDiffusionModel
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.sampling import SamplePrompt, make_sampler
 from networks.lowrank_ffn import LowRankFFNNetwork, ffn_layers
 
 CALIBRATION_METADATA = "lowrank_ffn_calibration"

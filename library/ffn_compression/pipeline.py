@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from library.args import parse_args, parse_key_values, train_network_parser, verify_training_args
-from library.config import build_blueprints
-from library.data import build_dataset_group
+from library.data.dataset_config import build_blueprints
+from library.data.dataset_group import build_dataset_group
 from library.distill.cost import count_parameters
 from library.errors import ConfigError
 from library.ffn_compression.calibration import (
@@ -33,9 +32,10 @@ from library.ffn_compression.calibration import (
 from library.ffn_compression.initialise import INIT_METHODS, initialise_network
 from library.ffn_compression.training import DEFAULT_OPTIMIZER, TheseusNetworkTrainer, short_names, train_blockwise
 from library.ffn_compression.unet import compress_unet
-from library.models import StableDiffusionModel, load_stable_diffusion, save_diffusers_folder
-from library.sampling import load_sample_prompts
-from library.training_parts import SAVE_DTYPES, WEIGHT_DTYPES
+from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion, save_diffusers_folder
+from library.training.args import parse_args, parse_key_values, train_network_parser, verify_training_args
+from library.training.parts import SAVE_DTYPES, WEIGHT_DTYPES
+from library.training.sampling import load_sample_prompts
 from networks import lowrank_ffn
 from networks.network_args import parse_network_args
 

@@ -3,9 +3,9 @@
 * Block-wise (the article's first stage): each narrow FFN learns to reproduce its original on the
   calibration's cached input tokens. The loss is the mean over FFNs of their MSE divided by the
   mean square of the original output, so FFNs of different scales weigh alike. It runs in the
-  shared loop (:class:`library.loop.TrainingRun`: saving cadence, logging, exact resume) and
+  shared loop (:class:`library.training.loop.TrainingRun`: saving cadence, logging, exact resume) and
   validates with each FFN's held-out relative error.
-* Theseus: train_network.py's step, with a :class:`library.theseus.TheseusController` that draws
+* Theseus: train_network.py's step, with a :class:`library.training.theseus.TheseusController` that draws
   before every step which FFNs run narrow (each with probability p(t)); the others run the frozen
   original, through which gradients still reach the narrow FFNs before them. Once p reaches 1 the
   remaining steps fine-tune end to end (BERT-of-Theseus' successor fine-tuning).
@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from library.errors import ConfigError
 from library.ffn_compression.calibration import Calibration, relative_errors
-from library.loop import Cadence, Schedule, TrainingRun, make_accelerator
-from library.network_training import NetworkTask, NetworkTrainer
-from library.optimizers import make_lr_scheduler, make_optimizer
-from library.saving import per_save_metadata
-from library.theseus import ReplacementState, TheseusController, parse_replacement_schedule
+from library.training.loop import Cadence, Schedule, TrainingRun, make_accelerator
+from library.training.network_trainer import NetworkTask, NetworkTrainer
+from library.training.optimizers import make_lr_scheduler, make_optimizer
+from library.training.saving import per_save_metadata
+from library.training.theseus import ReplacementState, TheseusController, parse_replacement_schedule
 from networks.base import block_index
 from networks.lowrank_ffn import LowRankFFNNetwork, NarrowFFNModule, block_name, ffn_layers
 
@@ -80,7 +80,7 @@ class TokenBatches(Dataset):
 
 @dataclass
 class BlockwiseTask:
-    """The :class:`library.loop.TrainingTask` of block-wise training."""
+    """The :class:`library.training.loop.TrainingTask` of block-wise training."""
 
     network: LowRankFFNNetwork
     heldout: dict[str, torch.Tensor]

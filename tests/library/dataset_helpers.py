@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from library.args import train_network_parser
+from library.training.args import train_network_parser
 
 # The dataset flags the datasets read, checked against train_network.py's real parser.
 DATASET_FLAGS = """dataset_config train_data_dir reg_data_dir in_json dataset_repeats resolution enable_bucket

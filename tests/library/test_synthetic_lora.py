@@ -6,7 +6,7 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.sd_configs import CLIP_L_TEXT, SD15_UNET
+from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
 
 

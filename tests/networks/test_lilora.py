@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from library.models import load_stable_diffusion
-from library.network_protocol import TrainableNetwork
+from library.models.stable_diffusion import load_stable_diffusion
+from library.training.network_protocol import TrainableNetwork
 from networks import lilora, lilora_file, lora
 from networks.base import NetworkWeightsError
 from networks.lora_file import load_lora_file, save_lora_file

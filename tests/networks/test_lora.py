@@ -11,9 +11,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.models import load_stable_diffusion
-from library.network_protocol import TrainableNetwork, as_trainable_network
-from library.sd_configs import CLIP_L_TEXT, OPEN_CLIP_H_TEXT, SD15_UNET, SD21_UNET
+from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_H_TEXT, SD15_UNET, SD21_UNET
+from library.models.stable_diffusion import load_stable_diffusion
+from library.training.network_protocol import TrainableNetwork, as_trainable_network
 from networks import lora
 from networks.base import NetworkStateError, NetworkWeightsError, block_index
 from networks.lora_file import load_lora_file, save_lora_file

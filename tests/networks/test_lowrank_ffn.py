@@ -13,9 +13,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 
 import train_network
-from library.models import load_stable_diffusion
-from library.network_protocol import TrainableNetwork
-from library.sd_configs import SD15_UNET, SD21_UNET
+from library.models.sd_configs import SD15_UNET, SD21_UNET
+from library.models.stable_diffusion import load_stable_diffusion
+from library.training.network_protocol import TrainableNetwork
 from networks import lora, lowrank_ffn
 from networks.base import NetworkStateError, NetworkWeightsError
 from networks.lora_file import load_lora_file

@@ -13,9 +13,9 @@ from library.errors import ConfigError
 from library.ffn_compression.calibration import Calibration
 from library.ffn_compression.pipeline import STAGES, parse_stage_args
 from library.ffn_compression.unet import ffn_widths, load_compressed_unet
-from library.models import load_stable_diffusion
-from library.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
-from library.text import encode_tokens, tokenize_captions
+from library.models.stable_diffusion import load_stable_diffusion
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
 from networks import lowrank_ffn
 from networks.lora_file import load_lora_file
 from tools import compress_ffn

@@ -2,7 +2,7 @@
 
 import pytest
 
-from library.models import load_stable_diffusion
+from library.models.stable_diffusion import load_stable_diffusion
 
 
 @pytest.fixture(scope="session")

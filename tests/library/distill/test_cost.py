@@ -5,7 +5,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from library.distill.cost import count_macs, count_parameters
 from library.distill.students import student_config
-from library.sd_configs import SD15_UNET
+from library.models.sd_configs import SD15_UNET
 
 # distill.md §1.4, MACs per forward at 512 px including the attention matmuls.
 SD15_GMACS_512 = {"teacher": 401.6, "bk_base": 261.5, "bk_small": 255.4, "bk_tiny": 242.8}

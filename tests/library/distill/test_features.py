@@ -4,7 +4,7 @@ import torch
 from library.distill.features import FeatureHooks, FeaturePair, feature_pairs
 from library.distill.students import build_student, student_config
 from library.distill.teacher import FrozenTeacher
-from library.models import load_stable_diffusion
+from library.models.stable_diffusion import load_stable_diffusion
 
 LATENT = 16  # tiny fixture: channels (32, 64, 64, 64), three downsamplers
 

@@ -8,7 +8,7 @@ from library.distill.features import FeatureHooks, feature_pairs
 from library.distill.hybrid import TheseusUNet
 from library.distill.students import build_student, plain_config, student_config
 from library.errors import ConfigError
-from library.theseus import ReplacementSchedule, TheseusController
+from library.training.theseus import ReplacementSchedule, TheseusController
 
 
 def inputs(size=(16, 16), batch=2):

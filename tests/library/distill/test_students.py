@@ -8,8 +8,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from library.distill.students import build_student, plain_config, preset_config, student_config
 from library.errors import ConfigError
-from library.models import load_stable_diffusion, save_diffusers_folder
-from library.sd_configs import SD15_UNET, SD21_UNET
+from library.models.sd_configs import SD15_UNET, SD21_UNET
+from library.models.stable_diffusion import load_stable_diffusion, save_diffusers_folder
 
 # Exact counts from distill.md §0/§1.4 (BK-SDM and Segmind publish the same figures).
 SD15_COUNTS = {"teacher": 859_520_964, "bk_base": 579_384_964, "bk_small": 482_346_884, "bk_tiny": 323_384_964}

@@ -9,14 +9,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from library.args import parse_args
 from library.distill.args import distill_unet_parser, output_format, verify_distill_args
 from library.distill.ema import TrainingEMA
 from library.distill.export import cpu_copy
 from library.distill.task import DistillTask
 from library.errors import ConfigError
-from library.testing import tiny_unet_config
-from library.theseus import TheseusController, draw_replacements, parse_replacement_schedule
+from library.tiny_sd import tiny_unet_config
+from library.training.args import parse_args
+from library.training.theseus import TheseusController, draw_replacements, parse_replacement_schedule
 
 
 def parsed(*argv: str) -> argparse.Namespace:

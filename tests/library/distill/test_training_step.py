@@ -8,7 +8,7 @@ from library.distill.hybrid import TheseusUNet
 from library.distill.loss import DistillWeights, distill_loss
 from library.distill.students import build_student, student_config
 from library.distill.teacher import FrozenTeacher
-from library.theseus import TheseusController, parse_replacement_schedule
+from library.training.theseus import TheseusController, parse_replacement_schedule
 
 
 def batch():

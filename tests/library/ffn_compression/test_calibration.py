@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from library.args import parse_args, train_network_parser, verify_training_args
-from library.config import build_blueprints
-from library.data import build_dataset_group
+from library.data.dataset_config import build_blueprints
+from library.data.dataset_group import build_dataset_group
 from library.ffn_compression.calibration import (
     Calibration,
     FFNRecorder,
@@ -19,9 +18,10 @@ from library.ffn_compression.calibration import (
     spread_timesteps,
 )
 from library.ffn_compression.statistics import HiddenStats
-from library.models import load_stable_diffusion
-from library.sampling import SamplePrompt
-from library.text import encode_tokens, tokenize_captions
+from library.models.stable_diffusion import load_stable_diffusion
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.args import parse_args, train_network_parser, verify_training_args
+from library.training.sampling import SamplePrompt
 from networks import lowrank_ffn
 
 BLOCKS = "IN7,MID,OUT3"

@@ -21,7 +21,7 @@ from library.ffn_compression.initialise import (
     scaled_axes,
 )
 from library.ffn_compression.statistics import HiddenStats
-from library.models import load_stable_diffusion
+from library.models.stable_diffusion import load_stable_diffusion
 from networks import lowrank_ffn
 
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from library.args import verify_training_args
-from library.config import build_blueprints
-from library.data import build_dataset_group
+from library.data.dataset_config import build_blueprints
+from library.data.dataset_group import build_dataset_group
 from library.errors import ConfigError
 from library.ffn_compression.calibration import FFNRecorder, calibrate_on_dataset
 from library.ffn_compression.initialise import initialise_network
 from library.ffn_compression.pipeline import parse_stage_args
 from library.ffn_compression.training import TheseusNetworkTask, TokenBatches, original_outputs, train_blockwise
-from library.models import load_stable_diffusion
-from library.noise import NoiseOptions
+from library.models.stable_diffusion import load_stable_diffusion
+from library.training.args import verify_training_args
+from library.training.noise import NoiseOptions
 from networks import lowrank_ffn
 
 # The tiny UNet's 4x4 stage: 16 tokens per sample, so a few batches give more fit tokens than hidden units

@@ -16,8 +16,8 @@ from library.ffn_compression.unet import (
     ffn_widths,
     load_compressed_unet,
 )
-from library.models import load_stable_diffusion, save_diffusers_folder, save_ldm_checkpoint
-from library.sd_configs import SD15_UNET
+from library.models.sd_configs import SD15_UNET
+from library.models.stable_diffusion import load_stable_diffusion, save_diffusers_folder, save_ldm_checkpoint
 from networks import lowrank_ffn
 from tests.networks.tolerances import assert_close
 
