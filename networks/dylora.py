@@ -11,11 +11,10 @@ consumer computes the file. ``networks/extract_lora_from_dylora.py`` cuts a file
 Files are plain kohya LoRA files (``lora_down.weight`` = rows stacked, ``lora_up.weight`` = columns side by
 side, ``alpha``), with kohya's targets and names, so kohya, A1111, ComfyUI and diffusers load them.
 
-``--network_args`` (see :class:`DyLoRAArgs`): ``unit`` (default 1; must divide the ranks), ``conv_dim`` and
-``conv_alpha`` (3x3 convs of ResNet/up/downsample blocks; kohya's requires ``conv_dim == network_dim`` and
-gives convs ``network_alpha``; here they are used as given, as in :mod:`networks.lora`), the LoRA+ ratios
-(on ``lora_up``), and, which kohya's dylora ignores, ``dropout``/``rank_dropout``/``module_dropout`` and
-``down_lr_weight``/``mid_lr_weight``/``up_lr_weight``/``block_lr_zero_threshold``. Unknown keys raise.
+Layers, ranks and ``--network_args`` are :mod:`networks.lora`'s, plus ``unit`` (default 1), which must divide
+every rank. kohya's dylora reads only ``unit``, ``conv_dim`` (which it requires to equal ``network_dim``;
+its convs get ``network_alpha``) and the LoRA+ ratios (on ``lora_up``); here ``conv_alpha``, the dropouts,
+block dims/alphas and block lr weights act as in :mod:`networks.lora`. Unknown keys raise.
 """
 
 from __future__ import annotations
@@ -31,17 +30,18 @@ import torch
 from torch import nn
 
 from networks.base import LowRankModule, Network
-from networks.lora import DEFAULT_ALPHA, DEFAULT_DIM, LoRANetwork, _is_3x3, _targets
+from networks.lora import DEFAULT_DIM, LoRAArgs, LoRANetwork
+from networks.lora import create_network as create_lora_network
 from networks.lora import create_network_from_weights as create_lora_from_weights
-from networks.network_args import LowRankArgs, NetworkArgsError, parse_network_args
+from networks.network_args import NetworkArgsError, parse_network_args
 
 _DOWN, _UP = "lora_A", "lora_B"  # one parameter per rank, named after kohya's ParameterLists
 _FILE_KEYS = (("lora_down.weight", _DOWN, 0), ("lora_up.weight", _UP, 1))  # file key, row prefix, stacking dim
 
 
 @dataclass
-class DyLoRAArgs(LowRankArgs):
-    """kohya ``networks.dylora``'s ``--network_args``, typed: ``unit`` plus the low-rank args."""
+class DyLoRAArgs(LoRAArgs):
+    """kohya ``networks.dylora``'s ``--network_args``, typed: ``unit`` plus :mod:`networks.lora`'s."""
 
     unit: int = 1
 
@@ -141,9 +141,21 @@ class DyLoRANetwork(LoRANetwork):
             module.sample_trainable_rank()
 
 
-def _module(name: str, layer: nn.Module, rank: int, alpha: float, multiplier: float, args: DyLoRAArgs):
-    dropouts = {"dropout": args.dropout, "rank_dropout": args.rank_dropout, "module_dropout": args.module_dropout}
-    return DyLoRAModule(name, layer, rank, alpha, unit=args.unit, multiplier=multiplier, **dropouts)
+def _as_dylora(shaped: LoRANetwork, unit: int) -> DyLoRANetwork:
+    """``shaped``'s layers, ranks, alphas and args, each module made a DyLoRA module."""
+    modules = [
+        DyLoRAModule(
+            m.lora_name, m.original, m.lora_dim, m.alpha.item(), unit=unit, multiplier=m.multiplier,
+            dropout=m.dropout, rank_dropout=m.rank_dropout, module_dropout=m.module_dropout,
+        )
+        for m in shaped.adapters
+    ]  # fmt: skip
+    args = DyLoRAArgs(**dataclasses.asdict(shaped.args), unit=unit)
+    return DyLoRANetwork(__name__, modules, args, shaped.dim, shaped.alpha, shaped.multiplier)
+
+
+def _lora_args(network_args: Mapping[str, str]) -> dict[str, str]:
+    return {key: value for key, value in network_args.items() if key != "unit"}
 
 
 def create_network(
@@ -156,21 +168,20 @@ def create_network(
     neuron_dropout: float | None = None,
     **network_args: str,
 ) -> DyLoRANetwork:
-    """A new DyLoRA network for ``text_encoder`` and ``unet``; kohya's signature (``vae`` is unused)."""
-    args = parse_network_args(DyLoRAArgs, network_args).with_neuron_dropout(neuron_dropout)
+    """A new DyLoRA network on LoRA's layers with LoRA's ranks; kohya's signature (``vae`` is unused).
+
+    The layers and ranks are :mod:`networks.lora`'s, built by it (a transient LoRA network, as large as
+    this one: simpler than a second copy of its rules).
+    """
+    args = parse_network_args(DyLoRAArgs, network_args)  # every key checked before anything is built
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
-    alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
     for name, rank in (("network_dim", dim), ("conv_dim", args.conv_dim)):
         if rank is not None and rank % args.unit:
             raise NetworkArgsError(f"network_args unit={args.unit} does not divide {name} {rank}")
-    lr_weights = args.block_lr_weights()
-    modules = []
-    for target in _targets(text_encoder, unet, args.conv_dim is not None):
-        if lr_weights is not None and target.block >= 0 and lr_weights[target.block] == 0:
-            continue  # kohya's LoRA builds no module where the block's lr weight is 0
-        rank, module_alpha = (args.conv_dim, args.conv_alpha) if _is_3x3(target.module) else (dim, alpha)
-        modules.append(_module(target.name, target.module, rank, module_alpha, multiplier, args))
-    return DyLoRANetwork(__name__, modules, args, dim, alpha, multiplier)
+    shaped = create_lora_network(
+        multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout, **_lora_args(network_args)
+    )
+    return _as_dylora(shaped, args.unit)
 
 
 def create_network_from_weights(
@@ -185,14 +196,12 @@ def create_network_from_weights(
 ) -> tuple[Network, Mapping[str, torch.Tensor]]:
     """A network shaped like ``file`` (ranks and alphas per module); weights are not loaded (kohya).
 
-    A DyLoRA file is a LoRA file: it is read by :mod:`networks.lora`'s rules, which also check its keys.
-    ``for_inference`` returns that plain LoRA network (the same computation in eval mode, without the
-    per-rank parameters); otherwise ``unit`` (default 1) must divide every module's rank.
+    A DyLoRA file is a LoRA file: :mod:`networks.lora` reads it and checks its keys. ``for_inference``
+    returns that plain LoRA network (what the file computes in eval mode, without per-rank parameters);
+    otherwise ``unit`` (default 1) must divide every module's rank.
     """
-    shaped, weights_sd = create_lora_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd)
     args = parse_network_args(DyLoRAArgs, network_args)
-    if for_inference:
-        return shaped, weights_sd
-    modules = [_module(m.lora_name, m.original, m.lora_dim, m.alpha.item(), multiplier, args) for m in shaped.adapters]
-    args = dataclasses.replace(args, conv_dim=shaped.args.conv_dim, conv_alpha=shaped.args.conv_alpha)
-    return DyLoRANetwork(__name__, modules, args, shaped.dim, shaped.alpha, multiplier), weights_sd
+    shaped, weights_sd = create_lora_from_weights(
+        multiplier, file, vae, text_encoder, unet, weights_sd, for_inference, **_lora_args(network_args)
+    )
+    return (shaped if for_inference else _as_dylora(shaped, args.unit)), weights_sd

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from networks.lora import DEFAULT_ALPHA, DEFAULT_DIM, LoRAArgs, LoRAModule, LoRANetwork, _rank_and_alpha, _targets
+from networks.lora import LoRAArgs, LoRAModule, LoRANetwork
+from networks.lora import create_network as create_lora_network
 from networks.lora import create_network_from_weights as create_lora_from_weights
 from networks.network_args import NetworkArgsError, parse_network_args
 
@@ -74,9 +75,17 @@ class LoRAFANetwork(LoRANetwork):
     """The network ``create_network`` builds; only the ``lora_up`` weights are parameters."""
 
 
-def _module(name: str, layer: nn.Module, rank: int, alpha: float, multiplier: float, args: LoRAArgs):
-    dropouts = {"dropout": args.dropout, "rank_dropout": args.rank_dropout, "module_dropout": args.module_dropout}
-    return LoRAFAModule(name, layer, rank, alpha, multiplier=multiplier, **dropouts)
+def _as_lora_fa(shaped: LoRANetwork) -> LoRAFANetwork:
+    """``shaped``'s layers, ranks, alphas and args, each module made a LoRA-FA module."""
+    modules = [
+        LoRAFAModule(
+            m.lora_name, m.original, m.lora_dim, m.alpha.item(), multiplier=m.multiplier, dropout=m.dropout,
+            rank_dropout=m.rank_dropout, module_dropout=m.module_dropout,
+        )
+        for m in shaped.adapters
+    ]  # fmt: skip
+    args = LoRAFAArgs(**dataclasses.asdict(shaped.args))
+    return LoRAFANetwork(__name__, modules, args, shaped.dim, shaped.alpha, shaped.multiplier)
 
 
 def create_network(
@@ -89,16 +98,16 @@ def create_network(
     neuron_dropout: float | None = None,
     **network_args: str,
 ) -> LoRAFANetwork:
-    """A new LoRA-FA network on LoRA's layers with LoRA's ranks; kohya's signature (``vae`` is unused)."""
-    args = parse_network_args(LoRAFAArgs, network_args).with_neuron_dropout(neuron_dropout)
-    dim = DEFAULT_DIM if network_dim is None else int(network_dim)
-    alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
-    modules = []
-    for target in _targets(text_encoder, unet, args.targets_convs):
-        rank, module_alpha = _rank_and_alpha(target, args, dim, alpha)
-        if rank:
-            modules.append(_module(target.name, target.module, rank, module_alpha, multiplier, args))
-    return LoRAFANetwork(__name__, modules, args, dim, alpha, multiplier)
+    """A new LoRA-FA network on LoRA's layers with LoRA's ranks; kohya's signature (``vae`` is unused).
+
+    The layers and ranks are :mod:`networks.lora`'s, built by it (a transient LoRA network, as large as
+    this one: simpler than a second copy of its rules).
+    """
+    parse_network_args(LoRAFAArgs, network_args)  # LoRA-FA's refusals before anything is built
+    shaped = create_lora_network(
+        multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout, **network_args
+    )
+    return _as_lora_fa(shaped)
 
 
 def create_network_from_weights(
@@ -115,12 +124,8 @@ def create_network_from_weights(
 
     ``for_inference`` returns that plain LoRA network: at inference a LoRA-FA file is a LoRA file.
     """
-    parse_network_args(LoRAFAArgs, network_args)  # LoRA-FA's own refusals first
+    parse_network_args(LoRAFAArgs, network_args)
     shaped, weights_sd = create_lora_from_weights(
         multiplier, file, vae, text_encoder, unet, weights_sd, for_inference, **network_args
     )
-    if for_inference:
-        return shaped, weights_sd
-    args = LoRAFAArgs(**{f.name: getattr(shaped.args, f.name) for f in dataclasses.fields(shaped.args)})
-    modules = [_module(m.lora_name, m.original, m.lora_dim, m.alpha.item(), multiplier, args) for m in shaped.adapters]
-    return LoRAFANetwork(__name__, modules, args, shaped.dim, shaped.alpha, multiplier), weights_sd
+    return (shaped if for_inference else _as_lora_fa(shaped)), weights_sd

@@ -18,7 +18,7 @@ def perturb(network, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in network.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)  # float32 values: exact in any dtype
     return network
 
 
@@ -50,3 +50,22 @@ def load_with_diffusers(path, text_encoder, unet, pipeline):
         requires_safety_checker=False,
     )
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # raises on keys it cannot map
+
+
+def assert_lora_consumers_compute_as_we_do(network, models, pipeline, tmp_path):
+    """Save ``network`` (built on ``models[0]``, a float64 copy) and check that diffusers' loader and
+    ``networks.lora`` (what kohya-protocol consumers use) compute what the network computes applied."""
+    from networks import lora
+
+    ours, theirs, as_lora = models
+    path = tmp_path / "network.safetensors"
+    network.save_weights(path, None, {})
+    network.apply_to(*ours)
+    network.eval()
+    expected = outputs(*ours)
+    load_with_diffusers(path, *theirs, pipeline)
+    assert_outputs_close(outputs(*theirs), expected)
+    plain, weights = lora.create_network_from_weights(1.0, path, None, *as_lora)
+    plain.load_weights(weights)
+    plain.to(torch.float64).apply_to(*as_lora)
+    assert_outputs_close(outputs(*as_lora), expected)

@@ -17,7 +17,7 @@ from networks.extract_lora_from_dylora import main as extract_main
 from networks.lora_file import load_lora_file, sshs_hashes
 from networks.network_args import NetworkArgsError
 from tests.kohya_reference import kohya_module_names
-from tests.networks.helpers import assert_outputs_close, fresh, load_with_diffusers, outputs, perturb
+from tests.networks.helpers import assert_lora_consumers_compute_as_we_do, fresh, perturb
 from tests.networks.tolerances import assert_close
 
 LAYERS = {
@@ -70,7 +70,7 @@ def test_shapes_are_kohyas(full_size):
     assert state["lora_unet_down_blocks_0_resnets_0_conv1.alpha"].item() == 3.0
 
 
-def test_network_args_are_checked():
+def test_network_args_are_checked(sd1):
     with pytest.raises(NetworkArgsError, match="units.*valid keys: .*unit"):
         dylora.create_network(1.0, 4, 1, None, None, None, units="2")
     with pytest.raises(NetworkArgsError, match="unit=3 does not divide network_dim 8"):
@@ -79,8 +79,16 @@ def test_network_args_are_checked():
         dylora.create_network(1.0, 8, 1, None, None, None, unit="4", conv_dim="6")
     with pytest.raises(NetworkArgsError, match="unit=0: must be at least 1"):
         dylora.create_network(1.0, 8, 1, None, None, None, unit="0")
-    with pytest.raises(NetworkArgsError, match="block_dims"):  # kohya's dylora has no per-block ranks
-        dylora.create_network(1.0, 8, 1, None, None, None, block_dims=",".join(["4"] * 25))
+    with pytest.raises(NetworkArgsError, match=r"unit=2 does not divide the rank 3 of lora_unet_\w+"):
+        dylora.create_network(1.0, 8, 1, None, *fresh(sd1), unit="2", block_dims=",".join(["4"] * 12 + ["3"] * 13))
+
+
+def test_block_dims_and_lr_weights_follow_loras_rules(full_size):
+    network_args = {"block_dims": ",".join(str(2 + 2 * (i % 3)) for i in range(25)), "down_lr_weight": "1,0"}
+    built = dylora.create_network(1.0, 4, 1, None, *full_size["sd15"], unit="2", **network_args)
+    as_lora = lora.create_network(1.0, 4, 1, None, *full_size["sd15"], **network_args)
+    assert [(m.lora_name, m.lora_dim) for m in built.adapters] == [(m.lora_name, m.lora_dim) for m in as_lora.adapters]
+    assert {m.lora_dim for m in built.unet_loras} == {2, 4, 6}
 
 
 def test_metadata_names_the_module_and_its_args(sd1):
@@ -209,20 +217,11 @@ def test_loraplus_puts_the_up_columns_in_the_faster_group(sd1):
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_the_file_is_a_lora_that_diffusers_and_networks_lora_read_as_we_compute(pipelines, tmp_path, name):
-    ours, theirs, as_lora = (fresh(pipelines[name]) for _ in range(3))
-    network = perturb(dylora.create_network(1.0, 4, 2.0, None, *ours, unit="2", conv_dim="2").to(torch.float64))
-    path = tmp_path / "dylora.safetensors"
-    network.save_weights(path, None, {})
-    network.apply_to(*ours)
-    network.eval()
-    expected = outputs(*ours)
-
-    load_with_diffusers(path, *theirs, pipelines[name])
-    assert_outputs_close(outputs(*theirs), expected)
-    plain, weights = lora.create_network_from_weights(1.0, path, None, *as_lora)
-    plain.load_weights(weights)
-    plain.to(torch.float64).apply_to(*as_lora)
-    assert_outputs_close(outputs(*as_lora), expected)
+    models = [fresh(pipelines[name]) for _ in range(3)]
+    network = perturb(dylora.create_network(1.0, 4, 2.0, None, *models[0], unit="2", conv_dim="2").to(torch.float64))
+    network.train()
+    network.on_step_start()  # a drawn rank changes nothing in eval mode
+    assert_lora_consumers_compute_as_we_do(network, models, pipelines[name], tmp_path)
 
 
 def test_save_reload_save_is_bit_exact(sd1, tmp_path):

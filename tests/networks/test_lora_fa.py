@@ -11,7 +11,7 @@ from networks import lora, lora_fa
 from networks.lora_file import load_lora_file
 from networks.network_args import NetworkArgsError
 from tests.kohya_reference import kohya_module_names
-from tests.networks.helpers import assert_outputs_close, fresh, load_with_diffusers, outputs, perturb
+from tests.networks.helpers import assert_lora_consumers_compute_as_we_do, fresh, perturb
 from tests.networks.tolerances import assert_close
 
 CONV_ARGS = {"conv_dim": "3", "conv_alpha": "1.5"}
@@ -119,19 +119,9 @@ def test_max_norm_scales_only_up_to_kohyas_delta(sd1):
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_diffusers_and_networks_lora_read_the_file_as_we_compute(pipelines, tmp_path, name):
-    ours, theirs, as_lora = (fresh(pipelines[name]) for _ in range(3))
-    network = perturb(lora_fa.create_network(1.0, 4, 2.0, None, *ours, **CONV_ARGS).to(torch.float64))
-    path = tmp_path / "fa.safetensors"
-    network.save_weights(path, None, {})
-    network.apply_to(*ours)
-    expected = outputs(*ours)
-
-    load_with_diffusers(path, *theirs, pipelines[name])
-    assert_outputs_close(outputs(*theirs), expected)
-    plain, weights = lora.create_network_from_weights(1.0, path, None, *as_lora)
-    plain.load_weights(weights)
-    plain.to(torch.float64).apply_to(*as_lora)
-    assert_outputs_close(outputs(*as_lora), expected)
+    models = [fresh(pipelines[name]) for _ in range(3)]
+    network = perturb(lora_fa.create_network(1.0, 4, 2.0, None, *models[0], **CONV_ARGS).to(torch.float64))
+    assert_lora_consumers_compute_as_we_do(network, models, pipelines[name], tmp_path)
 
 
 def test_resuming_restores_the_frozen_down_bit_exactly(sd1, tmp_path):
