@@ -212,6 +212,18 @@ def test_loraplus_puts_the_up_columns_in_the_faster_group(sd1):
     assert [g["lr"] for g in groups] == pytest.approx([1e-5, 4e-5, 1e-4, 4e-4])
 
 
+def test_max_norm_scales_the_stacked_delta_as_kohyas_lora(sd1):
+    network = perturb(dylora.create_network(1.0, 4, 2, None, *fresh(sd1), unit="2", conv_dim="2"))
+    deltas = {m.lora_name: (lambda u, d: u @ d)(*factors(m)) * m.scale for m in network.adapters}
+    limit = 0.05
+    scaled, _, largest = network.apply_max_norm_regularization(limit, "cpu")
+    assert scaled > 0 and largest == pytest.approx(limit, rel=1e-5)
+    for module in network.adapters:
+        delta = deltas[module.lora_name]
+        norm = delta.norm().clamp(min=limit / 2)
+        assert_close((lambda u, d: u @ d)(*factors(module)) * module.scale, delta * norm.clamp(max=limit) / norm)
+
+
 # ---- files ----
 
 
