@@ -33,6 +33,12 @@ def factors(module):
     return state["lora_up.weight"].flatten(1), state["lora_down.weight"].flatten(1)
 
 
+def stacked_delta(module):
+    """``alpha / rank · up @ down`` from the file's factors, as a matrix."""
+    up, down = factors(module)
+    return up @ down * module.scale
+
+
 def lora_output(layer, x, up, down, scale):
     """The (unpatched) layer's output plus ``scale · up @ down`` applied as the layer applies its weight."""
     delta = (up @ down).view(layer.weight.shape) * scale
@@ -156,7 +162,7 @@ def test_eval_is_the_plain_lora_the_file_describes(kind):
     module.sample_trainable_rank()
     module.eval()
     assert_close(layer(x), expected.detach())
-    assert_close(module.delta_weight(), ((lambda u, d: u @ d)(*factors(module)) * 0.5).view(layer.weight.shape))
+    assert_close(module.delta_weight(), stacked_delta(module).view(layer.weight.shape))
 
 
 def test_a_module_trains_without_on_step_start():
@@ -214,14 +220,14 @@ def test_loraplus_puts_the_up_columns_in_the_faster_group(sd1):
 
 def test_max_norm_scales_the_stacked_delta_as_kohyas_lora(sd1):
     network = perturb(dylora.create_network(1.0, 4, 2, None, *fresh(sd1), unit="2", conv_dim="2"))
-    deltas = {m.lora_name: (lambda u, d: u @ d)(*factors(m)) * m.scale for m in network.adapters}
+    deltas = {m.lora_name: stacked_delta(m) for m in network.adapters}
     limit = 0.05
     scaled, _, largest = network.apply_max_norm_regularization(limit, "cpu")
     assert scaled > 0 and largest == pytest.approx(limit, rel=1e-5)
     for module in network.adapters:
         delta = deltas[module.lora_name]
         norm = delta.norm().clamp(min=limit / 2)
-        assert_close((lambda u, d: u @ d)(*factors(module)) * module.scale, delta * norm.clamp(max=limit) / norm)
+        assert_close(stacked_delta(module), delta * norm.clamp(max=limit) / norm)
 
 
 # ---- files ----
