@@ -9,7 +9,7 @@ Targets, key names, ranks and ``--network_args`` are those of :mod:`networks.lor
 ``conv_alpha``, the dropouts, block dims/alphas, block lr weights), except LoRA+: with only ``lora_up``
 training, its ratio would just be a second learning rate (kohya's lora_fa ignores it; here it is refused).
 
-Differences from kohya's file, on purpose: there ``lora_down`` is a parameter that ``requires_grad_(True)``
+Differences from kohya's module, on purpose: there ``lora_down`` is a parameter that ``requires_grad_(True)``
 turns back on, so its gradient is computed (and counted in ``--max_grad_norm``'s norm) though never
 applied, and ``--scale_weight_norms`` rescales it. Here it is a buffer: no gradient, no optimizer
 state, and max-norm scales only ``lora_up`` (to the same delta weight).
