@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from library.data.bucketed_dataset import BucketedDataset, build_bucketed_dataset
 from library.data.captions import process_caption
-from library.data.dataset_config import DatasetBlueprint, SubsetBlueprint, check_latents_cacheable
+from library.data.dataset_config import DatasetBlueprint, SubsetBlueprint
 from library.data.image_sources import ImageRecord, load_record_image
 from library.data.images import (
     alpha_mask,
@@ -199,7 +199,6 @@ class DatasetGroup(torch.utils.data.Dataset):
         encoded by process ``i % num_processes``; call ``accelerator.wait_for_everyone()`` after.
         The VAE must already be on ``device`` in ``dtype``.
         """
-        check_latents_cacheable([dataset.blueprint for dataset in self.datasets])
         memory_jobs, disk_jobs, reused = [], [], 0
         claimed: dict = {}
         for job in self._cache_jobs():

@@ -16,6 +16,7 @@ from typing import Any
 
 import toml
 
+from library.data.dataset_config import parse_resolution  # one rule for --resolution and dataset configs
 from library.errors import ConfigError
 
 
@@ -345,22 +346,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         file_argv = read_config_file(args.config_file, parser)
         args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
     return args
-
-
-def parse_resolution(value: str | tuple | list | None) -> tuple[int, int] | None:
-    """``"512"`` -> (512, 512); ``"768,512"`` -> (768, 512) (width, height), as kohya."""
-    if value is None or isinstance(value, tuple):
-        return value
-    parts = value if isinstance(value, list) else str(value).split(",")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError as err:
-        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}") from err
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2:
-        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}")
-    return sizes[0], sizes[1]
 
 
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
