@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.models.families import family_of
-from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
+from library.models.ldm_architecture import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 from library.training.noise import make_training_scheduler
 

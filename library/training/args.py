@@ -16,7 +16,7 @@ from typing import Any
 
 import toml
 
-from library.data.dataset_config import parse_resolution  # one rule for --resolution and dataset configs
+from library.data.dataset_schema import parse_resolution  # one rule for --resolution and dataset configs
 from library.errors import ConfigError
 
 
