@@ -21,10 +21,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from library.models.families import family_of
+from library.models.families import family_of, make_training_scheduler
 from library.models.ldm_architecture import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
-from library.training.noise import make_training_scheduler
 
 TEXT_WIDTH = 64
 # Words of the fixture captions get whole-word BPE tokens; anything else falls back to bytes.
