@@ -1,0 +1,208 @@
+"""Pretraining of the toy model: the VAE first, then the UNet and text encoder on its latents.
+
+Plain loops rather than :class:`library.training.loop.TrainingRun`: the toy images are drawn on
+the fly from their seed (no dataset folder, no epochs), and the VAE stage has no counterpart in
+the training scripts. The diffusion stage uses the scripts' own noise schedule, noise, targets and
+Min-SNR weighting (``library.training.noise``) and caption encoding, so what the pretrained model
+learned is what the suite's training code teaches.
+
+Runs are deterministic for a given seed, step count and torch thread count: images come from
+``generator.image_rng(seed, index)``, everything else from torch's generator seeded per stage.
+A ``minutes`` cap stops a stage early (for timing and exploration; the result then depends on the
+machine's speed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from library.models.stable_diffusion import StableDiffusionModel
+from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.toy_world.generator import caption, combination_split, sample_images
+from library.toy_world.model import rescale_latents
+from library.training.noise import (
+    NoiseOptions,
+    make_noise,
+    noisy_latents,
+    per_sample_loss,
+    prediction_target,
+    sample_timesteps,
+    timestep_weights,
+)
+
+# Image indices of the two stages and of evaluation never overlap (image i is a function of (seed, i)).
+VAE_IMAGES_FROM = 0
+UNET_IMAGES_FROM = 10_000_000
+EVAL_IMAGES_FROM = 20_000_000
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4  # per latent element, against per-pixel MSE on [-1, 1] images
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    images_per_combination: int = 50  # the UNet's set: 60 pretraining combinations x 50 latents
+    caption_dropout: float = 0.1  # empty captions teach the unconditional prediction CFG needs
+    min_snr_gamma: float = 5.0
+    warmup_steps: int = 50
+    minutes_per_stage: float | None = None
+
+
+@dataclass
+class StageLog:
+    steps: int
+    seconds: float
+    losses: list[float]
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_to_images(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _run_stage(
+    step_fn: Callable[[int], torch.Tensor],
+    parameters: list[torch.nn.Parameter],
+    lr: float,
+    steps: int,
+    plan: PretrainPlan,
+    report: Callable[[str], None],
+    name: str,
+) -> StageLog:
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    scheduler = _schedule(optimizer, steps, min(plan.warmup_steps, max(1, steps // 10)))
+    losses: list[float] = []
+    start = time.perf_counter()
+    done = 0
+    for step in range(steps):
+        loss = step_fn(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        done = step + 1
+        elapsed = time.perf_counter() - start
+        if done % 50 == 0 or done == steps:
+            report(f"{name} step {done}/{steps} loss {np.mean(losses[-50:]):.5f} ({elapsed / done:.2f} s/step)")
+        if plan.minutes_per_stage is not None and elapsed > 60 * plan.minutes_per_stage:
+            report(f"{name}: time cap reached after {done} steps")
+            break
+    return StageLog(done, time.perf_counter() - start, losses)
+
+
+def pretrain_vae(vae: AutoencoderKL, plan: PretrainPlan, report: Callable[[str], None] = print) -> StageLog:
+    """Reconstruction (MSE) plus a small KL term on fresh images of the pretraining combinations."""
+    pretraining, _ = combination_split(plan.seed)
+    vae.train().requires_grad_(True)
+    torch.manual_seed(plan.seed)
+
+    def step_fn(step: int) -> torch.Tensor:
+        first = VAE_IMAGES_FROM + step * plan.vae_batch
+        pixels = images_to_tensor([im for _, im in sample_images(pretraining, plan.vae_batch, plan.seed, first)])
+        posterior = vae.encode(pixels).latent_dist
+        decoded = vae.decode(posterior.sample()).sample
+        kl = posterior.kl() / posterior.mean[0].numel()  # diffusers sums over the latent elements
+        return torch.nn.functional.mse_loss(decoded, pixels) + plan.kl_weight * kl.mean()
+
+    log = _run_stage(step_fn, list(vae.parameters()), plan.vae_lr, plan.vae_steps, plan, report, "vae")
+    vae.eval().requires_grad_(False)
+    return log
+
+
+@torch.no_grad()
+def encode_training_set(
+    vae: AutoencoderKL, plan: PretrainPlan, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Posterior means and standard deviations (already times the scaling factor) and captions."""
+    pretraining, _ = combination_split(plan.seed)
+    count = plan.images_per_combination * len(pretraining)
+    means, stds, captions = [], [], []
+    for first in range(0, count, batch):
+        drawn = sample_images(pretraining, min(batch, count - first), plan.seed, UNET_IMAGES_FROM + first)
+        posterior = vae.encode(images_to_tensor([im for _, im in drawn])).latent_dist
+        means.append(posterior.mean * vae.config.scaling_factor)
+        stds.append(posterior.std * vae.config.scaling_factor)
+        captions += [spec.caption for spec, _ in drawn]
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def normalise_latent_scale(vae: AutoencoderKL, plan: PretrainPlan) -> float:
+    """Rescale the VAE so scaled latents of the training images have unit standard deviation."""
+    means, _, _ = encode_training_set(vae, PretrainPlan(seed=plan.seed, images_per_combination=4))
+    factor = 1.0 / float(means.std())
+    rescale_latents(vae, factor)
+    return factor
+
+
+def pretrain_diffusion(
+    model: StableDiffusionModel, plan: PretrainPlan, report: Callable[[str], None] = print
+) -> StageLog:
+    """UNet and text encoder together, epsilon prediction with the training scripts' noise code."""
+    means, stds, captions = encode_training_set(model.vae, plan)
+    ids = tokenize_captions(model.tokenizer, captions)
+    empty = tokenize_captions(model.tokenizer, [""])
+    options = NoiseOptions(min_snr_gamma=plan.min_snr_gamma)
+    scheduler = model.noise_scheduler
+    unet, text_encoder = model.unet, model.text_encoder
+    for module in (unet, text_encoder):
+        module.train().requires_grad_(True)
+    torch.manual_seed(plan.seed + 1)
+
+    def step_fn(step: int) -> torch.Tensor:
+        pick = torch.randint(0, len(captions), (plan.unet_batch,))
+        latents = means[pick] + stds[pick] * torch.randn_like(means[pick])
+        batch_ids = ids[pick].clone()
+        batch_ids[torch.rand(plan.unet_batch) < plan.caption_dropout] = empty[0]
+        # Few distinct captions per batch: encode each once (the gradient reaches the same weights).
+        unique, inverse = batch_ids.unique(dim=0, return_inverse=True)
+        hidden = encode_tokens(text_encoder, unique)[inverse]
+        noise = make_noise(latents, options)
+        timesteps = sample_timesteps(plan.unet_batch, options, latents.device)
+        prediction = unet(noisy_latents(scheduler, latents, noise, timesteps, options), timesteps, hidden).sample
+        target = prediction_target(scheduler, latents, noise, timesteps)
+        loss = per_sample_loss(prediction, target, timesteps, scheduler, options)
+        return (loss * timestep_weights(timesteps, scheduler, options)).mean()
+
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    log = _run_stage(step_fn, parameters, plan.unet_lr, plan.unet_steps, plan, report, "unet")
+    for module in (unet, text_encoder):
+        module.eval().requires_grad_(False)
+    return log
+
+
+def held_out_captions(seed: int) -> list[str]:
+    return [caption(c, s) for c, s in combination_split(seed)[1]]
