@@ -93,14 +93,16 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     else:
         vae_log = pretrain_vae(model.vae, plan, report)
         summary["vae"] = {"steps": vae_log.steps, "seconds": vae_log.seconds, "final_loss": vae_log.losses[-1]}
-        summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan)
+        summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan.seed)
         model.vae.save_pretrained(out / "vae")
-    accuracy, psnr = reconstruction_report(model.vae, pretraining + held_out, args.eval_images, plan.seed)
-    summary["reconstruction"] = {"psnr_db": psnr, **accuracy.rates(), "confusion": _pairs(accuracy.confusion)}
-    report(f"VAE reconstruction: PSNR {psnr:.2f} dB, classifier {accuracy.rates()}")
+    if args.eval_images > 0:
+        accuracy, psnr = reconstruction_report(model.vae, pretraining + held_out, args.eval_images, plan.seed)
+        summary["reconstruction"] = {"psnr_db": psnr, **accuracy.rates(), "confusion": _pairs(accuracy.confusion)}
+        report(f"VAE reconstruction: PSNR {psnr:.2f} dB, classifier {accuracy.rates()}")
     if plan.unet_steps > 0:
         unet_log = pretrain_diffusion(model, plan, report)
         summary["unet"] = {"steps": unet_log.steps, "seconds": unet_log.seconds, "final_loss": unet_log.losses[-1]}
+    if plan.unet_steps > 0 and args.eval_samples > 0:
         for name, combos in (("pretraining", pretraining), ("held_out", held_out)):
             samples = sample_report(model, combos, args.eval_samples, plan.seed)
             summary[f"samples_{name}"] = {**samples.rates(), "confusion": _pairs(samples.confusion)}

@@ -30,7 +30,7 @@ LATENT_SIZE = SIZE // 8
 def toy_unet_config() -> dict:
     return dict(
         sample_size=LATENT_SIZE,
-        block_out_channels=(32, 64, 64, 64),
+        block_out_channels=(32, 64, 128, 128),  # SD1.5's 1:2:4:4, so the same layers have shortcuts
         attention_head_dim=8,  # SD1's eight heads (diffusers' legacy name for the head count)
         cross_attention_dim=TEXT_WIDTH,
         layers_per_block=2,

@@ -113,7 +113,7 @@ def _run_stage(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         done = step + 1
         elapsed = time.perf_counter() - start
         if done % 50 == 0 or done == steps:
@@ -160,9 +160,9 @@ def encode_training_set(
     return torch.cat(means), torch.cat(stds), captions
 
 
-def normalise_latent_scale(vae: AutoencoderKL, plan: PretrainPlan) -> float:
+def normalise_latent_scale(vae: AutoencoderKL, seed: int, per_combination: int = 4) -> float:
     """Rescale the VAE so scaled latents of the training images have unit standard deviation."""
-    means, _, _ = encode_training_set(vae, PretrainPlan(seed=plan.seed, images_per_combination=4))
+    means, _, _ = encode_training_set(vae, PretrainPlan(seed=seed, images_per_combination=per_combination))
     factor = 1.0 / float(means.std())
     rescale_latents(vae, factor)
     return factor
