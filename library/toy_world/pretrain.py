@@ -41,6 +41,7 @@ from library.training.noise import (
 VAE_IMAGES_FROM = 0
 UNET_IMAGES_FROM = 10_000_000
 EVAL_IMAGES_FROM = 20_000_000
+INITIAL_LOGVAR = -6.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,11 @@ def pretrain_vae(vae: AutoencoderKL, plan: PretrainPlan, report: Callable[[str],
     pretraining, _ = combination_split(plan.seed)
     vae.train().requires_grad_(True)
     torch.manual_seed(plan.seed)
+    with torch.no_grad():
+        # Start from a posterior std of ~0.05 instead of 1: with unit noise on small initial means
+        # the decoder sees mostly noise and learns several times slower (the KL term, weighted
+        # lightly, then sets the variance it needs).
+        vae.quant_conv.bias[vae.config.latent_channels :] += INITIAL_LOGVAR
 
     def step_fn(step: int) -> torch.Tensor:
         first = VAE_IMAGES_FROM + step * plan.vae_batch
