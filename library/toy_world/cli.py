@@ -17,7 +17,7 @@ from library.models.stable_diffusion import save_diffusers_folder, save_ldm_chec
 from library.toy_world.evaluate import reconstruction_report, sample_report
 from library.toy_world.generator import COLOURS, SHAPES, combination_split, write_dataset
 from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
-from library.toy_world.pretrain import PretrainPlan, normalise_latent_scale, pretrain_diffusion, pretrain_vae
+from library.toy_world.pretrain import PretrainPlan, StageLog, normalise_latent_scale, pretrain_diffusion, pretrain_vae
 
 DATASET_CLASS = "toy"
 
@@ -92,7 +92,7 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         summary["vae_from"] = args.vae_from
     else:
         vae_log = pretrain_vae(model.vae, plan, report)
-        summary["vae"] = {"steps": vae_log.steps, "seconds": vae_log.seconds, "final_loss": vae_log.losses[-1]}
+        summary["vae"] = _stage_summary(vae_log)
         summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan.seed)
         model.vae.save_pretrained(out / "vae")
     if args.eval_images > 0:
@@ -101,7 +101,7 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         report(f"VAE reconstruction: PSNR {psnr:.2f} dB, classifier {accuracy.rates()}")
     if plan.unet_steps > 0:
         unet_log = pretrain_diffusion(model, plan, report)
-        summary["unet"] = {"steps": unet_log.steps, "seconds": unet_log.seconds, "final_loss": unet_log.losses[-1]}
+        summary["unet"] = _stage_summary(unet_log)
     if plan.unet_steps > 0 and args.eval_samples > 0:
         for name, combos in (("pretraining", pretraining), ("held_out", held_out)):
             samples = sample_report(model, combos, args.eval_samples, plan.seed)
@@ -113,6 +113,10 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     (out / "pretrain_report.json").write_text(json.dumps(summary, indent=1) + "\n")
     report(f"wrote {out / 'toy_sd1'} and {out / 'toy_sd1.safetensors'} in {summary['seconds']:.0f} s")
     return out
+
+
+def _stage_summary(log: StageLog) -> dict:
+    return {"steps": log.steps, "seconds": log.seconds, "cpu_seconds": log.cpu_seconds, "final_loss": log.losses[-1]}
 
 
 def _pairs(confusion: dict[tuple[str, str], int]) -> dict[str, int]:

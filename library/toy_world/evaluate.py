@@ -72,7 +72,7 @@ def generate(
     *,
     steps: int = 20,
     guidance: float = 4.0,
-    sampler: str = "ddim",
+    sampler: str = "euler",  # kohya's (and so our) DDIM clips x0 to [-1, 1], which cuts unit-std latents
     unet: torch.nn.Module | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), in one batch; the same seeds give the same starting noise."""

@@ -66,6 +66,7 @@ class StageLog:
     steps: int
     seconds: float
     losses: list[float]
+    cpu_seconds: float = 0.0  # this process's CPU time: a load-independent measure of the cost
 
     @property
     def seconds_per_step(self) -> float:
@@ -105,7 +106,7 @@ def _run_stage(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, steps, min(plan.warmup_steps, max(1, steps // 10)))
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     done = 0
     for step in range(steps):
         loss = step_fn(step)
@@ -118,11 +119,13 @@ def _run_stage(
         done = step + 1
         elapsed = time.perf_counter() - start
         if done % 50 == 0 or done == steps:
-            report(f"{name} step {done}/{steps} loss {np.mean(losses[-50:]):.5f} ({elapsed / done:.2f} s/step)")
+            cpu = (time.process_time() - cpu_start) / done
+            loss_text = f"loss {np.mean(losses[-50:]):.5f}"
+            report(f"{name} step {done}/{steps} {loss_text} ({elapsed / done:.2f} s/step, {cpu:.2f} CPU s/step)")
         if plan.minutes_per_stage is not None and elapsed > 60 * plan.minutes_per_stage:
             report(f"{name}: time cap reached after {done} steps")
             break
-    return StageLog(done, time.perf_counter() - start, losses)
+    return StageLog(done, time.perf_counter() - start, losses, time.process_time() - cpu_start)
 
 
 def pretrain_vae(vae: AutoencoderKL, plan: PretrainPlan, report: Callable[[str], None] = print) -> StageLog:
