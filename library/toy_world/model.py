@@ -16,8 +16,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from library.models.families import SD1
 from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
-from library.models.stable_diffusion import TOKENIZER_IDS, StableDiffusionModel
+from library.models.stable_diffusion import StableDiffusionModel
 from library.tiny_sd import write_tiny_tokenizer
 from library.toy_world.generator import COLOURS, SHAPES, SIZE
 from library.training.noise import make_training_scheduler
@@ -72,7 +73,7 @@ def write_toy_tokenizer(out_dir: str | os.PathLike) -> CLIPTokenizer:
 
 def tokenizer_cache_folder(root: str | os.PathLike) -> Path:
     """Where kohya's ``--tokenizer_cache_dir root`` looks for an SD1 tokenizer."""
-    return Path(root) / TOKENIZER_IDS[False].replace("/", "_")
+    return Path(root) / SD1.tokenizer_folder
 
 
 def build_toy_model(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionModel:

@@ -2,8 +2,8 @@
 
 Plain loops rather than :class:`library.training.loop.TrainingRun`: the toy images are drawn on
 the fly from their seed (no dataset folder, no epochs), and the VAE stage has no counterpart in
-the training scripts. The diffusion stage uses the scripts' own noise schedule, noise, targets and
-Min-SNR weighting (``library.training.noise``) and caption encoding, so what the pretrained model
+the training scripts. The diffusion stage uses the scripts' own loss (``diffusion_loss``: noise
+schedule, noise, targets, Min-SNR weighting) and caption encoding, so what the pretrained model
 learned is what the suite's training code teaches.
 
 Runs are deterministic for a given seed, step count and torch thread count: images come from
@@ -27,15 +27,7 @@ from library.models.stable_diffusion import StableDiffusionModel
 from library.models.text_encoding import encode_tokens, tokenize_captions
 from library.toy_world.generator import caption, combination_split, sample_images
 from library.toy_world.model import rescale_latents
-from library.training.noise import (
-    NoiseOptions,
-    make_noise,
-    noisy_latents,
-    per_sample_loss,
-    prediction_target,
-    sample_timesteps,
-    timestep_weights,
-)
+from library.training.noise import NoiseOptions, diffusion_loss
 
 # Image indices of the two stages and of evaluation never overlap (image i is a function of (seed, i)).
 VAE_IMAGES_FROM = 0
@@ -199,12 +191,11 @@ def pretrain_diffusion(
         # Few distinct captions per batch: encode each once (the gradient reaches the same weights).
         unique, inverse = batch_ids.unique(dim=0, return_inverse=True)
         hidden = encode_tokens(text_encoder, unique)[inverse]
-        noise = make_noise(latents, options)
-        timesteps = sample_timesteps(plan.unet_batch, options, latents.device)
-        prediction = unet(noisy_latents(scheduler, latents, noise, timesteps, options), timesteps, hidden).sample
-        target = prediction_target(scheduler, latents, noise, timesteps)
-        loss = per_sample_loss(prediction, target, timesteps, scheduler, options)
-        return (loss * timestep_weights(timesteps, scheduler, options)).mean()
+
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return unet(noisy, timesteps, hidden).sample
+
+        return diffusion_loss(predict, latents, scheduler, options, torch.ones(plan.unet_batch)).loss
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     log = _run_stage(step_fn, parameters, plan.unet_lr, plan.unet_steps, plan, report, "unet")
