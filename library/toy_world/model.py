@@ -17,14 +17,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.models.families import SD1
-from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel
-from library.tiny_sd import write_tiny_tokenizer
+from library.tiny_sd import TEXT_WIDTH, tiny_text_config, tiny_vae_config, write_tiny_tokenizer
 from library.toy_world.generator import COLOURS, SHAPES, SIZE
 from library.training.noise import make_training_scheduler
 
 TOY_WORDS = ("a", "sks", "toy", "shape", *COLOURS, *SHAPES)
-TEXT_WIDTH = 64  # one 64-channel head, as the single-file loader infers from the width
 LATENT_SIZE = SIZE // 8
 
 
@@ -39,30 +37,14 @@ def toy_unet_config() -> dict:
 
 
 def toy_vae_config() -> dict:
-    return dict(
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=SIZE,
-        scaling_factor=VAE_SCALE_FACTOR,
-    )
+    """The tiny fixtures' VAE: the smallest SD-layout VAE (GroupNorm needs 32-channel multiples)."""
+    return tiny_vae_config()
 
 
 def toy_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=3,
-        num_attention_heads=TEXT_WIDTH // CLIP_HEAD_CHANNELS,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=TEXT_WIDTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """The tiny fixtures' SD1 text encoder (width 64, one head, three layers) over the toy vocabulary."""
+    return tiny_text_config(
+        False, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
 
 
@@ -83,16 +65,8 @@ def build_toy_model(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionModel
         vae = AutoencoderKL(**toy_vae_config())
         text_encoder = CLIPTextModel(toy_text_config(tokenizer))
         unet = UNet2DConditionModel(**toy_unet_config())
-    return StableDiffusionModel(
-        text_encoder=text_encoder,
-        vae=vae,
-        unet=unet,
-        tokenizer=tokenizer,
-        noise_scheduler=make_training_scheduler(v_parameterization=False),
-        v2=False,
-        v_parameterization=False,
-        source="toy world",
-    )
+    scheduler = make_training_scheduler(v_parameterization=False)
+    return StableDiffusionModel(text_encoder, vae, unet, tokenizer, scheduler, False, False, "toy world")
 
 
 @torch.no_grad()
