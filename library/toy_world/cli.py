@@ -16,7 +16,7 @@ from library.errors import ConfigError
 from library.models.stable_diffusion import save_diffusers_folder, save_ldm_checkpoint
 from library.toy_world.evaluate import reconstruction_report, sample_report
 from library.toy_world.generator import COLOURS, SHAPES, combination_split, write_dataset
-from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
+from library.toy_world.model import VAE_CHANNELS, build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
 from library.toy_world.pretrain import PretrainPlan, StageLog, normalise_latent_scale, pretrain_diffusion, pretrain_vae
 
 DATASET_CLASS = "toy"
@@ -65,11 +65,15 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on the count)")
     parser.add_argument("--vae_from", help="a VAE folder from an earlier run (its out/vae): skip the VAE stage")
+    parser.add_argument(
+        "--vae_channels", default=",".join(map(str, VAE_CHANNELS)), help="VAE channels per level, multiples of 32"
+    )
     parser.add_argument("--eval_images", type=int, default=720, help="images for the VAE reconstruction check")
     parser.add_argument("--eval_samples", type=int, default=2, help="samples per combination for the final check")
     _plan_args(parser)
     args = parser.parse_args(argv)
     plan = PretrainPlan(**{spec.name: getattr(args, spec.name) for spec in fields(PretrainPlan)})
+    vae_channels = _channels(args.vae_channels)
     if args.vae_from and not (Path(args.vae_from) / "config.json").is_file():
         raise ConfigError(f"--vae_from '{args.vae_from}' is not a VAE folder (no config.json)")
     out = Path(args.out)
@@ -83,8 +87,8 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
             log.write(line + "\n")
 
     tokenizer = write_toy_tokenizer(tokenizer_cache_folder(out / "tokenizers"))
-    model = build_toy_model(tokenizer, plan.seed)
-    summary: dict = {"plan": asdict(plan), "threads": args.threads}
+    model = build_toy_model(tokenizer, plan.seed, vae_channels)
+    summary: dict = {"plan": asdict(plan), "threads": args.threads, "vae_channels": vae_channels}
     pretraining, held_out = combination_split(plan.seed)
     started = time.perf_counter()
     if args.vae_from:
@@ -113,6 +117,16 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     (out / "pretrain_report.json").write_text(json.dumps(summary, indent=1) + "\n")
     report(f"wrote {out / 'toy_sd1'} and {out / 'toy_sd1.safetensors'} in {summary['seconds']:.0f} s")
     return out
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) != 4 or any(c <= 0 or c % 32 for c in channels):
+        raise ConfigError(f"--vae_channels '{text}': give four multiples of 32, e.g. 64,64,64,64")
+    return channels
 
 
 def _stage_summary(log: StageLog) -> dict:

@@ -24,6 +24,10 @@ from library.training.noise import make_training_scheduler
 
 TOY_WORDS = ("a", "sks", "toy", "shape", *COLOURS, *SHAPES)
 LATENT_SIZE = SIZE // 8
+# With 32 channels at full resolution each GroupNorm group holds one channel, which normalises away
+# a channel's image-wide level: on two-colour images the decoder then learns shapes long before
+# colours (docs/quality.md). 64 channels give two per group and keep colour in their ratio.
+VAE_CHANNELS = (32, 32, 64, 64)
 
 
 def toy_unet_config() -> dict:
@@ -36,9 +40,10 @@ def toy_unet_config() -> dict:
     )
 
 
-def toy_vae_config() -> dict:
-    """The tiny fixtures' VAE: the smallest SD-layout VAE (GroupNorm needs 32-channel multiples)."""
-    return tiny_vae_config()
+def toy_vae_config(channels: tuple[int, ...] = VAE_CHANNELS) -> dict:
+    """The tiny fixtures' VAE layout with ``channels`` per level (multiples of 32: SD's VAE norms
+    use 32 groups, and single-file loaders assume it)."""
+    return {**tiny_vae_config(), "block_out_channels": tuple(channels)}
 
 
 def toy_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -58,11 +63,13 @@ def tokenizer_cache_folder(root: str | os.PathLike) -> Path:
     return Path(root) / SD1.tokenizer_folder
 
 
-def build_toy_model(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionModel:
+def build_toy_model(
+    tokenizer: CLIPTokenizer, seed: int, vae_channels: tuple[int, ...] = VAE_CHANNELS
+) -> StableDiffusionModel:
     """The untrained toy model (diffusers' default initialisation), deterministic from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(**toy_vae_config())
+        vae = AutoencoderKL(**toy_vae_config(vae_channels))
         text_encoder = CLIPTextModel(toy_text_config(tokenizer))
         unet = UNet2DConditionModel(**toy_unet_config())
     scheduler = make_training_scheduler(v_parameterization=False)

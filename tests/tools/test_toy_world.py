@@ -23,3 +23,9 @@ def test_write_a_dataset_and_a_loadable_model(tmp_path):
     assert report["vae"]["steps"] == 1 and report["unet"]["steps"] == 1 and "psnr_db" in report["reconstruction"]
     model = load_stable_diffusion(out / "toy_sd1.safetensors", tokenizer_cache_dir=out / "tokenizers")
     assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+
+
+def test_bad_vae_channels_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="--vae_channels '48,64,64,64'"):
+        pretrain_toy_world.main(["--out", str(tmp_path / "m"), "--vae_channels", "48,64,64,64"])
+    assert not (tmp_path / "m").exists()
