@@ -43,7 +43,7 @@ class PretrainPlan:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4  # per latent element, against per-pixel MSE on [-1, 1] images
-    chroma_weight: float = 4.0  # weight of the colour-opponent part of the MSE (1: plain RGB MSE)
+    chroma_weight: float = 1.0  # weight of the colour-opponent part of the MSE (1: plain RGB MSE)
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -89,8 +89,8 @@ OPPONENT = torch.tensor(
 
 
 def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor, chroma_weight: float) -> torch.Tensor:
-    """MSE with the colour-opponent channels weighted: a small VAE learns luminance (shapes) first
-    and colour hundreds of steps later under plain MSE; weighting colour up closes that gap."""
+    """MSE with the colour-opponent channels weighted: a small VAE learns luminance (shapes) long
+    before colour under plain MSE; weighting colour up trades some shape for colour early on."""
     difference = torch.einsum("oc,bchw->bohw", OPPONENT.to(decoded), decoded - pixels)
     weights = torch.tensor([1.0, chroma_weight, chroma_weight]).to(decoded).view(1, 3, 1, 1)
     return (difference.pow(2) * weights).mean()
