@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from library.cli import apply_console_log_flags
 from library.errors import ConfigError
 from library.training.config_file import read_config_file, write_config_file
 
@@ -303,6 +304,7 @@ def train_network_parser() -> argparse.ArgumentParser:
 def parse_or_write_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
     """Parse a training script's flags; with ``--output_config``, write them to --config_file instead (None)."""
     args = parse_args(parser, argv)
+    apply_console_log_flags(args.console_log_level, args.console_log_file)
     if not args.output_config:
         return args
     if not args.config_file:
@@ -390,6 +392,12 @@ def verify_training_args(args: argparse.Namespace) -> None:
         (
             args.network_train_unet_only and args.network_train_text_encoder_only,
             "--network_train_unet_only and --network_train_text_encoder_only exclude each other",
+        ),
+        (
+            bool(args.metadata_thumbnail)
+            and not args.metadata_thumbnail.startswith("data:")
+            and not Path(args.metadata_thumbnail).is_file(),
+            f"--metadata_thumbnail '{args.metadata_thumbnail}' is neither a data: URL nor an image file",
         ),
         (args.bucket_reso_steps % 64 != 0, "--bucket_reso_steps must be a multiple of 64 for SD1.x/SD2.x"),
         (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),

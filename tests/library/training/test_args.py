@@ -115,6 +115,7 @@ def test_verify_normalises_kohya_aliases():
         ({"full_fp16": True}, "--full_fp16"),
         ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "exclude each other"),
         ({"pretrained_model_name_or_path": None}, "--pretrained_model_name_or_path"),
+        ({"metadata_thumbnail": "no/such.png"}, "--metadata_thumbnail 'no/such.png'"),
         ({"v_pred_like_loss": 0.1, "v_parameterization": True}, "--v_pred_like_loss"),
     ],
 )
