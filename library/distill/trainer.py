@@ -30,7 +30,6 @@ from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
 from library.models.stable_diffusion import StableDiffusionModel
-from library.training.loop import make_accelerator
 from library.training.network_protocol import TrainableNetwork
 from library.training.noise import NoiseOptions
 from library.training.parts import (
@@ -51,6 +50,7 @@ from library.training.parts import (
 )
 from library.training.sampling import load_sample_prompts, make_sampler
 from library.training.theseus import TheseusController, parse_replacement_schedule
+from library.training.trackers import make_accelerator
 
 logger = logging.getLogger(__name__)
 

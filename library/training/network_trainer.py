@@ -21,7 +21,6 @@ from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import DatasetGroup, batch_latents, build_dataset_group, build_validation_group
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import verify_training_args
-from library.training.loop import make_accelerator
 from library.training.network_protocol import TrainableNetwork
 from library.training.noise import (
     NoiseOptions,
@@ -54,6 +53,7 @@ from library.training.parts import (
 )
 from library.training.sampling import load_sample_prompts, make_sampler
 from library.training.saving import per_save_metadata
+from library.training.trackers import make_accelerator
 
 logger = logging.getLogger(__name__)
 
