@@ -409,3 +409,23 @@ def verify_training_args(args: argparse.Namespace) -> None:
     for failed, message in checks:
         if failed:
             raise ConfigError(message)
+    verify_logging_and_compile_args(args)
+
+
+def verify_logging_and_compile_args(args: argparse.Namespace) -> None:
+    """--torch_compile's backend, wandb, --log_tracker_config and the initial step, before any model loads."""
+    import importlib.util
+
+    from accelerate.utils import DynamoBackend
+
+    if args.torch_compile and args.dynamo_backend.upper() not in DynamoBackend.__members__:
+        names = ", ".join(b.lower() for b in DynamoBackend.__members__ if b != "NO")
+        raise ConfigError(f"--dynamo_backend '{args.dynamo_backend}' is not one of accelerate's: {names}")
+    if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--log_with {args.log_with} needs the wandb package (pip install wandb)")
+    if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
+        raise ConfigError(f"--log_tracker_config '{args.log_tracker_config}' does not exist")
+    if args.initial_step is not None and args.initial_step < 0:
+        raise ConfigError("--initial_step must be >= 0")
+    if args.initial_epoch is not None and args.initial_epoch < 1:
+        raise ConfigError("--initial_epoch counts from 1")

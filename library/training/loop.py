@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from library.errors import ConfigError
 from library.training.optimizers import is_schedule_free
 from library.training.saving import model_file_name, rotate, state_dir_name
-from library.training.trackers import LossRecorder, log_to_trackers, lr_logs
+from library.training.trackers import LossRecorder, log_sample_images, log_to_trackers, lr_logs
 
 logger = logging.getLogger(__name__)
 TRAIN_STATE_FILE = "train_state.json"
@@ -51,7 +51,8 @@ class TrainingTask(Protocol):
 
     def save_model(self, path: Path, epoch: int, step: int) -> None: ...
 
-    def sample(self, epoch: int | None, step: int) -> None: ...
+    def sample(self, epoch: int | None, step: int) -> list[tuple[Path, str]] | None:
+        """Write sample images; the (file, prompt) pairs go to wandb when it is a tracker."""
 
     def validate(self) -> dict[str, float]:
         """Validation scalars (empty when there is no validation set); averaged over processes here."""
@@ -386,7 +387,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         self._optimizer_mode("eval")
         if self.accelerator.is_main_process:
-            self.task.sample(epoch, self.global_step)
+            log_sample_images(self.accelerator, self.task.sample(epoch, self.global_step) or [])
         self._optimizer_mode("train")
         self.accelerator.wait_for_everyone()
 

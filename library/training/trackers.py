@@ -176,12 +176,12 @@ def log_to_trackers(accelerator: Accelerator, values: dict[str, float], x: int, 
             tracker.log(values, step=x)
 
 
-def log_sample_images(accelerator: Accelerator, samples: list[tuple[Any, str]]) -> None:
+def log_sample_images(accelerator: Accelerator, samples: list[tuple[Path, str]]) -> None:
     """Sample images to wandb as kohya sends them (``sample_<i>``, the prompt as caption, not committed)."""
     if not any(t.name == "wandb" for t in accelerator.trackers):
         return
     import wandb
 
-    tracker = accelerator.get_tracker("wandb")
+    run = accelerator.get_tracker("wandb", unwrap=True)
     for index, (image, prompt) in enumerate(samples):
-        tracker.log({f"sample_{index}": wandb.Image(image, caption=prompt)}, commit=False)
+        run.log({f"sample_{index}": wandb.Image(str(image), caption=prompt)}, commit=False)
