@@ -15,6 +15,7 @@ from pathlib import Path
 from library.cli import apply_console_log_flags
 from library.errors import ConfigError
 from library.training.config_file import read_config_file, write_config_file
+from library.training.refused_flags import add_unsupported_args, refuse_unsupported
 
 # kohya's --metadata_* flags, each written as modelspec.<name>.
 METADATA_FIELDS = (
@@ -234,48 +235,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_config", action="store_true", help="write non-default flags to --config_file, exit")
 
 
-# kohya flags with no counterpart here: parsed with kohya's defaults (GUI-written configs list
-# them), refused with one line when set. Each entry: why it cannot apply, argparse keywords.
-_DEEPSPEED = "DeepSpeed (several GPUs train through accelerate's multi-process launch instead)"
-_HUB = "the Hugging Face hub (everything here runs offline)"
-_FLAG: dict = {"action": "store_true"}
-_TEXT: dict = {"type": str}
-_OFFLOAD: dict = {"type": str, "choices": [None, "cpu", "nvme"]}
-UNSUPPORTED_KOHYA_FLAGS: dict[str, tuple[str, dict]] = {
-    "deepspeed": (_DEEPSPEED, _FLAG),
-    "zero_stage": (_DEEPSPEED, {"type": int, "default": 2, "choices": [0, 1, 2, 3]}),
-    "offload_optimizer_device": (_DEEPSPEED, _OFFLOAD),
-    "offload_optimizer_nvme_path": (_DEEPSPEED, _TEXT),
-    "offload_param_device": (_DEEPSPEED, _OFFLOAD),
-    "offload_param_nvme_path": (_DEEPSPEED, _TEXT),
-    "zero3_init_flag": (_DEEPSPEED, _FLAG),
-    "zero3_save_16bit_model": (_DEEPSPEED, _FLAG),
-    "fp16_master_weights_and_gradients": (_DEEPSPEED, _FLAG),
-    "huggingface_repo_id": (_HUB, _TEXT),
-    "huggingface_repo_type": (_HUB, _TEXT),
-    "huggingface_path_in_repo": (_HUB, _TEXT),
-    "huggingface_token": (_HUB, _TEXT),
-    "huggingface_repo_visibility": (_HUB, _TEXT),
-    "save_state_to_huggingface": (_HUB, _FLAG),
-    "resume_from_huggingface": (_HUB, _FLAG),
-    "async_upload": (_HUB, _FLAG),
-    "fp8_base": ("float8 base weights", _FLAG),
-    "fp8_base_unet": ("float8 base weights", _FLAG),
-    "dataset_class": ("custom dataset classes", _TEXT),
-    "fused_backward_pass": ("fused backward passes (kohya: Adafactor on SDXL and newer models)", _FLAG),
-    "cpu_offload_checkpointing": ("checkpoint offloading (kohya: DiT models only)", _FLAG),
-    "masked_loss": ("masked loss", _FLAG),
-    "conditioning_data_dir": ("masked loss", _TEXT),
-    "weighted_captions": ("weighted captions", _FLAG),
-}
-
-
-def add_unsupported_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("kohya flags refused when set (see README)")
-    for name, (reason, kwargs) in UNSUPPORTED_KOHYA_FLAGS.items():
-        g.add_argument(f"--{name}", help=f"not supported: {reason}", **kwargs)
-
-
 # The flag groups of kohya's SD1.x/SD2.x training scripts, in kohya's order.
 TRAINING_FLAG_GROUPS = (
     add_model_args,
@@ -311,13 +270,6 @@ def parse_or_write_config(parser: argparse.ArgumentParser, argv: list[str] | Non
         parser.error("--output_config needs --config_file PATH to write to")
     print(f"wrote {write_config_file(args, parser, args.config_file)}")
     return None
-
-
-def refuse_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """One line for the first kohya flag set to something this suite cannot do."""
-    for name, (reason, _) in UNSUPPORTED_KOHYA_FLAGS.items():
-        if hasattr(args, name) and getattr(args, name) != parser.get_default(name):
-            raise ConfigError(f"--{name}: {reason} is not supported by this suite")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,6 @@ import pytest
 
 from library.errors import ConfigError
 from library.training.args import (
-    UNSUPPORTED_KOHYA_FLAGS,
     int_or_float,
     parse_args,
     parse_key_values,
@@ -16,6 +15,7 @@ from library.training.args import (
     verify_training_args,
 )
 from library.training.args import train_network_parser as setup_parser
+from library.training.refused_flags import UNSUPPORTED_KOHYA_FLAGS
 
 # Read from kohya's own parser (see the file's "how"), not from ours.
 KOHYA_FLAGS = json.loads(
