@@ -84,3 +84,60 @@ validation_seed = 3
     assert value["lr/unet"] == pytest.approx([2e-3] * 4) and value["lr/textencoder"] == pytest.approx([1e-3] * 4)
     divergence = value["loss/validation/epoch_divergence"][1]
     assert divergence == pytest.approx(value["loss/validation/epoch_average"][1] - value["loss/epoch_average"][1])
+
+
+def _parsed(*argv):
+    from library.training.args import parse_args, train_network_parser
+
+    return parse_args(train_network_parser(), ["--pretrained_model_name_or_path", "m", "--output_dir", "o", *argv])
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_torch_compile_uses_accelerates_dynamo_backend(monkeypatch):
+    from accelerate.utils import DynamoBackend
+
+    from library.training.trackers import compile_for_training, make_accelerator
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    # The GUI's `accelerate launch --dynamo_backend eager` alone compiles nothing: only --torch_compile does (kohya).
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    accelerator = make_accelerator(_parsed(), "t")
+    assert accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+    assert compile_for_training(accelerator, module) is module
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_backends_compile_and_keep_results_and_gradients(backend):
+    from library.training.trackers import compile_for_training, make_accelerator
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    accelerator = make_accelerator(_parsed("--torch_compile", "--dynamo_backend", backend), "t")
+    compiled = compile_for_training(accelerator, module)
+    assert compiled is not module and compiled._orig_mod is module
+    x = torch.randn(3, 4)
+    compiled(x).sum().backward()
+    grad = module[0].weight.grad.clone()
+    module.zero_grad()
+    module(x).sum().backward()
+    torch.testing.assert_close(grad, module[0].weight.grad)
+
+
+def test_bad_dynamo_backend_and_missing_wandb_fail_before_anything_loads(monkeypatch, tmp_path):
+    import importlib.util
+
+    from library.errors import ConfigError
+    from library.training.args import verify_training_args
+
+    with pytest.raises(ConfigError, match="^--dynamo_backend 'turbo' is not one of accelerate's: .*inductor"):
+        verify_training_args(_parsed("--torch_compile", "--dynamo_backend", "turbo"))
+    verify_training_args(_parsed("--dynamo_backend", "no"))  # the GUI's value, without --torch_compile
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real_find_spec(n, *a))
+    for log_with in ("wandb", "all"):
+        with pytest.raises(
+            ConfigError, match=rf"^--log_with {log_with} needs the wandb package \(pip install wandb\)$"
+        ):
+            verify_training_args(_parsed("--log_with", log_with, "--logging_dir", str(tmp_path)))
+    with pytest.raises(ConfigError, match="--log_tracker_config 'nope.toml' does not exist"):
+        verify_training_args(_parsed("--log_tracker_config", "nope.toml"))
