@@ -38,7 +38,7 @@ def test_gui_config_trains_and_saves_under_accelerate_launch(tiny_sd, data):
     assert result.returncode == 0, result.stderr[-3000:]
     ignored = [line for line in result.stderr.splitlines() if "ignoring keys" in line]
     assert len(ignored) == 1 and ignored[0].endswith(
-        "ignoring keys that no flag of this script knows: epoch, noise_offset_type"
+        "ignoring keys that no flag of this script knows: epoch, noise_offset_type (did you mean noise_offset?)"
     )
     tensors, metadata = load_lora_file(data / "out" / "last.safetensors")
     assert metadata["ss_network_dim"] == "64" and metadata["ss_network_alpha"] == "64.0"

@@ -53,7 +53,11 @@ def add_unsupported_args(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """One line for the first kohya flag set to something this suite cannot do."""
+    """One line for the first kohya flag set to something this suite cannot do.
+
+    Empty values count as unset, as kohya reads them (``huggingface_repo_id = ""`` uploads nothing).
+    """
     for name, (reason, _) in UNSUPPORTED_KOHYA_FLAGS.items():
-        if hasattr(args, name) and getattr(args, name) != parser.get_default(name):
+        value = getattr(args, name, None)
+        if value != parser.get_default(name) and value not in (None, "", False, []):
             raise ConfigError(f"--{name}: {reason} is not supported by this suite")

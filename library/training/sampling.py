@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,13 +164,17 @@ def generate_samples(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for index, prompt in enumerate(prompts):
             scheduler = make_sampler(prompt.sampler or default_sampler, v_parameterization)
-            pipeline = StableDiffusionPipeline(
-                **components,
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            with warnings.catch_warnings():
+                # DDIM/PNDM keep clip_sample=True as in kohya's samplers; the pipeline's advice against
+                # it (a FutureWarning printed with the whole scheduler config) is not for our users.
+                warnings.filterwarnings("ignore", message="(?s).*clip_sample", category=FutureWarning)
+                pipeline = StableDiffusionPipeline(
+                    **components,
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
