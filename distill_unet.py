@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from library.cli import run_cli
 from library.distill.args import distill_unet_parser
-from library.training.config_file import parse_or_write_config
+from library.training.args import parse_or_write_config
 
 
 def setup_parser():
@@ -26,5 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     DistillTrainer(args).train()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (``pip install -e .``): ``main`` with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

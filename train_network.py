@@ -7,8 +7,7 @@ python train_network.py --pretrained_model_name_or_path model.safetensors --netw
 from __future__ import annotations
 
 from library.cli import run_cli
-from library.training.args import train_network_parser
-from library.training.config_file import parse_or_write_config
+from library.training.args import parse_or_write_config, train_network_parser
 
 
 def setup_parser():
@@ -26,5 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     NetworkTrainer(args).train()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (``pip install -e .``): ``main`` with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

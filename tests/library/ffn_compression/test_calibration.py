@@ -21,8 +21,7 @@ from library.ffn_compression.calibration import (
 from library.ffn_compression.statistics import HiddenStats
 from library.models.stable_diffusion import load_stable_diffusion
 from library.models.text_encoding import encode_tokens, tokenize_captions
-from library.training.args import train_network_parser, verify_training_args
-from library.training.config_file import parse_args
+from library.training.args import parse_args, train_network_parser, verify_training_args
 from library.training.sampling import SamplePrompt
 from networks import lowrank_ffn
 
