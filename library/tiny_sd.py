@@ -153,7 +153,7 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, v2: bool) -> CLIPTokenizer:
     return tokenizer
 
 
-def _roughen(module: torch.nn.Module, generator: torch.Generator) -> None:
+def roughen(module: torch.nn.Module, generator: torch.Generator) -> None:
     # Default inits leave norms at 1 and some biases at 0; a little noise makes every tensor
     # matter, so a swapped or dropped tensor in a conversion changes the outputs.
     with torch.no_grad():
@@ -174,7 +174,7 @@ def build_tiny_model(v2: bool, tokenizer: CLIPTokenizer, seed: int = 0) -> Stabl
             )
         )
     for module in (unet, vae, text_encoder):
-        _roughen(module, generator)
+        roughen(module, generator)
         module.requires_grad_(False).eval()
     return StableDiffusionModel(
         text_encoder=text_encoder,
@@ -274,6 +274,8 @@ class TinySD:
     sd1_file: Path
     sd2_dir: Path
     sd2_file: Path
+    sdxl_dir: Path
+    sdxl_file: Path
     tokenizer_cache_dir: Path
     train_data_dir: Path
     reg_data_dir: Path
@@ -286,7 +288,9 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
 
         out/sd1/  out/sd1.safetensors          SD1-shaped, epsilon prediction
         out/sd2/  out/sd2.safetensors sd2.yaml  SD2-shaped, v prediction
-        out/tokenizers/{openai_clip-vit-large-patch14,stabilityai_stable-diffusion-2}/
+        out/sdxl/ out/sdxl.safetensors         SDXL-shaped (SGM single file), epsilon prediction
+        out/tokenizers/{openai_clip-vit-large-patch14,stabilityai_stable-diffusion-2,
+                        laion_CLIP-ViT-bigG-14-laion2B-39B-b160k}/
         out/img/10_sks toy/*.png *.txt   out/reg/1_toy/*.png
     """
     out = Path(out)
@@ -302,6 +306,9 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
         save_ldm_checkpoint(model, out / f"{name}.safetensors")
         if v2:
             (out / "sd2.yaml").write_text(yaml.safe_dump(_tiny_ldm_yaml(model), sort_keys=False))
+    from library.tiny_sdxl import write_tiny_sdxl  # here: tiny_sdxl builds on this module's helpers
+
+    write_tiny_sdxl(out, cache, seed)
     train_dir, reg_dir = write_tiny_dataset(out, seed)
     return TinySD(
         root=out,
@@ -309,6 +316,8 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
         sd1_file=out / "sd1.safetensors",
         sd2_dir=out / "sd2",
         sd2_file=out / "sd2.safetensors",
+        sdxl_dir=out / "sdxl",
+        sdxl_file=out / "sdxl.safetensors",
         tokenizer_cache_dir=cache,
         train_data_dir=train_dir,
         reg_data_dir=reg_dir,

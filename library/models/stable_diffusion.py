@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from library.errors import CheckpointError, TokenizerNotFoundError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
 from library.models import ldm_conversion as conv
+from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily, family_of
 from library.models.unet_variants import variant_of
 from library.training.noise import make_training_scheduler
@@ -93,6 +94,8 @@ def load_stable_diffusion(
 def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableDiffusionModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
+    if (path / "text_encoder_2").is_dir():
+        raise CheckpointError(f"'{path}' is an SDXL folder: train it with sdxl_train_network.py")
     try:
         unet = _load_unet_folder(path / "unet", dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
@@ -153,6 +156,8 @@ def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, 
     state_dict = conv.normalize_clip_keys(read_state_dict(path))
     if not conv.is_sd_checkpoint(state_dict):
         raise CheckpointError(_not_sd_message(path, state_dict))
+    if sgm.checkpoint_family(state_dict) == "sdxl":
+        raise CheckpointError(f"'{path}' is an SDXL checkpoint: train it with sdxl_train_network.py")
     arch = conv.infer_architecture(state_dict, bool(v_parameterization), _read_yaml_beside(path))
     v2 = _reconcile_v2(v2, arch.v2, path)
     v_parameterization = arch.original_config["model"]["params"]["parameterization"] == "v"
