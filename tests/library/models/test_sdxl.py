@@ -42,8 +42,13 @@ def test_prompt_encoding_and_conditioning_match_the_diffusers_pipeline(tiny_sd):
         hidden, our_pooled = encode_sdxl_prompt(model.text_encoder, model.text_encoder_2, *ids)
         torch.testing.assert_close(hidden, embeds)
         torch.testing.assert_close(our_pooled, pooled)
-        theirs = pipeline._get_add_time_ids((128, 64), (0, 8), (64, 64), dtype=torch.float32,
-                                            text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
+        theirs = pipeline._get_add_time_ids(
+            (128, 64),
+            (0, 8),
+            (64, 64),
+            dtype=torch.float32,
+            text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim,
+        )
     assert torch.equal(size_time_ids([(128, 64)], [(0, 8)], [(64, 64)]), theirs)
 
 
