@@ -53,6 +53,8 @@ SDXL = SDXLFamily(
     text_encoder_to_ldm=sgm.text_encoder_1_to_sgm,
     modelspec_architectures=("stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base"),
     kohya_text_encoder_prefixes=("lora_te1", "lora_te2"),
+    modelspec_implementation="https://github.com/Stability-AI/generative-models",
+    default_resolution=1024,
 )
 
 
