@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from library.cli import run_cli
 from library.distill.args import distill_unet_parser
-from library.training.args import parse_or_write_config
+from library.training.config_file import parse_or_write_config
 
 
 def setup_parser():

@@ -7,7 +7,8 @@ python train_network.py --pretrained_model_name_or_path model.safetensors --netw
 from __future__ import annotations
 
 from library.cli import run_cli
-from library.training.args import parse_or_write_config, train_network_parser
+from library.training.args import train_network_parser
+from library.training.config_file import parse_or_write_config
 
 
 def setup_parser():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from library.models.ldm_conversion import VAE_SCALE_FACTOR
+from library.models.ldm_architecture import VAE_SCALE_FACTOR
 
 # Words of the fixture captions get whole-word BPE tokens; anything else falls back to bytes.
 VOCAB_WORDS = [

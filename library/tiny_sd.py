@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.models.families import family_of
-from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
+from library.models.ldm_architecture import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 from library.tiny_parts import roughen, tiny_vae_config, write_tiny_tokenizer
 from library.tiny_sdxl import write_tiny_sdxl

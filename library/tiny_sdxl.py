@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library.models.ldm_conversion import CLIP_HEAD_CHANNELS
+from library.models.ldm_architecture import CLIP_HEAD_CHANNELS
 from library.models.sdxl import SDXL, SDXLModel, save_sdxl_diffusers_folder, save_sgm_checkpoint
 from library.models.sgm_conversion import SDXL_VAE_SCALE_FACTOR
 from library.tiny_parts import roughen, tiny_vae_config, write_tiny_tokenizer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from networks.network_args import NetworkError
+from networks.errors import NetworkError
 
 _RESNET_LAYERS = {
     "norm1": "in_layers.0",

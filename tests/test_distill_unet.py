@@ -359,7 +359,7 @@ import sys
 sys.path.insert(0, {repo!r})
 from accelerate import PartialState
 from safetensors.torch import save_file
-from library.training.args import parse_args
+from library.training.config_file import parse_args
 from library.distill.args import distill_unet_parser
 from library.distill.trainer import DistillTrainer
 

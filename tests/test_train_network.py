@@ -337,7 +337,8 @@ def test_dim_from_weights_max_norm_and_text_encoder_only(tiny_sd, data):
 
 
 def test_base_weights_are_merged_with_their_multiplier(tiny_sd, data):
-    from library.training.args import parse_args, train_network_parser
+    from library.training.args import train_network_parser
+    from library.training.config_file import parse_args
     from library.training.network_trainer import NetworkTrainer
 
     train_network.main(base_argv(tiny_sd, data, "--output_name", "base"))

@@ -33,7 +33,8 @@ from library.ffn_compression.initialise import INIT_METHODS, initialise_network
 from library.ffn_compression.training import DEFAULT_OPTIMIZER, TheseusNetworkTrainer, short_names, train_blockwise
 from library.ffn_compression.unet import compress_unet
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder
-from library.training.args import parse_args, parse_key_values, train_network_parser, verify_training_args
+from library.training.args import parse_key_values, train_network_parser, verify_training_args
+from library.training.config_file import parse_args
 from library.training.model_setup import SAVE_DTYPES, load_training_model, place_frozen, vae_dtype
 from library.training.sampling import load_sample_prompts
 from networks import lowrank_ffn

@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library.errors import CheckpointError, TokenizerNotFoundError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily
@@ -141,7 +142,7 @@ def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool) 
         for config, tokenizer in zip((arch.text_config, te2_config), tokenizers)
     )
     unet_config = sgm.unet_config_from_sgm(arch, state_dict, te2_config.projection_dim)
-    vae_config = conv.vae_config_from_ldm(arch, state_dict)
+    vae_config = ldm_arch.vae_config_from_ldm(arch, state_dict)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(vae_config)

@@ -26,11 +26,12 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from library.errors import CheckpointError
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
-LABEL_EMBEDDING = f"{conv.UNET_PREFIX}label_emb.0.0.weight"
+LABEL_EMBEDDING = f"{ldm_arch.UNET_PREFIX}label_emb.0.0.weight"
 SDXL_VAE_SCALE_FACTOR = 0.13025
 SDXL_SAMPLE_SIZE = 128  # latent size of SDXL's 1024 px training resolution
 _ADDITION_TABLE = DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]
@@ -38,11 +39,11 @@ _ADDITION_TABLE = DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]
 
 def checkpoint_family(state_dict: dict[str, torch.Tensor]) -> str | None:
     """``"sdxl"``, ``"sd2"`` or ``"sd1"`` for a single file's tensors; None when it holds no SD UNet."""
-    if not conv.is_sd_checkpoint(state_dict):
+    if not ldm_arch.is_sd_checkpoint(state_dict):
         return None
     if LABEL_EMBEDDING in state_dict or any(k.startswith("conditioner.embedders.") for k in state_dict):
         return "sdxl"
-    return "sd2" if conv.is_v2_checkpoint(state_dict) else "sd1"
+    return "sd2" if ldm_arch.is_v2_checkpoint(state_dict) else "sd1"
 
 
 def _with_prefix(state_dict: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
@@ -54,26 +55,26 @@ def _transformer_depths(state_dict: dict[str, torch.Tensor], levels: int, num_re
     depths = []
     for level in range(levels):
         first = 1 + level * (num_res_blocks + 1)
-        pattern = re.escape(f"{conv.UNET_PREFIX}input_blocks.{first}.1.") + r"transformer_blocks\.(\d+)\."
-        depths.append(conv._count_indices(state_dict, pattern))
+        pattern = re.escape(f"{ldm_arch.UNET_PREFIX}input_blocks.{first}.1.") + r"transformer_blocks\.(\d+)\."
+        depths.append(ldm_arch.count_indices(state_dict, pattern))
     return depths
 
 
 def text_configs(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
     """transformers configs of CLIP-L (``CLIPTextModel``) and bigG (``CLIPTextModelWithProjection``)."""
-    te1 = conv._infer_text_config(_with_prefix(state_dict, TE1_PREFIX, conv.CLIP_PREFIX), v2=False)
-    te2_keys = _with_prefix(state_dict, TE2_PREFIX, conv.OPEN_CLIP_PREFIX)
-    if f"{conv.OPEN_CLIP_PREFIX}token_embedding.weight" not in te2_keys:
+    te1 = ldm_arch._infer_text_config(_with_prefix(state_dict, TE1_PREFIX, ldm_arch.CLIP_PREFIX), v2=False)
+    te2_keys = _with_prefix(state_dict, TE2_PREFIX, ldm_arch.OPEN_CLIP_PREFIX)
+    if f"{ldm_arch.OPEN_CLIP_PREFIX}token_embedding.weight" not in te2_keys:
         raise CheckpointError("no second text encoder weights (conditioner.embedders.1.model.*) in the checkpoint")
-    te2 = conv._infer_text_config(te2_keys, v2=True)
+    te2 = ldm_arch._infer_text_config(te2_keys, v2=True)
     te2["num_hidden_layers"] += 1  # SDXL keeps every OpenCLIP layer (SD2 drops the last one)
     te2["projection_dim"] = int(state_dict[f"{TE2_PREFIX}text_projection"].shape[1])
     return te1, te2
 
 
-def infer_sdxl_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[conv.LdmArchitecture, dict[str, Any]]:
+def infer_sdxl_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[ldm_arch.LdmArchitecture, dict[str, Any]]:
     """The SGM config diffusers' converters expect (CLIP-L's config inside), and bigG's config."""
-    unet_params = conv._infer_unet_params(state_dict, v2=True)  # SDXL, like SD2: 64 channels per head
+    unet_params = ldm_arch._infer_unet_params(state_dict, v2=True)  # SDXL, like SD2: 64 channels per head
     levels, num_res_blocks = len(unet_params["channel_mult"]), unet_params["num_res_blocks"]
     unet_params["transformer_depth"] = _transformer_depths(state_dict, levels, num_res_blocks)
     unet_params["num_classes"] = "sequential"
@@ -84,11 +85,11 @@ def infer_sdxl_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[conv.L
             "params": {
                 "scale_factor": SDXL_VAE_SCALE_FACTOR,
                 "network_config": {"params": unet_params},
-                "first_stage_config": {"params": {"ddconfig": conv._infer_vae_params(state_dict)}},
+                "first_stage_config": {"params": {"ddconfig": ldm_arch._infer_vae_params(state_dict)}},
             }
         }
     }
-    return conv.LdmArchitecture(
+    return ldm_arch.LdmArchitecture(
         v2=False,
         original_config=original_config,
         text_config=te1,
@@ -97,7 +98,7 @@ def infer_sdxl_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[conv.L
     ), te2
 
 
-def unet_config_from_sgm(arch: conv.LdmArchitecture, state_dict: dict[str, torch.Tensor], pooled_dim: int) -> dict:
+def unet_config_from_sgm(arch: ldm_arch.LdmArchitecture, state_dict: dict[str, torch.Tensor], pooled_dim: int) -> dict:
     """diffusers' UNet config for an SDXL UNet; the size/pooled embedding is set from the shapes.
 
     diffusers recognises SDXL only by its released context widths (2048, 1280); the embedding type
@@ -142,13 +143,13 @@ def unet_to_sgm(unet_sd: dict[str, torch.Tensor], unet_config: dict[str, Any]) -
     for key, value in addition.items():
         if key not in _ADDITION_TABLE:
             raise CheckpointError(f"cannot map UNet key '{key}' to the SGM layout")
-        out[conv.UNET_PREFIX + _ADDITION_TABLE[key]] = value
+        out[ldm_arch.UNET_PREFIX + _ADDITION_TABLE[key]] = value
     return out
 
 
 def text_encoder_1_to_sgm(te_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIP-L keeps transformers names under ``conditioner.embedders.0.transformer.``."""
-    return _with_prefix(conv.clip_to_ldm(te_sd), conv.CLIP_PREFIX, TE1_PREFIX)
+    return _with_prefix(conv.clip_to_ldm(te_sd), ldm_arch.CLIP_PREFIX, TE1_PREFIX)
 
 
 def text_encoder_2_to_sgm(te_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,6 +158,6 @@ def text_encoder_2_to_sgm(te_sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if projection is None:
         raise CheckpointError("the second text encoder has no text_projection (is it a CLIPTextModelWithProjection?)")
     rest = {k: v for k, v in te_sd.items() if k != "text_projection.weight"}
-    out = _with_prefix(conv.open_clip_to_ldm(rest), conv.OPEN_CLIP_PREFIX, TE2_PREFIX)
+    out = _with_prefix(conv.open_clip_to_ldm(rest), ldm_arch.OPEN_CLIP_PREFIX, TE2_PREFIX)
     out[f"{TE2_PREFIX}text_projection"] = projection.T.contiguous()
     return out

@@ -20,8 +20,7 @@ from library.errors import ConfigError
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import parse_key_values
 from library.training.network_protocol import TrainableNetwork, as_trainable_network
-from networks.lora_file import LoRAFileError
-from networks.network_args import NetworkError
+from networks.errors import NetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +45,10 @@ def import_network_module(name: str):
 
 @contextlib.contextmanager
 def network_errors_as_config_errors(flag: str) -> Iterator[None]:
-    """Our network modules raise ValueErrors of their own (they cannot import library/); name the flag."""
+    """Our network modules raise ``networks.errors`` of their own (they cannot import library/); name the flag."""
     try:
         yield
-    except (NetworkError, LoRAFileError) as err:
+    except NetworkError as err:  # LoRAFileError included
         raise ConfigError(f"{flag}: {err}") from err
 
 

@@ -15,7 +15,7 @@ from library.distill.export import cpu_copy
 from library.distill.task import DistillTask
 from library.errors import ConfigError
 from library.tiny_sd import tiny_unet_config
-from library.training.args import parse_args
+from library.training.config_file import parse_args
 from library.training.theseus import TheseusController, draw_replacements, parse_replacement_schedule
 
 

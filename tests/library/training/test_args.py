@@ -6,15 +6,9 @@ import pytest
 import toml
 
 from library.errors import ConfigError
-from library.training.args import (
-    int_or_float,
-    parse_args,
-    parse_key_values,
-    parse_resolution,
-    verify_training_args,
-    write_config_file,
-)
+from library.training.args import int_or_float, parse_key_values, parse_resolution, verify_training_args
 from library.training.args import train_network_parser as setup_parser
+from library.training.config_file import parse_args, write_config_file
 
 
 def _parse(argv):
