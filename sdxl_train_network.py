@@ -7,7 +7,7 @@ python sdxl_train_network.py --pretrained_model_name_or_path sdxl.safetensors --
 from __future__ import annotations
 
 from library.cli import run_cli
-from library.training.args import parse_or_write_config
+from library.training.config_file import parse_or_write_config
 from library.training.sdxl_args import sdxl_train_network_parser
 
 

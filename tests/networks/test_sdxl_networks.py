@@ -14,6 +14,7 @@ from library.models.sdxl import load_sdxl
 from networks import lora
 from networks.network_args import NetworkArgsError
 from networks.sgm_names import sgm_module_path
+from networks.targets import layer_targets
 from tests.kohya_reference import kohya_sdxl_module_names, sgm_paths_by_diffusers_converter
 from tests.networks.helpers import perturb
 from tests.networks.tolerances import assert_close
@@ -51,12 +52,12 @@ def test_real_sized_sdxl_gets_kohyas_names_and_counts():
         te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG_TEXT))
         unet = UNet2DConditionModel(**SDXL_UNET)
-    names = [t.name for t in lora._targets([te1, te2], unet, convs=False)]
+    names = [t.name for t in layer_targets([te1, te2], unet, convs=False)]
     assert sum(n.startswith("lora_unet_") for n in names) == 722
     assert sum(n.startswith("lora_te1_") for n in names) == 72
     assert sum(n.startswith("lora_te2_") for n in names) == 192
     assert set(KNOWN_SDXL_NAMES) <= set(names)
-    with_convs = {t.name for t in lora._targets([te1, te2], unet, convs=True)}
+    with_convs = {t.name for t in layer_targets([te1, te2], unet, convs=True)}
     assert set(KNOWN_SDXL_CONV_NAMES) <= with_convs
 
 
