@@ -26,11 +26,12 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
-from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.fileio import read_state_dict
 from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily
+from library.models.stable_diffusion import write_pipeline_folder, write_single_file
 from library.training.noise import make_training_scheduler
 
 logger = logging.getLogger(__name__)
@@ -234,13 +235,7 @@ def sgm_state_dict(model: SDXLModel, dtype: torch.dtype | None = None) -> dict[s
 
 def save_sgm_checkpoint(model: SDXLModel, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write a single-file SDXL checkpoint (``.safetensors`` or ``.ckpt``) that A1111/ComfyUI/kohya load."""
-    path = Path(path)
-    state = sgm_state_dict(model, dtype)
-    if path.suffix == ".safetensors":
-        save_state_dict(state, path)
-    else:
-        with atomic_path(path) as tmp:
-            torch.save({"state_dict": {k: v.contiguous() for k, v in state.items()}}, tmp)
+    write_single_file(sgm_state_dict(model, dtype), path)
 
 
 def save_sdxl_diffusers_folder(model: SDXLModel, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -257,7 +252,4 @@ def save_sdxl_diffusers_folder(model: SDXLModel, out_dir: str | os.PathLike, dty
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    if dtype is not None:
-        pipeline.to(dtype=dtype)
-    with atomic_directory(out_dir) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+    write_pipeline_folder(pipeline, out_dir, dtype)

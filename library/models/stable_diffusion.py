@@ -323,8 +323,12 @@ def save_ldm_checkpoint(
     model: StableDiffusionModel, path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> None:
     """Write a single-file checkpoint (``.safetensors`` or ``.ckpt``) that A1111/ComfyUI load."""
+    write_single_file(ldm_state_dict(model, dtype), path)
+
+
+def write_single_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """A single-file checkpoint by its extension: ``.safetensors``, else a ``.ckpt`` with a ``state_dict``."""
     path = Path(path)
-    state = ldm_state_dict(model, dtype)
     if path.suffix == ".safetensors":
         save_state_dict(state, path)
     else:
@@ -350,6 +354,11 @@ def save_diffusers_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    write_pipeline_folder(pipeline, out_dir, dtype)
+
+
+def write_pipeline_folder(pipeline, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """``pipeline.save_pretrained`` in ``dtype``, into a folder that appears only when complete."""
     if dtype is not None:
         pipeline.to(dtype=dtype)
     with atomic_directory(out_dir) as tmp:
