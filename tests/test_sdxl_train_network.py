@@ -192,3 +192,16 @@ def test_cli_refuses_an_sd1_model_with_status_2(tiny_sd, data):
     assert result.returncode == 2
     assert "this script needs an SDXL model" in result.stderr.strip().splitlines()[-1]
     assert not (data / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["networks.lilora", "networks.lowrank_ffn", "networks.dylora", "networks.lora_fa"])
+def test_other_network_families_train_on_sdxl_with_sgm_names(tiny_sd, data, module):
+    sdxl_train_network.main(sdxl_argv(tiny_sd, data, "--network_module", module, "--max_train_steps", "1"))
+    names = {key.partition(".")[0] for key in _tensors(data / "out" / "tiny.safetensors")}
+    unet = {n for n in names if n.startswith("lora_unet_")}
+    assert unet and all(
+        n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in unet
+    )
+    if module != "networks.lowrank_ffn":  # the others adapt LoRA's layers
+        assert names <= _expected_names(tiny_sd, convs=False, text_encoders=True)
+        assert any(n.startswith("lora_te2_") for n in names)
