@@ -142,7 +142,9 @@ def run_metadata(
         started_at=started_at,
     )
     metadata.update(
-        modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
+        modelspec_metadata(
+            args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at, family=model.family
+        )
     )
     return metadata
 
@@ -173,6 +175,7 @@ class TrainerSkeleton:
 
     log_name = "train"  # accelerate's project name for the logs
     checkpoint_extension: str | None = None  # None: --save_model_as
+    bucket_reso_multiple = 64  # bucket sides the UNet can halve down to its smallest level (SDXL: 32)
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -182,7 +185,7 @@ class TrainerSkeleton:
         args = self.args
         started_at = time.time()
         self.check_inputs()  # what fails on user input fails before anything loads
-        blueprints = build_blueprints(args)
+        blueprints = build_blueprints(args, self.bucket_reso_multiple)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:
             make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
@@ -191,11 +194,11 @@ class TrainerSkeleton:
         args.seed = shared_seed(accelerator, args.seed)
         set_seed(args.seed)
         tokens = {"max_token_length": args.max_token_length, "seed": args.seed}
-        group = build_dataset_group(blueprints, model.tokenizer, **tokens)
+        group = build_dataset_group(blueprints, self.tokenizers(model), **tokens)
         if args.debug_dataset:
             print_dataset_preview(group)
             return None
-        validation = build_validation_group(blueprints, model.tokenizer, **tokens)
+        validation = build_validation_group(blueprints, self.tokenizers(model), **tokens)
         inputs = RunInputs(accelerator, model, group, validation, sample_prompts, started_at)
         self.before_latents(inputs)
         prepare_latents(args, accelerator, model, [group, validation])
@@ -224,6 +227,10 @@ class TrainerSkeleton:
     def load_models(self) -> StableDiffusionModel:
         """The model whose tokenizer, VAE and text encoder the run uses (models stay on the CPU)."""
         raise NotImplementedError
+
+    def tokenizers(self, model) -> list:
+        """The tokenizers whose ids batches carry (SDXL: both, as ``input_ids`` and ``input_ids2``)."""
+        return [model.tokenizer]
 
     def before_latents(self, inputs: RunInputs) -> None:
         """Work on the models that must happen before latents are cached (which draws random numbers)."""
