@@ -110,9 +110,14 @@ def check_images(blueprints: Sequence[DatasetBlueprint], skip_cached: bool) -> N
     """Every image decodes (those with a disk latent cache are skipped with ``skip_cached``); one
     warning lists images so small that their bucket enlarges them more than 4x per side."""
     records: list[tuple[ImageRecord, tuple[int, int]]] = []
-    for blueprint in blueprints:
-        for index, subset in enumerate(blueprint.subsets):
-            records += [(r, blueprint.buckets.resolution) for r in load_subset_images(subset, index).records]
+    listing_logger = logging.getLogger(load_subset_images.__module__)
+    listing_logger.disabled = True  # its caption warnings come again when the dataset is built
+    try:
+        for blueprint in blueprints:
+            for index, subset in enumerate(blueprint.subsets):
+                records += [(r, blueprint.buckets.resolution) for r in load_subset_images(subset, index).records]
+    finally:
+        listing_logger.disabled = False
     to_decode = [r for r, _ in records if not (skip_cached and _has_disk_cache(r.path))]
     bar = tqdm(to_decode, desc="checking images", disable=len(to_decode) < PROGRESS_BAR_FROM, leave=False)
     for record in bar:
