@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
@@ -26,10 +25,11 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from library.errors import ConfigError
+from library.training.divergence import check_finite_weights, loss_is_finite, raise_non_finite_loss
 from library.training.saving import model_file_name, rotate, state_dir_name
+from library.training.state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
-TRAIN_STATE_FILE = "train_state.json"
 
 
 class TrainingTask(Protocol):
@@ -213,6 +213,7 @@ class TrainingRun:
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        self.last_saved: Path | None = None  # named when a diverged run stops
         accelerator.register_for_checkpointing(*task.checkpoint_objects())
 
     # ---- resume ---------------------------------------------------------------------------
@@ -220,10 +221,8 @@ class TrainingRun:
     def resume(self, state_dir: str) -> None:
         """Restore optimizer, scheduler, RNG, trained weights and counters from a --save_state folder."""
         path = Path(state_dir)
-        if not (path / TRAIN_STATE_FILE).is_file():
-            raise ConfigError(f"--resume '{path}' is not a state folder written by --save_state")
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAIN_STATE_FILE).read_text())
+        objects = self.task.checkpoint_objects()
+        state = load_training_state(self.accelerator, path, self.optimizer, self.lr_scheduler, objects)
         self.global_step = state["current_step"]
         self.epoch = state["current_epoch"]
         self.step_in_epoch = state.get("batches_in_epoch", 0)
@@ -231,17 +230,13 @@ class TrainingRun:
 
     def _save_state(self, name: str) -> None:
         path = self.cadence.output_dir / name
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            (path / TRAIN_STATE_FILE).write_text(
-                json.dumps(
-                    {
-                        "current_epoch": self.epoch,
-                        "current_step": self.global_step,
-                        "batches_in_epoch": self.step_in_epoch,
-                    }
-                )
-            )
+        check_finite_weights(self.task.trainable_parameters(), path, self.global_step, self.last_saved)
+        counters = {
+            "current_epoch": self.epoch,
+            "current_step": self.global_step,
+            "batches_in_epoch": self.step_in_epoch,
+        }
+        save_training_state(self.accelerator, path, counters)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -274,6 +269,8 @@ class TrainingRun:
             with accelerator.accumulate():
                 self.task.on_step_start(self.global_step)
                 loss, extra = self.task.training_step(batch)
+                if not loss_is_finite(loss, accelerator):
+                    raise_non_finite_loss(self.global_step + 1, loss.item(), self.last_saved)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._sync_and_clip()
@@ -324,10 +321,13 @@ class TrainingRun:
     # ---- checkpoints and samples ----------------------------------------------------------
 
     def _save_model(self, name: str, epoch: int) -> None:
+        path = self.cadence.output_dir / name
+        check_finite_weights(self.task.trainable_parameters(), path, self.global_step, self.last_saved)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.cadence.output_dir.mkdir(parents=True, exist_ok=True)
-            self.task.save_model(self.cadence.output_dir / name, epoch, self.global_step)
+            self.task.save_model(path, epoch, self.global_step)
+        self.last_saved = path
 
     def _checkpoint(self, *, epoch: int | None = None, step: int | None = None) -> None:
         """An intermediate save (model, then state), each followed by kohya's rotation of older ones."""
