@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import logging
 import os
@@ -85,9 +86,9 @@ def save_state_dict(
 
 # Globals a checkpoint pickle may name that exist to run code or reach the system. A genuine
 # checkpoint never names them, so a file that does is refused with its name (every other unknown
-# global only becomes an inert stand-in). Protocol 2 writes Python 2 names (commands, __builtin__).
+# global only becomes an inert stand-in).
 _CODE_RUNNING_MODULES = frozenset(
-    "os posix nt sys subprocess commands shutil importlib runpy pickle _pickle marshal code codeop ctypes socket pty "
+    "os posix nt sys subprocess shutil importlib runpy pickle _pickle marshal code codeop ctypes socket pty "
     "multiprocessing webbrowser".split()
 )
 _CODE_RUNNING_BUILTINS = frozenset(
@@ -145,10 +146,13 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _refuse_code(path: Path, names: list[str]) -> None:
-    for full_name in names:
-        module, _, name = full_name.rpartition(".")
-        root = module.split(".")[0]
-        if root in _CODE_RUNNING_MODULES or (root in ("builtins", "__builtin__") and name in _CODE_RUNNING_BUILTINS):
+    for pickled_name in names:
+        module, _, name = pickled_name.rpartition(".")
+        # Protocol 2 writes Python 2 names (commands.Popen, __builtin__.exec); pickle maps them back.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full_name, root = f"{module}.{name}", module.split(".")[0]
+        if root in _CODE_RUNNING_MODULES or (root == "builtins" and name in _CODE_RUNNING_BUILTINS):
             raise CheckpointError(
                 f"refusing to load '{path}': its pickle names {full_name}, which runs code; "
                 "only weights are read from .ckpt/.pt files"
@@ -185,6 +189,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         loaded = torch_load_weights(path)
+    except CheckpointError:
+        raise
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupt file ({reason})") from err

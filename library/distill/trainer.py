@@ -49,6 +49,7 @@ from library.training.parts import (
     shared_seed,
     start_run,
 )
+from library.training.preflight import check_before_model, claim_output
 from library.training.sampling import load_sample_prompts, make_sampler
 from library.training.theseus import TheseusController, parse_replacement_schedule
 
@@ -74,10 +75,15 @@ class DistillTrainer:
 
     def train(self) -> DistillTask | None:
         """Check inputs, build everything, run the loop; returns the finished task (None for --debug_dataset)."""
+        with claim_output(self.args):
+            return self._train()
+
+    def _train(self) -> DistillTask | None:
         args = self.args
         started_at = time.time()
         module = import_network_module(args.network_module) if args.network_module else None
         blueprints = build_blueprints(args)
+        check_before_model(args, blueprints, needs_steps=False)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:
             make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run

@@ -52,6 +52,7 @@ from library.training.parts import (
     start_run,
     validation_timesteps,
 )
+from library.training.preflight import check_before_model, claim_output
 from library.training.sampling import load_sample_prompts, make_sampler
 from library.training.saving import per_save_metadata
 
@@ -173,11 +174,16 @@ class NetworkTrainer:
 
     def train(self) -> None:
         """Check inputs, build models, data, network and optimizer, then run the loop."""
+        with claim_output(self.args):
+            self._train()
+
+    def _train(self) -> None:
         args = self.args
         started_at = time.time()
         module = import_network_module(args.network_module)
         optimizer_class(args.optimizer_type)  # an unknown optimizer fails before the model loads
         blueprints = build_blueprints(args)
+        check_before_model(args, blueprints)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:
             make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run

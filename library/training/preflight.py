@@ -8,11 +8,12 @@ warning. Free disk space is checked once the network's size is known, before the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,7 @@ from library.data.dataset_config import DatasetBlueprint
 from library.data.image_sources import ImageRecord, load_subset_images
 from library.data.latent_cache import NPZ_SUFFIX
 from library.errors import ConfigError, DatasetError
+from library.training.output_lock import hold_output
 
 logger = logging.getLogger(__name__)
 
@@ -142,3 +144,16 @@ def check_before_model(
     """Everything checkable before the model loads (the output folder is checked by the caller first)."""
     check_numbers(args, needs_steps=needs_steps and not getattr(args, "network_weights", None))
     check_images(blueprints, skip_cached=bool(getattr(args, "cache_latents_to_disk", False)))
+
+
+@contextlib.contextmanager
+def claim_output(args: argparse.Namespace, default_name: str = "last") -> Iterator[Path | None]:
+    """``--output_dir`` created and probed, then held against a second run of the same ``--output_name``
+    (and cleared of a killed run's leftovers) for the block. Only the main process (``RANK`` 0) writes."""
+    if getattr(args, "debug_dataset", False):  # writes nothing
+        yield None
+        return
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    directory = check_output_dir(args.output_dir) if is_main else Path(args.output_dir)
+    with hold_output(directory, args.output_name or default_name, is_main):
+        yield directory
