@@ -154,6 +154,21 @@ def claim_output(args: argparse.Namespace, default_name: str = "last") -> Iterat
         yield None
         return
     is_main = int(os.environ.get("RANK", "0")) == 0
-    directory = check_output_dir(args.output_dir) if is_main else Path(args.output_dir)
-    with hold_output(directory, args.output_name or default_name, is_main):
-        yield directory
+    directory = Path(args.output_dir)
+    new_folders = [p for p in (directory, *directory.parents) if not p.exists()] if is_main else []
+    if is_main:
+        check_output_dir(directory)
+    try:
+        with hold_output(directory, args.output_name or default_name, is_main):
+            yield directory
+    except BaseException:
+        _remove_if_empty(new_folders)  # a run that fails before writing anything leaves nothing behind
+        raise
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
