@@ -168,13 +168,32 @@ def torch_load_weights(path: str | os.PathLike) -> object:
     (``os.system``, ``builtins.exec``, ``subprocess.Popen``...) are refused with one line.
     """
     path = Path(path)
-    names = _unsafe_globals(path)
-    _refuse_code(path, names)
-    stand_ins = [(type(n.rpartition(".")[2], (PickledStandIn,), {"pickled_name": n}), n) for n in names]
-    if names:
-        logger.info("'%s': %d pickled non-tensor objects read as inert stand-ins: %s", path, len(names), names)
-    with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        names = _unsafe_globals(path)
+        _refuse_code(path, names)
+        stand_ins = [(type(n.rpartition(".")[2], (PickledStandIn,), {"pickled_name": n}), n) for n in names]
+        if names:
+            logger.info("'%s': %d pickled non-tensor objects read as inert stand-ins: %s", path, len(names), names)
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"cannot load '{path}' as weights: its pickle is corrupt or holds more than tensors and plain data "
+            f"({_unpickling_reason(err)})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupt file ({reason})") from err
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The specific line of torch's long weights-only message (e.g. ``Unsupported operand 149``)."""
+    text = str(err)
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -191,7 +210,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = torch_load_weights(path)
     except CheckpointError:
         raise
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupt file ({reason})") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
