@@ -3,20 +3,19 @@ concurrent runs and files that try to run code, end to end on the tiny fixtures.
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train_network
+from library.cli import run_cli
 from library.errors import CheckpointError, ConfigError
 from library.training import loop as loop_module
 from library.training import state as state_module
 from library.training.divergence import TrainingDivergedError
 from library.training.output_lock import lock_path
-from tests.test_train_network import REPO, _assert_same_tensors, base_argv
+from tests.test_train_network import _assert_same_tensors, base_argv
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -89,7 +88,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_sd, data):
     assert sorted(p.name for p in out.iterdir()) == [".tiny.lock"]
 
 
-def test_a_state_save_killed_midway_keeps_the_previous_state_resumable(tiny_sd, data, monkeypatch, payload_file):
+def test_a_state_save_killed_midway_keeps_the_previous_state_resumable(tiny_sd, data, monkeypatch, code_payload):
     common = ("--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state")
     train_network.main(base_argv(tiny_sd, data, *common))
     out = data / "out"
@@ -111,11 +110,11 @@ def test_a_state_save_killed_midway_keeps_the_previous_state_resumable(tiny_sd, 
     # A folder someone else sent: its pickles would run code.
     malicious = out / "shared-state"
     shutil.copytree(out / "tiny-step00000002-state", malicious)
-    shutil.copyfile(payload_file[0], malicious / "custom_checkpoint_0.pkl")
+    shutil.copyfile(code_payload[0], malicious / "custom_checkpoint_0.pkl")
     state_module.write_manifest(malicious)
     with pytest.raises(CheckpointError, match="refusing .*custom_checkpoint_0.pkl"):
         train_network.main(base_argv(tiny_sd, data, *common, "--resume", str(malicious), "--output_name", "x"))
-    assert not payload_file[1].exists()
+    assert not code_payload[1].exists()
 
     resumed = base_argv(tiny_sd, data, "--max_train_steps", "4", "--resume", str(out / "tiny-step00000002-state"))
     train_network.main(resumed)  # the same output name: the killed run's leftovers are cleared first
@@ -123,27 +122,12 @@ def test_a_state_save_killed_midway_keeps_the_previous_state_resumable(tiny_sd, 
     _assert_same_tensors(data / "uninterrupted.safetensors", finished)
 
 
-@pytest.fixture(scope="module")
-def payload_file(tmp_path_factory):
-    """A torch file whose unpickling would create ``marker`` (written by another interpreter)."""
-    root = tmp_path_factory.mktemp("payload")
-    marker, file = root / "marker", root / "payload.pt"
-    code = f"""
-import subprocess, torch
-class Payload:
-    def __reduce__(self):
-        return (subprocess.Popen, (["touch", {str(marker)!r}],))
-torch.save({{"lora_unet_x.lora_down.weight": Payload()}}, {str(file)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return file, marker
-
-
-def test_a_malicious_ckpt_runs_no_code_and_exits_2(tiny_sd, data, payload_file):
+def test_a_malicious_ckpt_runs_no_code_and_exits_2(tiny_sd, data, code_payload, capsys):
     ckpt = data / "model.ckpt"
-    shutil.copyfile(payload_file[0], ckpt)
+    shutil.copyfile(code_payload[0], ckpt)
     argv = base_argv(tiny_sd, data, "--pretrained_model_name_or_path", str(ckpt))
-    result = subprocess.run([sys.executable, "train_network.py", *argv], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: refusing to load '{ckpt}'")
-    assert not payload_file[1].exists()
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: train_network.main(argv))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: refusing to load '{ckpt}': its pickle names subprocess.Popen")
+    assert not code_payload[1].exists()

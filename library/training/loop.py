@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from library.errors import ConfigError
 from library.training.divergence import check_finite_weights, loss_is_finite, raise_non_finite_loss
-from library.training.preflight import check_free_space, save_size_estimate
+from library.training.preflight import check_room_for_checkpoint
 from library.training.saving import model_file_name, rotate, state_dir_name
 from library.training.state import load_training_state, save_training_state
 
@@ -243,7 +243,10 @@ class TrainingRun:
 
     def run(self) -> None:
         if self.accelerator.is_main_process:
-            self._check_free_space()
+            s = self.cadence
+            check_room_for_checkpoint(
+                s.output_dir, self.task.trainable_parameters(), s.save_state or s.save_state_on_train_end
+            )
         if self.accelerator.num_processes > 1 and self.seed is not None:
             # Same init on every rank (done before this), different noise per rank from here on.
             torch.manual_seed(self.seed + 1_000_003 * self.accelerator.process_index + self.global_step)
@@ -260,13 +263,6 @@ class TrainingRun:
             self._run_epoch(progress)
         progress.close()
         self._finish()
-
-    def _check_free_space(self) -> None:
-        """Room for one checkpoint (and state folder) at the trained weights' size, before the first step."""
-        s = self.cadence
-        num_values = sum(p.numel() for p in self.task.trainable_parameters())
-        with_state = s.save_state or s.save_state_on_train_end
-        check_free_space(s.output_dir, save_size_estimate(num_values, 4, with_state), "one checkpoint")
 
     def _run_epoch(self, progress: tqdm) -> None:
         accelerator = self.accelerator

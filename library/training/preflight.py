@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -82,6 +83,12 @@ def save_size_estimate(num_parameters: int, save_bytes_per_value: int, save_stat
     """Bytes of one checkpoint (plus a state folder: fp32 weights and two optimizer moments), with 10% slack."""
     size = num_parameters * save_bytes_per_value + (num_parameters * 12 if save_state else 0)
     return int(size * 1.1) + 2**20
+
+
+def check_room_for_checkpoint(output_dir: Path, parameters: Sequence[torch.Tensor], with_state: bool) -> None:
+    """Room for one checkpoint (and state folder) at the trained weights' size, before the first step."""
+    num_values = sum(p.numel() for p in parameters)
+    check_free_space(output_dir, save_size_estimate(num_values, 4, with_state), "one checkpoint")
 
 
 def _has_disk_cache(path: Path) -> bool:

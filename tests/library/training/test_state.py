@@ -3,8 +3,6 @@
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -97,26 +95,10 @@ def test_truncated_optimizer_with_matching_manifest_is_one_line(tmp_path):
     _refused(tmp_path, path, "optimizer.bin': truncated or corrupt")
 
 
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory):
-    """A torch file whose unpickling would create ``marker`` (written by another interpreter)."""
-    root = tmp_path_factory.mktemp("payload")
-    marker, file = root / "marker", root / "payload.pt"
-    code = f"""
-import os, torch
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("touch {marker}",))
-torch.save({{"weight": Payload()}}, {str(file)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return file, marker
-
-
 @pytest.mark.parametrize("target", ["custom_checkpoint_0.pkl", OPTIMIZER_FILE, "random_states_0.pkl"])
-def test_malicious_state_folder_runs_no_code(tmp_path, payload, target):
+def test_malicious_state_folder_runs_no_code(tmp_path, code_payload, target):
     path, *_ = _save(tmp_path)
-    file, marker = payload
+    file, marker = code_payload
     shutil.copyfile(file, path / target)
     state_module.write_manifest(path)
     message = _refused(tmp_path, path, "refusing")
