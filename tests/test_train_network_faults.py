@@ -131,3 +131,14 @@ def test_a_malicious_ckpt_runs_no_code_and_exits_2(tiny_sd, data, code_payload, 
     assert exited.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: refusing to load '{ckpt}': its pickle names subprocess.Popen")
     assert not code_payload[1].exists()
+
+
+def test_distillation_stops_on_divergence_too(tiny_sd, data):
+    import distill_unet
+    from tests.test_distill_unet import distill_argv
+
+    argv = distill_argv(tiny_sd.sd1_dir, data, data / "out", "--student", "bk_tiny", "--learning_rate", "1e12",
+                        "--max_train_steps", "6", "--save_every_n_steps", "1", "--max_grad_norm", "0")  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"at step \d+"):
+        distill_unet.main(argv)
+    assert not (data / "out" / "student").exists() and _all_tensors_finite(data / "out") == []
