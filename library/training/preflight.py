@@ -71,7 +71,8 @@ def check_output_dir(output_dir: str | os.PathLike | None) -> Path:
 
 def check_free_space(output_dir: Path, needed_bytes: int, what: str) -> None:
     """Refuse to start when ``output_dir`` lacks room for ``what`` (``needed_bytes``, an estimate)."""
-    free = shutil.disk_usage(output_dir).free
+    existing = next(p for p in (Path(output_dir).absolute(), *Path(output_dir).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise ConfigError(
             f"--output_dir '{output_dir}' has {free / 2**20:.0f} MiB free but {what} needs about "
