@@ -42,6 +42,7 @@ from networks.base import (
 )
 from networks.lora_file import load_lora_file
 from networks.network_args import NUM_BLOCKS, LowRankArgs, NetworkArgsError, parse_network_args
+from networks.sgm_names import unet_path_renamer
 
 DEFAULT_DIM, DEFAULT_ALPHA = 4, 1.0  # kohya's values when --network_dim / --network_alpha are not given
 _BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -140,6 +141,9 @@ def create_network(
 ) -> LoRANetwork:
     """A new LoRA network for ``text_encoder`` and ``unet``; kohya's signature (``vae`` is unused)."""
     args = parse_network_args(LoRAArgs, network_args).with_neuron_dropout(neuron_dropout)
+    if args.blockwise and unet_path_renamer(unet) is not None:
+        # kohya's SDXL block layout (23 lr weights, other indices) is not built yet; never ignore them silently.
+        raise NetworkArgsError("block-wise dims, alphas and lr weights are not supported on SDXL yet")
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
     modules = []

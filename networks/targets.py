@@ -18,6 +18,7 @@ from torch import nn
 
 from networks.errors import NetworkError, NetworkWeightsError
 from networks.network_args import MID_BLOCK
+from networks.sgm_names import unet_path_renamer
 
 UNET_PREFIX, TEXT_ENCODER_PREFIX = "lora_unet", "lora_te"
 # kohya's target parents, matched by class name anywhere in the class's MRO (subclasses match too).
@@ -60,7 +61,9 @@ def _has_class(module: nn.Module, names: Sequence[str]) -> bool:
     return any(cls.__name__ in names for cls in type(module).__mro__)
 
 
-def _find(root: nn.Module, prefix: str, parents: Sequence[str], accept, level: str | None) -> list[Target]:
+def _find(
+    root: nn.Module, prefix: str, parents: Sequence[str], accept, level: str | None, rename=None
+) -> list[Target]:
     targets, seen = [], set()
     for parent_name, parent in root.named_modules():
         if not _has_class(parent, parents):
@@ -72,6 +75,8 @@ def _find(root: nn.Module, prefix: str, parents: Sequence[str], accept, level: s
             path = f"{parent_name}.{child_name}" if parent_name else child_name
             if level and not path.startswith(level + "."):
                 path = f"{level}.{path}"
+            if rename is not None:
+                path = rename(path)
             targets.append(Target(f"{prefix}.{path}".replace(".", "_"), child))
     return targets
 
@@ -86,7 +91,8 @@ def find_targets(
     """Layers ``accept``-ed inside modules whose class is one of the parents, named as kohya names them.
 
     ``accept(child_name, child)`` picks layers within a parent. Text-encoder names always carry
-    ``text_model.``, also when the model passed in lacks that level.
+    ``text_model.``, also when the model passed in lacks that level. A diffusers SDXL UNet's layers get
+    kohya's SDXL (SGM) names, ``lora_unet_input_blocks_4_1_…`` (see :mod:`networks.sgm_names`).
     """
     encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     encoders = [encoder for encoder in encoders if encoder is not None]
@@ -95,7 +101,7 @@ def find_targets(
         prefix = TEXT_ENCODER_PREFIX if len(encoders) == 1 else f"{TEXT_ENCODER_PREFIX}{i + 1}"
         targets += _find(encoder, prefix, text_encoder_parents, accept, TEXT_MODEL_LEVEL)
     if unet is not None:
-        targets += _find(unet, UNET_PREFIX, unet_parents, accept, None)
+        targets += _find(unet, UNET_PREFIX, unet_parents, accept, None, unet_path_renamer(unet))
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)

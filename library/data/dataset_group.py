@@ -38,10 +38,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from library.data.bucketed_dataset import BucketedDataset, build_bucketed_dataset
+from library.data.buckets import sdxl_size_conditioning
 from library.data.captions import process_caption
 from library.data.dataset_config import DatasetBlueprint
 from library.data.image_sources import ImageRecord
-from library.data.latent_cache import CacheJob, encode_jobs, is_cache_valid, npz_path_for
+from library.data.latent_cache import NPZ_SUFFIX, CacheJob, encode_jobs, is_cache_valid, npz_path_for
 from library.data.metadata import dataset_metadata
 from library.data.samples import cached_sample, image_sample
 from library.errors import DatasetError
@@ -78,7 +79,10 @@ class DatasetGroup(torch.utils.data.Dataset):
         if not isinstance(seed, int):
             raise TypeError("seed must be an int shared by all processes (draw one when --seed is not given)")
         self.datasets = datasets
-        self.tokenizer = tokenizer
+        # SDXL passes both tokenizers: batches then hold input_ids2 too (kohya's batch keys).
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        self.tokenizer = self.tokenizers[0]
+        self.latent_cache_suffix = NPZ_SUFFIX  # SDXL trainers set SDXL_NPZ_SUFFIX
         self.max_token_length = max_token_length
         self.seed = seed % 2**63
         self.current_epoch = 1
@@ -151,6 +155,9 @@ class DatasetGroup(torch.utils.data.Dataset):
             step=key.step,
             max_train_steps=self.max_train_steps,
         )
+        sample["size_conditioning"] = sdxl_size_conditioning(
+            record.size, record.bucket, flipped=flipped, bucketed=dataset.blueprint.buckets.enable_bucket
+        )
         sample["loss_weight"] = dataset.blueprint.prior_loss_weight if record.is_reg else 1.0
         sample["image_key"] = record.key
         sample["custom_attributes"] = subset.custom_attributes
@@ -160,11 +167,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         captions = [s["caption"] for s in samples]
         batch = {
             "input_ids": tokenize_captions(self.tokenizer, captions, self.max_token_length),
+            **{
+                f"input_ids{i + 1}": tokenize_captions(tokenizer, captions, self.max_token_length)
+                for i, tokenizer in enumerate(self.tokenizers[1:], start=1)
+            },
             "captions": captions,
             "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
             "image_keys": [s["image_key"] for s in samples],
             "custom_attributes": [s["custom_attributes"] for s in samples],
         }
+        for index, key in enumerate(("original_sizes_hw", "crop_top_lefts", "target_sizes_hw")):
+            batch[key] = torch.tensor([s["size_conditioning"][index] for s in samples], dtype=torch.long)
         pixel_key = "latents" if "latents" in samples[0] else "images"
         batch[pixel_key] = torch.stack([s[pixel_key] for s in samples])
         masks = [s.get("alpha_mask") for s in samples]
@@ -199,7 +212,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             if not to_disk:
                 memory_jobs.append(job)
                 continue
-            path = npz_path_for(record.path, record.size)
+            path = npz_path_for(record.path, record.size, self.latent_cache_suffix)
             if path in claimed:
                 # The same image in two datasets: share the file, or, at another size, keep this one in memory.
                 if claimed[path] == job.condition:

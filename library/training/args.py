@@ -294,8 +294,13 @@ def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
-def verify_training_args(args: argparse.Namespace) -> None:
-    """Normalise kohya's flag interactions and refuse impossible combinations before anything runs."""
+def verify_training_args(
+    args: argparse.Namespace, reso_step_multiple: int = 64, family_name: str = "SD1.x/SD2.x"
+) -> None:
+    """Normalise kohya's flag interactions and refuse impossible combinations before anything runs.
+
+    Buckets must be multiples of 64 px for SD1.x/SD2.x and of 32 px for SDXL (kohya's checks).
+    """
     if args.caption_extention is not None:
         args.caption_extension = args.caption_extention
     if args.cache_latents_to_disk:
@@ -336,7 +341,10 @@ def verify_training_args(args: argparse.Namespace) -> None:
             and not Path(args.metadata_thumbnail).is_file(),
             f"--metadata_thumbnail '{args.metadata_thumbnail}' is neither a data: URL nor an image file",
         ),
-        (args.bucket_reso_steps % 64 != 0, "--bucket_reso_steps must be a multiple of 64 for SD1.x/SD2.x"),
+        (
+            args.bucket_reso_steps % reso_step_multiple != 0,
+            f"--bucket_reso_steps must be a multiple of {reso_step_multiple} for {family_name}",
+        ),
         (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
         (
             args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep,

@@ -31,6 +31,7 @@ from library.training.networks import (
     import_network_module,
     load_network_weights,
     network_errors_as_config_errors,
+    text_encoder_arg,
 )
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
 from library.training.optimizers import lr_scheduler_class, optimizer_class
@@ -65,17 +66,21 @@ class NetworkTask:
 
     def on_epoch_start(self, epoch: int) -> None:
         self.dataset_group.set_current_epoch(epoch + 1)
-        self.network.on_epoch_start(self.model.text_encoder, self.model.unet)
+        self.network.on_epoch_start(text_encoder_arg(self.model), self.model.unet)
 
     def on_step_start(self, step: int) -> None:
         self.dataset_group.set_current_step(step)
-        self.network.on_step_start(self.model.text_encoder, self.model.unet)
+        self.network.on_step_start(text_encoder_arg(self.model), self.model.unet)
+
+    def unet_conditioning(self, batch: dict) -> dict:
+        """The UNet's keyword arguments for a batch (the model family's text conditioning)."""
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            hidden = self.model.encode_prompt(batch["input_ids"], self.args.clip_skip)
+        return self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
 
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            hidden = self.model.encode_prompt(batch["input_ids"], self.args.clip_skip)
-        unet, conditioning = self.model.unet, self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
+        unet, conditioning = self.model.unet, self.unet_conditioning(batch)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return unet(noisy.to(unet.dtype), t, **conditioning).sample
@@ -180,9 +185,9 @@ class NetworkTrainer(TrainerSkeleton):
             multiplier = multipliers[index] if index < len(multipliers) else 1.0
             with network_errors_as_config_errors("--base_weights"):
                 base, weights = module.create_network_from_weights(
-                    multiplier, path, model.vae, model.text_encoder, model.unet, for_inference=True
+                    multiplier, path, model.vae, text_encoder_arg(model), model.unet, for_inference=True
                 )
-            base.merge_to(model.text_encoder, model.unet, weights, torch.float32, "cpu")
+            base.merge_to(text_encoder_arg(model), model.unet, weights, torch.float32, "cpu")
             logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
 
     def _build_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
@@ -190,19 +195,25 @@ class NetworkTrainer(TrainerSkeleton):
         self._merge_base_weights(module, model)
         network = create_network(args, module, model)
         train_unet = not args.network_train_text_encoder_only
-        network.apply_to(model.text_encoder, model.unet, not args.network_train_unet_only, train_unet)
+        network.apply_to(text_encoder_arg(model), model.unet, not args.network_train_unet_only, train_unet)
         load_network_weights(args, network)
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if not args.network_train_unet_only:
-                model.text_encoder.gradient_checkpointing_enable()
-                model.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+                for encoder in self.text_encoders(model):
+                    encoder.gradient_checkpointing_enable()
+                    encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
             network.enable_gradient_checkpointing()
         return network
 
     def _place_models(self, accelerator: Accelerator, model: StableDiffusionModel, network) -> None:
         """Frozen weights in the mixed-precision dtype (kohya's memory saving), network in fp32 unless full_*."""
-        place_frozen(self.args, accelerator.device, model.unet, model.text_encoder)
+        place_frozen(self.args, accelerator.device, model.unet, *self.text_encoders(model))
         network.to(accelerator.device, dtype=trained_dtype(self.args))
-        network.prepare_grad_etc(model.text_encoder, model.unet)
+        network.prepare_grad_etc(text_encoder_arg(model), model.unet)
         model.unet = compile_for_training(accelerator, model.unet)  # --torch_compile, with the network patched in
+
+    @staticmethod
+    def text_encoders(model) -> list[torch.nn.Module]:
+        encoders = text_encoder_arg(model)
+        return encoders if isinstance(encoders, list) else [encoders]
