@@ -51,6 +51,7 @@ class ResizeRequest:
     dynamic_method: str | None = None
     dynamic_param: float | None = None
     keep_alpha: bool = False  # write the input alphas, fold the rank change into the factors
+    conv_rank_3x3_only: bool = False  # svd_merge_lora.py's cap: --new_conv_rank for 3x3 convs, not 1x1
 
     def __post_init__(self) -> None:
         if self.new_rank < 1 or (self.new_conv_rank is not None and self.new_conv_rank < 1):
@@ -66,8 +67,13 @@ class ResizeRequest:
     def conv_rank(self) -> int:
         return self.new_rank if self.new_conv_rank is None else self.new_conv_rank
 
-    def max_rank(self, is_conv: bool) -> int:
-        """kohya's cap: ``--new_conv_rank`` for every 4-D (conv) module, 1x1 included; ``--new_rank`` otherwise."""
+    def max_rank(self, is_conv: bool, kernel: tuple[int, ...] = ()) -> int:
+        """kohya's cap: ``--new_conv_rank`` for every 4-D (conv) module, 1x1 included; ``--new_rank`` otherwise.
+
+        With ``conv_rank_3x3_only`` (kohya's ``svd_merge_lora.py``) a 1x1 ``kernel`` gets ``--new_rank``.
+        """
+        if is_conv and self.conv_rank_3x3_only and tuple(kernel) == (1, 1):
+            return self.new_rank
         return self.conv_rank if is_conv else self.new_rank
 
 
@@ -99,7 +105,7 @@ class ModuleSpectrum:
     def choose(self, request: ResizeRequest) -> RankChoice:
         return select_rank(
             self.spectrum,
-            request.max_rank(self.is_conv),
+            request.max_rank(self.is_conv, self.down_tail[1:]),
             self.full_length,
             request.dynamic_method,
             request.dynamic_param,
@@ -274,7 +280,7 @@ def is_no_op(state_dict: dict[str, torch.Tensor], request: ResizeRequest, source
     if request.dynamic_method is not None:
         return False
     downs = [state_dict[pair.down_key] for pair in find_lora_pairs(state_dict, source)]
-    return all(request.max_rank(down.dim() == 4) >= down.shape[0] for down in downs)
+    return all(request.max_rank(down.dim() == 4, tuple(down.shape[2:])) >= down.shape[0] for down in downs)
 
 
 def cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
