@@ -44,6 +44,7 @@ class SDWeights:
     text_encoder: dict[str, torch.Tensor]
     unet: dict[str, torch.Tensor]
     unet_config: dict[str, Any]
+    text_config: CLIPTextConfig
     ldm: dict[str, torch.Tensor] | None = None  # the single file's tensors, None for a folder
     changed: set[str] = field(default_factory=set)  # "te:<key>" / "unet:<key>"
 
@@ -85,9 +86,10 @@ def _read_single_file(path: Path) -> SDWeights:
     unet_config = conv.unet_config_from_ldm(arch, state_dict)
     unet = conv.convert_unet_from_ldm(state_dict, unet_config)
     with init_empty_weights():
-        text_model = CLIPTextModel(CLIPTextConfig(**arch.text_config))  # shapes only, for SD2's conversion
+        text_config = CLIPTextConfig(**arch.text_config)
+        text_model = CLIPTextModel(text_config)  # shapes only, for SD2's conversion
     text = conv.convert_text_encoder_from_ldm(state_dict, text_model, arch.v2)
-    return SDWeights(path, arch.v2, text, unet, unet_config, ldm=state_dict)
+    return SDWeights(path, arch.v2, text, unet, unet_config, text_config, ldm=state_dict)
 
 
 def _weight_file(folder: Path, part: str) -> Path:
@@ -106,10 +108,10 @@ def _read_folder(path: Path) -> SDWeights:
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     if unet_config.get("addition_embed_type") == "text_time":
         raise CheckpointError(f"'{path}' is an SDXL model: only SD1.x/SD2.x checkpoints are supported so far")
-    text_config = json.loads((path / "text_encoder" / "config.json").read_text())
+    text_config = CLIPTextConfig.from_pretrained(path / "text_encoder")
     text = {conv.canonical_clip_key(k): v for k, v in read_state_dict(_weight_file(path, "text_encoder")).items()}
     unet = read_state_dict(_weight_file(path, "unet"))
-    return SDWeights(path, text_config.get("hidden_act") == "gelu", text, unet, unet_config)
+    return SDWeights(path, text_config.hidden_act == "gelu", text, unet, unet_config, text_config)
 
 
 def read_sd_weights(path: str | os.PathLike) -> SDWeights:
