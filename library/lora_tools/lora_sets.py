@@ -17,6 +17,7 @@ import torch
 
 from library.errors import ConfigError
 from library.resize.lora_pairs import find_lora_pairs
+from library.resize.lycoris import lycoris_to_lora
 from networks.lora_file import LoRAFileError, load_lora_file
 from networks.svd import lora_matrices, tucker_to_lora_down
 
@@ -89,6 +90,7 @@ def modules_of(state_dict: dict[str, torch.Tensor], source: str) -> tuple[dict[s
 def read_lora(path: str | os.PathLike) -> LoRAInput:
     """One LoRA file; :class:`LoRAFileError` naming it if it is unreadable or holds no LoRA modules."""
     state_dict, metadata = load_lora_file(path)
+    state_dict = lycoris_to_lora(state_dict, str(path))
     modules, others = modules_of(state_dict, str(path))
     return LoRAInput(Path(path), modules, metadata, others)
 

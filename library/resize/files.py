@@ -16,6 +16,7 @@ import torch
 from library.errors import ConfigError
 from library.resize.budget import budget_summary, budget_table, parse_size, plan_budget
 from library.resize.lora_pairs import find_lora_pairs
+from library.resize.lycoris import lycoris_to_lora
 from library.resize.rank_reduction import (
     ResizeRequest,
     ResizeResult,
@@ -108,6 +109,7 @@ def resize_lora_file(
     if budget is not None and save_to.suffix != ".safetensors":
         raise ConfigError(f"--target_size/--target_ratio size .safetensors files: --save_to '{save_to}' is not one")
     state_dict, metadata = load_lora_file(model)
+    state_dict = lycoris_to_lora(state_dict, str(model))
     _note_precision(state_dict, save_precision)
     choice = None
     if budget is not None:
@@ -157,6 +159,7 @@ def preview_sweep(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     state_dict, metadata = load_lora_file(model)
+    state_dict = lycoris_to_lora(state_dict, str(model))
     owned = {key for pair in find_lora_pairs(state_dict, str(model)) for key in pair.keys}
     others = {k: (v.dtype if not v.is_floating_point() else dtype, tuple(v.shape)) for k, v in state_dict.items()}
     others = {k: spec for k, spec in others.items() if k not in owned}
