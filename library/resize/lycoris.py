@@ -99,7 +99,8 @@ def _lokr(sd: dict[str, torch.Tensor], name: str, source: str):
     if kernel is not None:
         tail = (q1.shape[1] * q2.shape[1] // math.prod(kernel), *kernel)
     keys = [k for k in sd if k.startswith(f"{name}.lokr_")]
-    return torch.kron(p1, p2), torch.kron(q1, q2), rank, tail, keys
+    kron = [torch.kron(a.contiguous(), b.contiguous()) for a, b in ((p1, p2), (q1, q2))]
+    return *kron, rank, tail, keys
 
 
 def lycoris_to_lora(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
