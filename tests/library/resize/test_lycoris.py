@@ -12,7 +12,6 @@ from library.resize.lycoris import lycoris_to_lora
 from networks.lora_file import load_lora_file
 from tests.kohya_reference import dense_delta
 
-
 VARIANTS = {
     "loha": {"algo": "loha"},
     "loha_tucker": {"algo": "loha", "use_tucker": "True"},
