@@ -1,11 +1,19 @@
-"""Independent references for resize tests: kohya's dense method, written from its description.
+"""Independent references written from kohya's descriptions: module naming, and the dense resize method.
 
-research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
+Naming (networks/lora.py, dylora.py, lora_fa.py ``create_modules``): every Linear/Conv2d child of a module
+whose class name is a target, named ``prefix.<parent path>.<child path>`` with dots turned into underscores.
+
+Resize, research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
 the rank from the whole spectrum. These helpers do exactly that (in float64), so the factored
 path is checked against the method it replaces, not against itself.
 """
 
 import torch
+from torch import nn
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
 def dense_delta(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -48,3 +56,17 @@ def kohya_svd_merge(parts, new_rank: int, clamp_quantile: float = 0.99):
     up, down = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
     limit = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
     return up.clamp(-limit, limit), down.clamp(-limit, limit)
+
+
+def kohya_module_names(text_encoder: nn.Module, unet: nn.Module, convs: bool) -> set[str]:
+    """kohya's module names for an SD1/2 text encoder (with its ``text_model`` level) and UNet."""
+    names = set()
+    unet_targets = UNET_TARGETS + (UNET_CONV_TARGETS if convs else ())
+    for prefix, root, targets in (("lora_te", text_encoder, TEXT_ENCODER_TARGETS), ("lora_unet", unet, unet_targets)):
+        for name, module in root.named_modules():
+            if module.__class__.__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                if child.__class__.__name__ in ("Linear", "Conv2d"):
+                    names.add(f"{prefix}.{name}.{child_name}".replace(".", "_"))
+    return names
