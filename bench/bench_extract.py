@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv_dim", type=int, default=16)
     parser.add_argument("--decay", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--start", default="0x0", help="resume: skip shapes before OUTxFAN_IN in the table's order")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     request = ExtractRequest(args.dim, args.conv_dim)
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     total_dense = total_ours = 0.0
     worst = []
     for index, ((out_features, fan_in, rank), count) in enumerate(sorted(shapes.items())):
+        if (out_features, fan_in) < tuple(int(v) for v in args.start.split("x")):
+            continue
         matrix = difference(out_features, fan_in, args.decay, index)
         dense_s, (u, _, vh) = cpu_seconds(torch.linalg.svd, matrix)
         ours_s, top = cpu_seconds(top_singular, matrix, rank)
