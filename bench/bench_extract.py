@@ -20,19 +20,8 @@ import torch
 
 from bench.bench_resize import sd15_targets
 from library.lora_tools.extract import ExtractRequest
-from library.lora_tools.truncated_svd import top_singular
-
-
-def difference(out_features: int, fan_in: int, decay: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    inner = min(out_features, fan_in)
-    left = torch.randn(out_features, inner, generator=generator) * torch.arange(1, inner + 1) ** -decay
-    return left @ torch.randn(inner, fan_in, generator=generator) / fan_in**0.5
-
-
-def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
-    basis = basis.double()
-    return float(torch.linalg.matrix_norm(basis - reference @ (reference.T @ basis), ord=2))
+from library.lora_tools.truncated_svd import subspace_error, top_singular
+from library.synthetic_lora import decaying_matrix
 
 
 def cpu_seconds(function, *args) -> tuple[float, object]:
@@ -65,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, ((out_features, fan_in, rank), count) in enumerate(sorted(shapes.items())):
         if (out_features, fan_in) < tuple(int(v) for v in args.start.split("x")):
             continue
-        matrix = difference(out_features, fan_in, args.decay, index)
+        matrix = decaying_matrix(out_features, fan_in, args.decay, index)
         dense_s, (u, _, vh) = cpu_seconds(torch.linalg.svd, matrix)
         ours_s, top = cpu_seconds(top_singular, matrix, rank)
         u64, _, vh64 = torch.linalg.svd(matrix.double(), full_matrices=False)

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 import resize_lora
-from library.cli import run_cli
 from library.synthetic_lora import LoRATarget, random_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta, dense_truncation
 
 TARGETS = [
@@ -18,11 +18,7 @@ TARGETS = [
 
 
 def run(*args) -> int:
-    try:
-        run_cli(lambda: resize_lora.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(resize_lora.main, *args)
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 import resize_lora
-from library.cli import run_cli
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta, dense_truncation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +43,7 @@ def lora_file(tmp_path):
 
 
 def run(*args) -> int:
-    """The script's exit status, as ``python resize_lora.py ARGS`` would end."""
-    try:
-        run_cli(lambda: resize_lora.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(resize_lora.main, *args)
 
 
 def data_hash(path: Path) -> str:

@@ -71,3 +71,9 @@ def top_singular(
         previous = relative
         q = torch.linalg.qr(a @ torch.linalg.qr(block.T).Q).Q
     return _dense(matrix, k)
+
+
+def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
+    """sin of the largest principal angle between the spans of two orthonormal bases (columns), in float64."""
+    basis, reference = basis.double(), reference.double()
+    return float(torch.linalg.matrix_norm(basis - reference @ (reference.T @ basis), ord=2))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from library.cli import run_cli
 from library.lora_tools.inspection import update_norm
 from library.lora_tools.lora_sets import modules_of
 from library.synthetic_lora import LoRATarget, random_lora
 from networks import check_lora_weights
 from networks.lora_file import save_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,11 +32,7 @@ def show_metadata():
 
 
 def run(main, *args) -> int:
-    try:
-        run_cli(lambda: main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(main, *args)
 
 
 @pytest.fixture

@@ -4,18 +4,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.cli import run_cli
 from networks import extract_lora_from_models, merge_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta
 
 
 def run(script, *args) -> int:
-    try:
-        run_cli(lambda: script.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(script.main, *args)
 
 
 def update(tensors, name):

@@ -4,20 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.cli import run_cli
 from library.models.stable_diffusion import load_stable_diffusion
 from library.synthetic_lora import LoRATarget
 from networks import merge_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta
 
 
 def run(*args) -> int:
-    try:
-        run_cli(lambda: merge_lora.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(merge_lora.main, *args)
 
 
 def module_at(model, target: LoRATarget) -> torch.nn.Module:

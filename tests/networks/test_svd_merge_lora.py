@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.cli import run_cli
 from library.synthetic_lora import LoRATarget, random_lora
 from networks import svd_merge_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta, kohya_rank, kohya_svd_merge
 
 TARGETS = [
@@ -18,11 +18,7 @@ TARGETS = [
 
 
 def run(*args) -> int:
-    try:
-        run_cli(lambda: svd_merge_lora.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(svd_merge_lora.main, *args)
 
 
 @pytest.fixture

@@ -3,25 +3,13 @@
 import pytest
 import torch
 
-from library.lora_tools.truncated_svd import top_singular
-
-
-def decaying(m, n, decay, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    inner = min(m, n)
-    left = torch.randn(m, inner, generator=generator) * torch.arange(1, inner + 1) ** -decay
-    return left @ torch.randn(inner, n, generator=generator) / n**0.5
-
-
-def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
-    """sin of the largest angle between two k-dimensional subspaces (orthonormal bases)."""
-    basis = basis.double()
-    return float(torch.linalg.matrix_norm(basis - reference @ (reference.T @ basis), ord=2))
+from library.lora_tools.truncated_svd import subspace_error, top_singular
+from library.synthetic_lora import decaying_matrix
 
 
 @pytest.mark.parametrize("m, n, k", [(320, 960, 4), (700, 240, 8), (400, 400, 16)])
 def test_top_subspace_within_kohyas_float32_error(m, n, k):
-    matrix = decaying(m, n, 0.6, seed=k)
+    matrix = decaying_matrix(m, n, 0.6, seed=k)
     u64, s64, vh64 = torch.linalg.svd(matrix.double(), full_matrices=False)
     kohya_u = torch.linalg.svd(matrix)[0][:, :k]  # kohya: float32, full matrices
     top = top_singular(matrix, k)

@@ -6,10 +6,10 @@ from lycoris import kohya as lycoris_kohya  # lycoris-lora, a dev dependency: th
 from safetensors.torch import load_file
 
 import resize_lora
-from library.cli import run_cli
 from library.models.stable_diffusion import load_stable_diffusion
 from library.resize.lycoris import lycoris_to_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta
 
 VARIANTS = {
@@ -66,10 +66,7 @@ def test_conversion_is_exact_and_keeps_layer_shapes(variant, tiny_sd1, tmp_path)
 def test_resize_of_a_loha_is_the_exact_truncation(tiny_sd1, tmp_path):
     path, network = lycoris_file(tiny_sd1, "loha", tmp_path / "loha.safetensors")
     out = tmp_path / "small.safetensors"
-    try:
-        run_cli(lambda: resize_lora.main(["--model", str(path), "--save_to", str(out), "--new_rank", "3"]))
-    except SystemExit as exit_:
-        assert exit_.code == 0
+    assert exit_status(resize_lora.main, "--model", path, "--save_to", out, "--new_rank", 3) == 0
     resized, _ = load_lora_file(out)
     for lora in network.loras:
         name = lora.lora_name
