@@ -7,8 +7,9 @@ the same top-k subspace with a few products of the matrix with a thin block: the
 ``2k + 8`` (oversampling makes each iteration shrink the error by about ``(S[q] / S[k])^2``), and
 iterations stop once the residual ``||A v_i - s_i u_i||`` stops falling, i.e. at the float32 floor
 of the products (about 2e-7 of ``S[0]``); two more iterations in float64 then take the subspace
-below that floor (measured: 10x to 50x below the subspace error of kohya's float32 SVD). A spectrum too flat to converge in ``max_iter`` iterations falls back to an
-exact dense SVD, so the answer is never worse than kohya's. Hand-written: ``torch.svd_lowrank``
+below that floor (measured: 10x to 50x below the subspace error of kohya's float32 SVD). A
+spectrum too flat to converge in ``max_iter`` iterations falls back to an exact dense SVD, so the
+answer is never worse than kohya's. Hand-written: ``torch.svd_lowrank``
 takes a fixed iteration count and re-orthonormalises nothing, so it cannot promise an accuracy.
 """
 
