@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra_path", default="", help="folders prepended to kohya's PYTHONPATH (import stubs)")
     parser.add_argument("--work_dir", type=Path, default=None)
     parser.add_argument("--conv", action="store_true", help="LoCon inputs (kohya's dense SVDs then take minutes)")
+    parser.add_argument("--skip_merge", action="store_true", help="only the svd_merge_lora.py comparison")
     args = parser.parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kohya_compare_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(targets)} SD1.5 modules per LoRA; files in {work}")
     names = sorted({t.name for t in targets})
 
-    for label, extra, inputs in (("sum", [], files[:2]), ("concat", ["--concat"], [files[0], files[2]])):
+    merges = [] if args.skip_merge else [("sum", [], files[:2]), ("concat", ["--concat"], [files[0], files[2]])]
+    for label, extra, inputs in merges:
         kohya_out, ours_out = work / f"kohya_{label}.safetensors", work / f"ours_{label}.safetensors"
         common = ["--models", *inputs, "--ratios", "0.7", "-0.4", *extra]
         kohya_s = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
