@@ -115,5 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         resize_one(args.model[0], args.save_to)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (``pip install -e .``): ``main`` with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

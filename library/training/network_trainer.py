@@ -33,10 +33,11 @@ from library.training.networks import (
     network_errors_as_config_errors,
 )
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
-from library.training.optimizers import optimizer_class
+from library.training.optimizers import lr_scheduler_class, optimizer_class
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
 from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
+from library.training.trackers import compile_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class NetworkTask:
         )
         return {
             "max_norm/keys_scaled": keys_scaled,
-            "max_norm/avg_key_norm": mean_norm,
+            "norm/avg_key_norm": mean_norm,
             "max_norm/max_key_norm": max_norm,
         }
 
@@ -121,11 +122,11 @@ class NetworkTask:
         metadata = {**self.metadata, **per_save_metadata(epoch, step)}
         self.network.save_weights(str(path), SAVE_DTYPES[self.args.save_precision], metadata)
 
-    def sample(self, epoch: int | None, step: int) -> None:
-        if self.sample_prompts:
-            render_samples(
-                self.args, self.accelerator.device, self.model, self.model.unet, self.sample_prompts, epoch, step
-            )
+    def sample(self, epoch: int | None, step: int) -> list[tuple[Path, str]]:
+        if not self.sample_prompts:
+            return []
+        unet = getattr(self.model.unet, "_orig_mod", self.model.unet)  # not the --torch_compile one: new shapes
+        return render_samples(self.args, self.accelerator.device, self.model, unet, self.sample_prompts, epoch, step)
 
 
 class NetworkTrainer(TrainerSkeleton):
@@ -145,6 +146,8 @@ class NetworkTrainer(TrainerSkeleton):
     def check_inputs(self) -> None:
         self.module = import_network_module(self.args.network_module)
         optimizer_class(self.args.optimizer_type)  # an unknown optimizer fails before the model loads
+        if self.args.lr_scheduler_type:
+            lr_scheduler_class(self.args.lr_scheduler_type)
 
     def load_models(self) -> StableDiffusionModel:
         model = load_training_model(self.args)
@@ -202,3 +205,4 @@ class NetworkTrainer(TrainerSkeleton):
         place_frozen(self.args, accelerator.device, model.unet, model.text_encoder)
         network.to(accelerator.device, dtype=trained_dtype(self.args))
         network.prepare_grad_etc(model.text_encoder, model.unet)
+        model.unet = compile_for_training(accelerator, model.unet)  # --torch_compile, with the network patched in
