@@ -1,8 +1,6 @@
 """``--dataset_config`` files and the dataset flags, resolved into dataset blueprints as kohya does.
 
-A kohya ``.toml``/``.json`` dataset config has ``[general]``, ``[[datasets]]`` and
-``[[datasets.subsets]]``; each key may appear only at the levels kohya allows (``config_util.py``'s
-voluptuous schema, re-stated here as key tables). A value is looked up subset -> dataset ->
+The file's schema and loading live in :mod:`library.data.dataset_schema`. A value is looked up subset -> dataset ->
 general -> command line (flag values or their defaults) -> default; only ``None`` falls through.
 Without a dataset config, the same blueprints come from ``--train_data_dir`` (DreamBooth folders
 named ``<repeats>_<class tokens>``), ``--reg_data_dir`` and ``--in_json``.
@@ -12,198 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import toml
-import voluptuous as vol
-
-from library.data.buckets import BucketSettings, Size, make_bucket_settings
+from library.data.buckets import BucketSettings, make_bucket_settings
 from library.data.captions import CaptionOptions
+from library.data.dataset_schema import load_dataset_config, parse_face_crop_aug_range, parse_resolution
 from library.data.images import check_interpolation
 from library.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
-
-
-def parse_resolution(value: Any, where: str = "--resolution") -> Size | None:
-    """``512``, ``"512"``, ``"768,512"``, ``[768, 512]`` or ``(768, 512)`` -> ``(width, height)``."""
-    if value is None:
-        return None
-    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        sizes = ()
-    if len(sizes) not in (1, 2) or min(sizes) <= 0:
-        raise ConfigError(f"{where} must be SIZE or WIDTH,HEIGHT (e.g. 512 or 768,512), got {value!r}")
-    return (sizes[0], sizes[-1])
-
-
-def parse_face_crop_aug_range(value: Any, where: str = "--face_crop_aug_range") -> tuple[float, float] | None:
-    """``"2.0,4.0"`` or ``[2.0, 4.0]`` -> ``(2.0, 4.0)`` with low <= high."""
-    if value is None:
-        return None
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        low, high = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be two numbers LOW,HIGH (e.g. 2.0,4.0), got {value!r}") from None
-    if not 0 < low <= high:
-        raise ConfigError(f"{where} must satisfy 0 < LOW <= HIGH, got {value!r}")
-    return (low, high)
-
-
-# --- the key tables of kohya's schema (config_util.ConfigSanitizer) ------------------------------
-
-# kohya's schema wants floats for these; TOML users write `1` for 1.0, so integers pass too.
-_NUMBER = vol.Any(float, int, msg="expected a number")
-
-
-def _converted(parse):
-    """A voluptuous validator from one of the ``parse_*`` functions, keeping its message."""
-
-    def validate(value):
-        try:
-            return parse(value, "value")
-        except ConfigError as error:
-            raise vol.Invalid(str(error).removeprefix("value ")) from None
-
-    return validate
-
-
-DATASET_KEYS = {  # [general] and [[datasets]]
-    "batch_size": int,
-    "resolution": _converted(parse_resolution),
-    "enable_bucket": bool,
-    "min_bucket_reso": int,
-    "max_bucket_reso": int,
-    "bucket_reso_steps": int,
-    "bucket_no_upscale": bool,
-    "network_multiplier": _NUMBER,
-    "validation_seed": int,
-    "validation_split": _NUMBER,
-    "resize_interpolation": str,
-}
-SUBSET_KEYS = {  # all three levels
-    "num_repeats": int,
-    "shuffle_caption": bool,
-    "caption_separator": str,
-    "keep_tokens": int,
-    "keep_tokens_separator": str,
-    "secondary_separator": str,
-    "enable_wildcard": bool,
-    "caption_prefix": str,
-    "caption_suffix": str,
-    "caption_dropout_rate": _NUMBER,
-    "caption_dropout_every_n_epochs": int,
-    "caption_tag_dropout_rate": _NUMBER,
-    "token_warmup_min": int,
-    "token_warmup_step": _NUMBER,
-    "color_aug": bool,
-    "flip_aug": bool,
-    "random_crop": bool,
-    "face_crop_aug_range": _converted(parse_face_crop_aug_range),
-    "custom_attributes": dict,
-    "resize_interpolation": str,
-}
-DREAMBOOTH_KEYS = {"caption_extension": str, "class_tokens": str, "cache_info": bool}  # all levels, DreamBooth
-DREAMBOOTH_SUBSET_KEYS = {vol.Required("image_dir"): str, "is_reg": bool, "alpha_mask": bool}
-FINE_TUNING_SUBSET_KEYS = {vol.Required("metadata_file"): str, "image_dir": str, "alpha_mask": bool}
-
-DREAMBOOTH_SUBSET_SCHEMA = {**SUBSET_KEYS, **DREAMBOOTH_KEYS, **DREAMBOOTH_SUBSET_KEYS}
-FINE_TUNING_SUBSET_SCHEMA = {**SUBSET_KEYS, **FINE_TUNING_SUBSET_KEYS}
-DREAMBOOTH_DATASET_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_KEYS, "subsets": [DREAMBOOTH_SUBSET_SCHEMA]}
-FINE_TUNING_DATASET_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, "subsets": [FINE_TUNING_SUBSET_SCHEMA]}
-GENERAL_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_KEYS}
-
-_LEVELS = {
-    "[general]": GENERAL_SCHEMA,
-    "[[datasets]]": DREAMBOOTH_DATASET_SCHEMA,
-    "DreamBooth [[datasets.subsets]]": DREAMBOOTH_SUBSET_SCHEMA,
-    "fine-tuning [[datasets.subsets]]": FINE_TUNING_SUBSET_SCHEMA,
-}
-# Keys of kohya features this suite leaves out, with the reason users see.
-_UNSUPPORTED_KEYS = {"conditioning_data_dir": "ControlNet/masked-loss conditioning images are not supported"}
-
-
-def _validate_dataset(dataset: Any) -> dict:
-    """A dataset is fine-tuning if all its subsets have ``metadata_file``, DreamBooth if none has."""
-    subsets = dataset.get("subsets", []) if isinstance(dataset, dict) else []
-    with_metadata = [isinstance(s, dict) and "metadata_file" in s for s in subsets]
-    if subsets and all(with_metadata):
-        return vol.Schema(FINE_TUNING_DATASET_SCHEMA)(dataset)
-    if not any(with_metadata):
-        return vol.Schema(DREAMBOOTH_DATASET_SCHEMA)(dataset)
-    raise vol.Invalid(
-        "mixes DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file); "
-        "put them in separate [[datasets]]"
-    )
-
-
-DATASET_CONFIG_SCHEMA = vol.Schema({"general": GENERAL_SCHEMA, "datasets": [_validate_dataset]})
-
-
-def load_dataset_config(path: str | os.PathLike) -> dict:
-    """Read and validate a kohya dataset config (``.toml`` or ``.json``, by extension).
-
-    Raises:
-        ConfigError: unreadable file, or a key that is unknown, misplaced or of the wrong type,
-            named by its path (``datasets[0].subsets[1].imag_dir``) and the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--dataset_config: file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            raw = toml.loads(path.read_text(encoding="utf-8"))
-        elif suffix == ".json":
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"--dataset_config must be a .toml or .json file: {path}")
-    except (toml.TomlDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a table with [general] and [[datasets]]")
-    try:
-        return DATASET_CONFIG_SCHEMA(raw)
-    except vol.MultipleInvalid as errors:
-        raise ConfigError(f"{path}: {_describe(errors.errors[0])}") from errors
-
-
-def _describe(error: vol.Invalid) -> str:
-    """``datasets[0].subsets[1].imag_dir: unknown key ...`` for one voluptuous error."""
-    location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path).lstrip(".")
-    key = error.path[-1] if error.path else None
-    message = error.error_message
-    if message == "extra keys not allowed":
-        if key in _UNSUPPORTED_KEYS:
-            message = f"{_UNSUPPORTED_KEYS[key]}"
-        else:
-            message = _misplaced_key_message(key)
-    elif message == "required key not provided":
-        message = "required key missing"
-    return f"{location}: {message}" if location else message
-
-
-def _misplaced_key_message(key: Any) -> str:
-    allowed = [level for level, schema in _LEVELS.items() if key in _key_names(schema)]
-    if allowed:
-        return f"'{key}' is not allowed here; it belongs in {' or '.join(allowed)}"
-    known = sorted(set().union(*(_key_names(schema) for schema in _LEVELS.values())))
-    close = difflib.get_close_matches(str(key), known, n=1)
-    return f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
-
-
-def _key_names(schema: dict) -> set[str]:
-    return {k.schema if isinstance(k, vol.Marker) else k for k in schema}
-
 
 # --- blueprints ----------------------------------------------------------------------------------
 
@@ -215,6 +34,7 @@ class SubsetBlueprint:
     where: str  # for messages: "datasets[0].subsets[1] in config.toml", "--train_data_dir/10_sks dog"
     image_dir: str | None = None
     metadata_file: str | None = None  # fine-tuning subsets
+    conditioning_data_dir: str | None = None  # mask subsets: a loss mask image per image, same stem
     is_reg: bool = False
     class_tokens: str | None = None
     caption_extension: str = ".caption"
@@ -278,7 +98,7 @@ def build_blueprints(args: argparse.Namespace) -> list[DatasetBlueprint]:
         ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
         if ignored:
             logger.warning("%s ignored because --dataset_config is given", ", ".join(ignored))
-        config = load_dataset_config(config_path)
+        config = load_dataset_config(config_path, masked_loss=bool(getattr(args, "masked_loss", False)))
         suffix = f" in {config_path}"
     else:
         config = {"datasets": [{"subsets": _subsets_from_flags(args)}]}
@@ -292,7 +112,19 @@ def build_blueprints(args: argparse.Namespace) -> list[DatasetBlueprint]:
         raise ConfigError(f"{config_path}: no [[datasets]]")
     if getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False):
         check_latents_cacheable(blueprints)
+    if getattr(args, "masked_loss", False):
+        check_masks_exist(blueprints)
     return blueprints
+
+
+def check_masks_exist(blueprints: list[DatasetBlueprint]) -> None:
+    """--masked_loss needs a mask source somewhere (kohya would silently train unmasked)."""
+    subsets = [subset for blueprint in blueprints for subset in blueprint.subsets]
+    if not any(subset.alpha_mask or subset.conditioning_data_dir for subset in subsets):
+        raise ConfigError(
+            "--masked_loss: no subset has masks; set alpha_mask = true (or --alpha_mask) or give subsets "
+            "a conditioning_data_dir of mask images in --dataset_config"
+        )
 
 
 def check_latents_cacheable(blueprints: list[DatasetBlueprint]) -> None:
@@ -313,7 +145,16 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         flags["caption_extension"] = args.caption_extention
     flags["resolution"] = parse_resolution(flags.get("resolution"))
     flags["face_crop_aug_range"] = parse_face_crop_aug_range(flags.get("face_crop_aug_range"))
-    for key in ("image_dir", "metadata_file", "is_reg", "class_tokens", "custom_attributes", "where"):
+    # kohya's --conditioning_data_dir flag is for its ControlNet scripts; train_network never reads it.
+    subset_only = (
+        "image_dir",
+        "metadata_file",
+        "conditioning_data_dir",
+        "is_reg",
+        "class_tokens",
+        "custom_attributes",
+    )
+    for key in (*subset_only, "where"):
         flags.pop(key, None)  # subset-only keys never come from flags
     return flags
 
@@ -369,6 +210,10 @@ def _subset_blueprint(subset: dict, parents: list[dict], where: str) -> SubsetBl
     if extension and not extension.startswith("."):
         values["caption_extension"] = "." + extension
     check_interpolation(values["resize_interpolation"], where)
+    if values["conditioning_data_dir"] is not None:
+        for option in ("random_crop", "face_crop_aug_range"):
+            if values[option]:
+                raise ConfigError(f"{where}: {option} would crop the image but not its conditioning_data_dir mask")
     caption = CaptionOptions(**{key: _lookup(key, levels) for key in _CAPTION_FIELDS})
     return SubsetBlueprint(where=where, caption=caption, **values)
 

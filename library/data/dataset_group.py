@@ -50,6 +50,7 @@ from library.data.images import (
     to_tensor,
 )
 from library.data.latent_cache import CacheJob, encode_jobs, is_cache_valid, load_npz, npz_path_for
+from library.data.loss_masks import collate_loss_masks, conditioning_mask
 from library.data.metadata import dataset_metadata
 from library.errors import DatasetError
 from library.models.text_encoding import tokenize_captions
@@ -150,6 +151,9 @@ class DatasetGroup(torch.utils.data.Dataset):
             sample = _cached_sample(record, flipped)
         else:
             sample = _image_sample(dataset, record, subset, flipped, rng)
+        if record.mask_path is not None:
+            interpolation = subset.resize_interpolation or dataset.blueprint.resize_interpolation
+            sample["conditioning_mask"] = conditioning_mask(record, interpolation, flipped)
         sample["caption"] = process_caption(
             record.caption,
             subset.caption,
@@ -174,12 +178,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         }
         pixel_key = "latents" if "latents" in samples[0] else "images"
         batch[pixel_key] = torch.stack([s[pixel_key] for s in samples])
-        masks = [s.get("alpha_mask") for s in samples]
-        if any(mask is not None for mask in masks):
-            height, width = batch[pixel_key].shape[-2:]
-            scale = 8 if pixel_key == "latents" else 1
-            ones = torch.ones(height * scale, width * scale)
-            batch["alpha_masks"] = torch.stack([ones if mask is None else mask for mask in masks])
+        collate_loss_masks(samples, batch, pixel_key)
         return batch
 
     def cache_latents(

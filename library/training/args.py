@@ -78,6 +78,14 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         help="image resizing (default: area when shrinking, lanczos when enlarging)",
     )
     g.add_argument("--alpha_mask", action="store_true", help="weight the loss by the images' alpha channel")
+    g.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="weight the loss by mask images (conditioning_data_dir in --dataset_config subsets) or alpha masks",
+    )
+    g.add_argument(
+        "--weighted_captions", action="store_true", help="(word:1.3), (word) and [word] weight caption tokens"
+    )
     g.add_argument("--cache_info", action="store_true", help="keep image sizes and captions in metadata_cache.json")
     g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")
@@ -258,9 +266,7 @@ UNSUPPORTED_KOHYA_FLAGS = {
     "resume_from_huggingface": "resuming from the Hugging Face hub",
     "save_state_to_huggingface": "uploading to the Hugging Face hub",
     "dataset_class": "custom dataset classes",
-    "masked_loss": "masked loss",
-    "conditioning_data_dir": "masked loss",
-    "weighted_captions": "weighted captions",
+    "conditioning_data_dir": "a ControlNet flag; mask images go in a dataset config subset's conditioning_data_dir",
     "fused_backward_pass": "fused backward passes",
     "cpu_offload_checkpointing": "checkpoint offloading",
     "wandb_api_key": "wandb keys in config files",
