@@ -22,6 +22,7 @@ from library.data.dataset_group import DatasetGroup, batch_latents, build_datase
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import verify_training_args
 from library.training.loop import make_accelerator
+from library.training.masked_loss import loss_mask
 from library.training.network_protocol import TrainableNetwork
 from library.training.noise import (
     NoiseOptions,
@@ -89,7 +90,9 @@ class NetworkTask:
 
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+        # kohya runs text encoding and the UNet under autocast: frozen weights in the mixed-precision
+        # dtype meet trained fp32 network weights (a foreign network does not cast them itself)
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), self.accelerator.autocast():
             hidden = encode_captions(self.model, batch["input_ids"], self.args.clip_skip)
         scheduler = self.model.noise_scheduler
         noise = make_noise(latents, self.options)
@@ -97,9 +100,10 @@ class NetworkTask:
             timesteps = sample_timesteps(latents.shape[0], self.options, latents.device)
         noisy = noisy_latents(scheduler, latents, noise, timesteps, self.options)
         unet_dtype = self.model.unet.dtype
-        prediction = self.model.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample
+        with self.accelerator.autocast():
+            prediction = self.model.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample
         target = prediction_target(scheduler, latents, noise, timesteps)
-        mask = batch.get("alpha_masks")
+        mask = loss_mask(batch)
         loss = per_sample_loss(prediction, target, timesteps, scheduler, self.options, mask=mask)
         loss = loss * batch["loss_weights"].to(loss.device) * timestep_weights(timesteps, scheduler, self.options)
         return loss.mean()
@@ -227,7 +231,13 @@ class NetworkTrainer:
         if args.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if not args.network_train_unet_only:
-                model.text_encoder.gradient_checkpointing_enable()
+                # Non-reentrant checkpoints pass gradients to the network's weights inside a layer even
+                # though the layer inputs (token embeddings) need none; transformers' default reentrant
+                # ones do not, which left the text encoder's LoRA untrained (kohya instead makes the
+                # embeddings require grad). diffusers' UNet checkpoints are non-reentrant already.
+                model.text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
                 model.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
             network.enable_gradient_checkpointing()
         return network
