@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_or_write_config(setup_parser(), argv)
     if args is None:
         return
+    import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
     from library.distill.trainer import DistillTrainer  # heavy imports only when training
 
     DistillTrainer(args).train()

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_or_write_config(setup_parser(), argv)
     if args is None:
         return
+    import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
     from library.training.network_trainer import NetworkTrainer  # heavy imports only when training
 
     NetworkTrainer(args).train()

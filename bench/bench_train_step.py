@@ -31,8 +31,9 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from library.models.families import SD1
     from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET, SD_VAE
-    from library.models.stable_diffusion import TOKENIZER_IDS, StableDiffusionModel, save_ldm_checkpoint
+    from library.models.stable_diffusion import StableDiffusionModel, save_ldm_checkpoint
     from library.tiny_sd import write_tiny_tokenizer
     from library.training.noise import make_training_scheduler
 
@@ -42,7 +43,7 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     if not checkpoint.exists():
         print(f"writing an SD1.5-sized random checkpoint to {checkpoint} ...", flush=True)
         torch.manual_seed(0)
-        tokenizer = write_tiny_tokenizer(tokenizers / TOKENIZER_IDS[False].replace("/", "_"), v2=False)
+        tokenizer = write_tiny_tokenizer(tokenizers / SD1.tokenizer_folder, v2=False)
         model = StableDiffusionModel(
             text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
             vae=AutoencoderKL(**SD_VAE),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from library.models.families import SD1, ModelFamily
+
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
@@ -57,7 +59,10 @@ def _targets_in(root: torch.nn.Module, prefix: str, classes: tuple[str, ...], co
 
 
 def kohya_lora_targets(
-    unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None, conv: bool = True
+    unet: torch.nn.Module | None,
+    text_encoder: torch.nn.Module | None,
+    conv: bool = True,
+    family: ModelFamily = SD1,
 ) -> list[LoRATarget]:
     """kohya's LoRA targets (``lora_te_*`` then ``lora_unet_*``); ``conv`` adds the LoCon ResNet/sampler layers.
 
@@ -65,10 +70,11 @@ def kohya_lora_targets(
     """
     targets = []
     if text_encoder is not None:
-        targets += _targets_in(text_encoder, "lora_te", TEXT_ENCODER_TARGETS, conv3x3=False)
+        (prefix,) = family.kohya_text_encoder_prefixes
+        targets += _targets_in(text_encoder, prefix, TEXT_ENCODER_TARGETS, conv3x3=False)
     if unet is not None:
         classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
-        targets += _targets_in(unet, "lora_unet", classes, conv3x3=conv)
+        targets += _targets_in(unet, family.kohya_unet_prefix, classes, conv3x3=conv)
     return targets
 
 

@@ -21,13 +21,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from library.models.families import family_of
 from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
-from library.models.stable_diffusion import (
-    TOKENIZER_IDS,
-    StableDiffusionModel,
-    save_diffusers_folder,
-    save_ldm_checkpoint,
-)
+from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 from library.training.noise import make_training_scheduler
 
 TEXT_WIDTH = 64
@@ -300,7 +296,7 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
     cache = out / "tokenizers"
     for v2 in (False, True):
         name = "sd2" if v2 else "sd1"
-        tokenizer = write_tiny_tokenizer(cache / TOKENIZER_IDS[v2].replace("/", "_"), v2)
+        tokenizer = write_tiny_tokenizer(cache / family_of(v2).tokenizer_folder, v2)
         model = build_tiny_model(v2, tokenizer, seed)
         save_diffusers_folder(model, out / name)
         save_ldm_checkpoint(model, out / f"{name}.safetensors")

@@ -1,11 +1,19 @@
-"""Independent references for resize tests: kohya's dense method, written from its description.
+"""Independent references written from kohya's descriptions: module naming, and the dense resize method.
 
-research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
+Naming (networks/lora.py, dylora.py, lora_fa.py ``create_modules``): every Linear/Conv2d child of a module
+whose class name is a target, named ``prefix.<parent path>.<child path>`` with dots turned into underscores.
+
+Resize, research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
 the rank from the whole spectrum. These helpers do exactly that (in float64), so the factored
 path is checked against the method it replaces, not against itself.
 """
 
 import torch
+from torch import nn
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
 def dense_delta(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -38,31 +46,15 @@ def kohya_rank(dense_spectrum: torch.Tensor, method: str | None, param: float | 
     return min(rank, max_rank)
 
 
-# kohya's networks/lora.py targets (research/kohya.md §0.7), by class name.
-KOHYA_TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-KOHYA_UNET_TARGETS = ("Transformer2DModel",)
-KOHYA_UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-
-
-def kohya_lora_names(root: torch.nn.Module, prefix: str, targets: tuple[str, ...], with_conv3x3: bool) -> set[str]:
-    """The module names kohya's LoRA gives ``root``: every Linear and 1x1 Conv2d (and, with conv_dim,
-    3x3 Conv2d) inside a module of a target class, named ``prefix_<path with '.' as '_'>``."""
+def kohya_module_names(text_encoder: nn.Module, unet: nn.Module, convs: bool) -> set[str]:
+    """kohya's module names for an SD1/2 text encoder (with its ``text_model`` level) and UNet."""
     names = set()
-    for parent_name, parent in root.named_modules():
-        if type(parent).__name__ not in targets:
-            continue
-        for child_name, child in parent.named_modules():
-            is_linear = isinstance(child, torch.nn.Linear)
-            is_conv = isinstance(child, torch.nn.Conv2d)
-            if is_linear or (is_conv and (child.kernel_size == (1, 1) or with_conv3x3)):
-                names.add(f"{prefix}.{parent_name}.{child_name}".replace(".", "_"))
+    unet_targets = UNET_TARGETS + (UNET_CONV_TARGETS if convs else ())
+    for prefix, root, targets in (("lora_te", text_encoder, TEXT_ENCODER_TARGETS), ("lora_unet", unet, unet_targets)):
+        for name, module in root.named_modules():
+            if module.__class__.__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                if child.__class__.__name__ in ("Linear", "Conv2d"):
+                    names.add(f"{prefix}.{name}.{child_name}".replace(".", "_"))
     return names
-
-
-def kohya_unet_lora_names(unet: torch.nn.Module, conv_dim: bool) -> set[str]:
-    targets = KOHYA_UNET_TARGETS + (KOHYA_UNET_CONV_TARGETS if conv_dim else ())
-    return kohya_lora_names(unet, "lora_unet", targets, with_conv3x3=conv_dim)
-
-
-def kohya_text_encoder_lora_names(text_encoder: torch.nn.Module) -> set[str]:
-    return kohya_lora_names(text_encoder, "lora_te", KOHYA_TE_TARGETS, with_conv3x3=False)

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel
 
 import train_network
 from networks.lora_file import load_lora_file
-from tests.kohya_reference import kohya_text_encoder_lora_names, kohya_unet_lora_names
+from tests.kohya_reference import kohya_module_names
 from tests.test_train_network import base_argv
 
 pytestmark = [pytest.mark.usefixtures("fresh_accelerate_state"), pytest.mark.slow]
@@ -44,11 +44,8 @@ def test_one_step_trains_every_module_kohya_trains(tiny_sd, data, tiny_layers, m
     train_network.main(argv)
     tensors, _ = load_lora_file(data / "out" / "tiny.safetensors")
     text_encoder, unet = tiny_layers
-    expected = set()
-    if trains_text_encoder:
-        expected |= kohya_text_encoder_lora_names(text_encoder)
-    if trains_unet:
-        expected |= kohya_unet_lora_names(unet, conv_dim=conv)
+    parts = ("lora_te_",) * trains_text_encoder + ("lora_unet_",) * trains_unet
+    expected = {name for name in kohya_module_names(text_encoder, unet, conv) if name.startswith(parts)}
     assert len(expected) > (60 if trains_unet else 10)
     trained = {key.removesuffix(".lora_up.weight") for key, up in tensors.items() if key.endswith(".lora_up.weight")
                and up.abs().sum() > 0}  # fmt: skip

@@ -10,17 +10,27 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from library.data.bucketed_dataset import BucketedDataset
-    from library.data.dataset_group import DatasetGroup
+
+
+class BatchedDatasets(Protocol):
+    """What the metadata reads of a dataset group (``DatasetGroup``, which imports this module)."""
+
+    datasets: Sequence[BucketedDataset]
+    num_train_images: int
+    num_reg_images: int
+
+    def __len__(self) -> int: ...
 
 
 def dataset_metadata(
-    group: DatasetGroup,
+    group: BatchedDatasets,
     *,
-    validation: DatasetGroup | None = None,
+    validation: BatchedDatasets | None = None,
     num_processes: int = 1,
     gradient_accumulation_steps: int = 1,
 ) -> dict[str, str]:

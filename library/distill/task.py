@@ -29,18 +29,13 @@ from library.distill.features import FeatureHooks, FeaturePair
 from library.distill.loss import DistillLoss, DistillWeights, distill_loss
 from library.distill.teacher import FrozenTeacher
 from library.models.stable_diffusion import StableDiffusionModel
+from library.training.masked_loss import loss_mask
+from library.training.model_setup import SAVE_DTYPES
 from library.training.network_protocol import TrainableNetwork
-from library.training.noise import (
-    NoiseOptions,
-    make_noise,
-    noisy_latents,
-    per_sample_loss,
-    prediction_target,
-    sample_timesteps,
-    timestep_weights,
-)
-from library.training.parts import SAVE_DTYPES, encode_captions, render_samples, validation_timesteps
+from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
+from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
+from library.training.text_conditioning import caption_hidden_states
 from library.training.theseus import ReplacementState, TheseusController
 
 
@@ -146,7 +141,9 @@ class DistillTask:
         # The pipeline casts the prompt embeddings to the text encoder's dtype, which under mixed
         # precision is not the float32 student's; autocast runs both in the mixed dtype.
         with self._saved_weights(), self._evaluating(), self.accelerator.autocast():
-            render_samples(self.args, self.accelerator, self.model, self.student, self.sample_prompts, epoch, step)
+            render_samples(
+                self.args, self.accelerator.device, self.model, self.student, self.sample_prompts, epoch, step
+            )
 
     def validate(self) -> dict[str, float]:
         """The loss terms of the saved weights on the held-out images, at fixed timesteps and noise."""
@@ -177,24 +174,26 @@ class DistillTask:
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> DistillLoss:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
         with torch.no_grad():
-            hidden = encode_captions(self.model, batch["input_ids"], self.args.clip_skip)
-        scheduler = self.model.noise_scheduler
-        noise = make_noise(latents, self.options)
-        if timesteps is None:
-            timesteps = sample_timesteps(latents.shape[0], self.options, latents.device)
-        noisy = noisy_latents(scheduler, latents, noise, timesteps, self.options)
-        target = prediction_target(scheduler, latents, noise, timesteps)
-        teacher = self.teacher(noisy, timesteps, hidden)
+            hidden = caption_hidden_states(self.model, batch, self.args)
         # A Theseus draw runs some stages from the teacher, whose student blocks then record nothing.
         every_block_runs = self.theseus is None or not self.net.training
         dtype = self.student.dtype
-        with self.accelerator.autocast(), self.student_hooks.capture(require_all=every_block_runs) as features:
-            prediction = self.net(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
-        task = per_sample_loss(prediction, target, timesteps, scheduler, self.options, mask=batch.get("alpha_masks"))
-        task = task * batch["loss_weights"].to(task.device) * timestep_weights(timesteps, scheduler, self.options)
+        conditioning = self.model.family.unet_conditioning(hidden.to(dtype))
+        seen = {}
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen["teacher"] = self.teacher(noisy, t, hidden)
+            with self.accelerator.autocast(), self.student_hooks.capture(require_all=every_block_runs) as features:
+                seen["features"] = features
+                return self.net(noisy.to(dtype), t, **conditioning).sample
+
+        scheduler, weights, mask = self.model.noise_scheduler, batch["loss_weights"], loss_mask(batch)
+        task = diffusion_loss(predict, latents, scheduler, self.options, weights, mask=mask, timesteps=timesteps)
+        teacher = seen["teacher"]
         return distill_loss(
-            prediction, teacher.prediction, target, features, teacher.features, self.pairs, self.weights, task.mean()
-        )
+            task.prediction, teacher.prediction, task.target, seen["features"], teacher.features, self.pairs,
+            self.weights, task.loss,
+        )  # fmt: skip
 
     def _saved_weights(self) -> contextlib.AbstractContextManager:
         """The weights a save shows: the EMA when there is one."""

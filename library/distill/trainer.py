@@ -11,15 +11,11 @@ import argparse
 import copy
 import dataclasses
 import logging
-import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 
-from library.data.dataset_config import build_blueprints
-from library.data.dataset_group import build_dataset_group, build_validation_group
 from library.distill.args import DEFAULT_THESEUS_SCHEDULE, output_format, verify_distill_args
 from library.distill.block_map import weight_map
 from library.distill.features import feature_pairs
@@ -30,26 +26,18 @@ from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
 from library.models.stable_diffusion import StableDiffusionModel
-from library.training.loop import make_accelerator
-from library.training.network_protocol import TrainableNetwork
-from library.training.noise import NoiseOptions
-from library.training.parts import (
+from library.training.model_setup import (
     SAVE_DTYPES,
-    WEIGHT_DTYPES,
-    Prepared,
-    create_network,
     enable_xformers,
-    import_network_module,
-    load_network_weights,
     load_training_model,
-    prepare_latents,
-    prepare_optimization,
-    print_dataset_preview,
-    run_metadata,
-    shared_seed,
-    start_run,
+    place_frozen,
+    trained_dtype,
+    weight_dtype,
 )
-from library.training.sampling import load_sample_prompts, make_sampler
+from library.training.network_protocol import TrainableNetwork
+from library.training.networks import create_network, import_network_module, load_network_weights
+from library.training.noise import NoiseOptions
+from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
 from library.training.theseus import TheseusController, parse_replacement_schedule
 
 logger = logging.getLogger(__name__)
@@ -64,43 +52,42 @@ class Models:
     network: TrainableNetwork | None = None
 
 
-class DistillTrainer:
-    """``DistillTrainer(args).train()``, as kohya's trainers."""
+class DistillTrainer(TrainerSkeleton):
+    """``DistillTrainer(args).train()``, as kohya's trainers; returns the finished task (None for --debug_dataset)."""
+
+    log_name = "distill_unet"
 
     def __init__(self, args: argparse.Namespace):
         verify_distill_args(args)
-        self.args = args
+        super().__init__(args)
         self.output = output_format(args.save_model_as, network=bool(args.network_module))
+        self.checkpoint_extension = self.output.extension
+        self.module = None
 
-    def train(self) -> DistillTask | None:
-        """Check inputs, build everything, run the loop; returns the finished task (None for --debug_dataset)."""
-        args = self.args
-        started_at = time.time()
-        module = import_network_module(args.network_module) if args.network_module else None
-        blueprints = build_blueprints(args)
-        sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
-        if sample_prompts:
-            make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
-        models = self._load_models()  # builds the student: a config the teacher cannot serve fails here
+    def check_inputs(self) -> None:
+        if self.args.network_module:
+            self.module = import_network_module(self.args.network_module)
 
-        accelerator = make_accelerator(args, "distill_unet")
-        args.seed = shared_seed(accelerator, args.seed)
-        set_seed(args.seed)
-        tokenizer = models.model.tokenizer
-        group = build_dataset_group(blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed)
-        if args.debug_dataset:
-            print_dataset_preview(group)
-            return None
-        validation = build_validation_group(
-            blueprints, tokenizer, max_token_length=args.max_token_length, seed=args.seed
-        )
-        if module is not None:
-            models.network = self._apply_network(module, models.model)
-        prepare_latents(args, accelerator, models.model, [group, validation])
-        task = self._task(accelerator, models, group, sample_prompts)
-        run = self._run(accelerator, task, models, group, validation, started_at)
-        run.run()
-        return task
+    def load_models(self) -> StableDiffusionModel:
+        self.models = self._load_models()  # builds the student: a config the teacher cannot serve fails here
+        return self.models.model
+
+    def before_latents(self, inputs: RunInputs) -> None:
+        if self.module is not None:
+            self.models.network = self._apply_network(self.module, self.models.model)
+
+    def build_task(self, inputs: RunInputs) -> TaskPlan:
+        task = self._task(inputs.accelerator, self.models, inputs.group, inputs.sample_prompts)
+        return TaskPlan(task, *self._param_groups(task, self.models.network))
+
+    def metadata(self, inputs: RunInputs, prepared: Prepared) -> dict[str, str]:
+        if self.models.network is None:
+            return {}
+        return self._network_metadata(inputs, prepared)
+
+    def describe(self, task: DistillTask) -> str:
+        theseus = f", {len(task.theseus.units)} Theseus units" if task.theseus else ""
+        return f", {len(task.pairs)} feature pairs{theseus}"
 
     def _task(self, accelerator: Accelerator, models: Models, group, sample_prompts) -> DistillTask:
         args = self.args
@@ -113,24 +100,6 @@ class DistillTrainer:
             args, accelerator, models.model, teacher, net, pairs, weights, NoiseOptions.from_args(args),
             self.output, group, network=models.network, theseus=controller, sample_prompts=sample_prompts,
         )  # fmt: skip
-
-    def _run(self, accelerator: Accelerator, task: DistillTask, models: Models, group, validation, started_at):
-        """Optimizer, scheduler and loader through accelerate, and the loop (resumed if asked)."""
-        args = self.args
-        param_groups, lr_descriptions = self._param_groups(task, models.network)
-        prepared = prepare_optimization(args, accelerator, param_groups, group, validation)
-        task.validation_loader = prepared.validation_loader
-        if models.network is not None:
-            task.metadata = self._network_metadata(models, group, validation, accelerator, prepared, started_at)
-        run = start_run(args, accelerator, task, prepared, lr_descriptions, extension=self.output.extension)
-        schedule = prepared.schedule
-        logger.info(
-            "distilling %d steps (%d epochs x %d batches), %d trainable parameters, %d feature pairs%s",
-            schedule.max_train_steps, schedule.num_epochs, len(prepared.loader),
-            sum(p.numel() for p in task.trainable_parameters()), len(task.pairs),
-            f", {len(task.theseus.units)} Theseus units" if task.theseus else "",
-        )  # fmt: skip
-        return run
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -197,19 +166,18 @@ class DistillTrainer:
         """
         args = self.args
         device = accelerator.device
-        weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
-        trained_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
         model, student = models.model, models.model.unet
         pairs = feature_pairs(student, models.teacher) if args.feature_kd_weight else []
-        teacher_dtype = SAVE_DTYPES[args.teacher_dtype] or weight_dtype
+        teacher_dtype = SAVE_DTYPES[args.teacher_dtype] or weight_dtype(args)
         teacher_unet = models.teacher.to(device, dtype=teacher_dtype)
         teacher = FrozenTeacher(teacher_unet, [pair.teacher for pair in pairs], dtype=teacher_dtype)
-        model.text_encoder.to(device, dtype=weight_dtype)
+        place_frozen(args, device, model.text_encoder)
         if models.network is None:
-            student.to(device, dtype=trained_dtype).requires_grad_(True)
+            student.to(device, dtype=trained_dtype(args)).requires_grad_(True)
         else:
-            student.to(device, dtype=weight_dtype).requires_grad_(False)
-            models.network.to(device, dtype=trained_dtype)
+            place_frozen(args, device, student)
+            student.requires_grad_(False)
+            models.network.to(device, dtype=trained_dtype(args))
             models.network.prepare_grad_etc(model.text_encoder, student)
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -234,14 +202,13 @@ class DistillTrainer:
             return network.prepare_optimizer_params(None, args.unet_lr, args.learning_rate)
         return [{"params": task.trainable_parameters(), "lr": args.learning_rate}], ["unet"]
 
-    def _network_metadata(
-        self, models: Models, group, validation, accelerator: Accelerator, prepared: Prepared, started_at: float
-    ) -> dict[str, str]:
+    def _network_metadata(self, inputs: RunInputs, prepared: Prepared) -> dict[str, str]:
         """kohya's ss_* keys of the network file, plus how it was distilled."""
         args = self.args
         metadata = run_metadata(
-            args, accelerator, models.model, models.network, group, validation, prepared, started_at
-        )
+            args, inputs.accelerator, inputs.model, self.models.network, inputs.group, inputs.validation, prepared,
+            inputs.started_at,
+        )  # fmt: skip
         if not args.no_metadata:
             metadata.update(
                 {

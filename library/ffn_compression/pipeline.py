@@ -32,9 +32,9 @@ from library.ffn_compression.calibration import (
 from library.ffn_compression.initialise import INIT_METHODS, initialise_network
 from library.ffn_compression.training import DEFAULT_OPTIMIZER, TheseusNetworkTrainer, short_names, train_blockwise
 from library.ffn_compression.unet import compress_unet
-from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion, save_diffusers_folder
+from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder
 from library.training.args import parse_args, parse_key_values, train_network_parser, verify_training_args
-from library.training.parts import SAVE_DTYPES, WEIGHT_DTYPES
+from library.training.model_setup import SAVE_DTYPES, load_training_model, place_frozen, vae_dtype
 from library.training.sampling import load_sample_prompts
 from networks import lowrank_ffn
 from networks.network_args import parse_network_args
@@ -103,16 +103,10 @@ def _device() -> torch.device:
 
 
 def _load_model(args: argparse.Namespace) -> StableDiffusionModel:
-    model = load_stable_diffusion(
-        args.pretrained_model_name_or_path,
-        v2=args.v2 or None,
-        v_parameterization=args.v_parameterization or None,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
-    )
-    dtype = WEIGHT_DTYPES[args.mixed_precision]
-    for part in (model.unet, model.text_encoder):
-        part.to(_device(), dtype)
-    model.vae.to(_device(), torch.float32 if args.no_half_vae else dtype)
+    """train_network.py's model (``--vae``, ``--zero_terminal_snr``, ...), frozen on the device."""
+    model = load_training_model(args)
+    place_frozen(args, _device(), model.unet, model.text_encoder)
+    model.vae.to(_device(), vae_dtype(args))
     return model
 
 
@@ -232,12 +226,7 @@ def run_export(args: argparse.Namespace) -> Path:
     """Write the model with the narrow FFNs built in, as a diffusers folder (``load_compressed_unet`` reads it)."""
     _require_network_weights(args)
     out = _output(args, "compressed", "")
-    model = load_stable_diffusion(
-        args.pretrained_model_name_or_path,
-        v2=args.v2 or None,
-        v_parameterization=args.v_parameterization or None,
-        tokenizer_cache_dir=args.tokenizer_cache_dir,
-    )
+    model = load_training_model(args)
     network = _network_from_weights(args, model)
     original = count_parameters(model.unet)
     compress_unet(model.unet, network)

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from library.errors import ConfigError
 from library.ffn_compression.calibration import Calibration, relative_errors
-from library.training.loop import Cadence, Schedule, TrainingRun, make_accelerator
+from library.training.loop import make_accelerator
 from library.training.network_trainer import NetworkTask, NetworkTrainer
-from library.training.optimizers import make_lr_scheduler, make_optimizer
 from library.training.saving import per_save_metadata
+from library.training.skeleton import prepare_optimization, start_run
 from library.training.theseus import ReplacementState, TheseusController, parse_replacement_schedule
 from networks.base import block_index
 from networks.lowrank_ffn import LowRankFFNNetwork, NarrowFFNModule, block_name, ffn_layers
@@ -149,18 +149,9 @@ def train_blockwise(
     loader = DataLoader(batches, batch_size=None, shuffle=True)
     network.requires_grad_(True)
     param_groups = [{"params": list(network.get_trainable_params()), "lr": args.learning_rate}]
-    _, optimizer = make_optimizer(args, param_groups)
-    schedule = Schedule.from_args(args, math.ceil(len(loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
-    optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
+    prepared = prepare_optimization(args, accelerator, param_groups, loader)
     task = BlockwiseTask(network, calibration.heldout, energy, metadata, save_dtype)
-    cadence = Cadence.from_args(args, default_name="blockwise", num_epochs=schedule.num_epochs)
-    run = TrainingRun(
-        accelerator, task, loader, optimizer, lr_scheduler, schedule, cadence, ["blockwise"],
-        max_grad_norm=args.max_grad_norm, seed=args.seed,
-    )  # fmt: skip
-    if args.resume:
-        run.resume(args.resume)
+    run = start_run(args, accelerator, task, prepared, ["blockwise"], default_name="blockwise")
     run.run()
 
 

@@ -5,8 +5,9 @@ A stock ``UNet2DConditionModel`` config cannot give an FFN a width (``BasicTrans
 stock config plus one key, ``ffn_widths`` (``{"down_blocks.2.attentions.0.transformer_blocks.0.ff": 960,
 …}``), with diffusers' own ``FeedForward(inner_dim=k)`` modules in those places. Stock diffusers
 ignores the key and then refuses the weights (shape mismatch, naming the tensor): it cannot
-misload a compressed folder. :func:`load_compressed_unet` reads it; ``load_stable_diffusion``
-(and so train_network.py) uses it for any folder whose UNet config has the key.
+misload a compressed folder. :func:`load_compressed_unet` reads it; importing this module registers
+it as a UNet variant, so ``load_stable_diffusion`` (and so train_network.py) uses it for any folder
+whose UNet config has the key.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers.models.attention import FeedForward
 
 from library.errors import CheckpointError
 from library.fileio import read_state_dict
+from library.models.unet_variants import UNetVariant, register_unet_variant
 from networks.lowrank_ffn import LowRankFFNNetwork, ffn_layers
 
 FFN_WIDTHS_KEY = "ffn_widths"
@@ -91,10 +93,11 @@ def load_compressed_unet(folder: str | os.PathLike, dtype: torch.dtype | None = 
     return unet.requires_grad_(False).eval()
 
 
-def load_unet_folder(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> UNet2DConditionModel:
-    """A diffusers UNet folder, compressed (``ffn_widths`` in its config) or stock."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get(FFN_WIDTHS_KEY):
-        return load_compressed_unet(folder, dtype)
-    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+register_unet_variant(
+    UNetVariant(
+        FFN_WIDTHS_KEY,
+        load_compressed_unet,
+        "this UNet has narrowed feed-forwards, which no single-file (LDM) loader can build: "
+        "save it as a diffusers folder (tools/compress_ffn.py export)",
+    )
+)

@@ -1,7 +1,9 @@
 """Model families: loading and saving checkpoints (diffusers folders and single LDM files), offline.
 
-This package owns everything that knows a checkpoint's layout: the SD1.x/SD2.x loader and writer
-(``stable_diffusion``), the key conversion between LDM single files and diffusers models
+This package owns everything that knows a checkpoint's layout: one object per model family
+(``families``: SD1, SD2) with what differs between them, the SD1.x/SD2.x loader and writer
+(``stable_diffusion``), the registry through which feature packages add UNet variants
+(``unet_variants``), the key conversion between LDM single files and diffusers models
 (``ldm_conversion``), the released architectures' configs (``sd_configs``) and prompt tokenising and
 encoding (``text_encoding``). Training, data and feature packages ask it for models; it imports none
 of them.

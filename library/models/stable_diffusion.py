@@ -21,15 +21,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
-from library.ffn_compression.unet import ffn_widths, load_unet_folder
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
 from library.models import ldm_conversion as conv
+from library.models.families import ModelFamily, family_of
+from library.models.unet_variants import variant_of
 from library.training.noise import make_training_scheduler
 
 logger = logging.getLogger(__name__)
-
-# kohya's --tokenizer_cache_dir layout: the hub id with "/" replaced by "_".
-TOKENIZER_IDS = {False: "openai/clip-vit-large-patch14", True: "stabilityai/stable-diffusion-2"}
 
 
 @dataclass
@@ -49,9 +47,17 @@ class StableDiffusionModel:
     extra_ldm_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
+    def family(self) -> ModelFamily:
+        return family_of(self.v2)
+
+    @property
     def base_model_version(self) -> str:
         """kohya's ``ss_base_model_version`` value."""
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_parameterization else "")
+        return self.family.version(self.v_parameterization)
+
+    def encode_prompt(self, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+        """The UNet's text conditioning for token ids of ``text_encoding.tokenize_captions``."""
+        return self.family.encode_prompt([self.text_encoder], input_ids, clip_skip)
 
 
 def load_stable_diffusion(
@@ -88,7 +94,7 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableD
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     try:
-        unet = load_unet_folder(path / "unet", dtype)  # stock, or with narrowed FFNs (tools/compress_ffn.py)
+        unet = _load_unet_folder(path / "unet", dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError) as err:
@@ -112,6 +118,14 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableD
         v_parameterization,
         str(path),
     )
+
+
+def _load_unet_folder(folder: Path, dtype: torch.dtype | None) -> UNet2DConditionModel:
+    """A stock diffusers UNet, or a variant a feature registered (e.g. narrowed FFNs)."""
+    variant = variant_of(json.loads((folder / "config.json").read_text()))
+    if variant is not None:
+        return variant.load_folder(folder, dtype)
+    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
 
 
 def _reconcile_v2(requested: bool | None, detected: bool, path: Path) -> bool:
@@ -164,7 +178,7 @@ def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, 
     if keep_extra:
         produced = set(conv.unet_to_ldm(unet.state_dict(), unet.config))
         produced |= set(conv.vae_to_ldm(vae.state_dict(), vae.config))
-        produced |= set((conv.open_clip_to_ldm if v2 else conv.clip_to_ldm)(text_encoder.state_dict()))
+        produced |= set(family_of(v2).text_encoder_to_ldm(text_encoder.state_dict()))
         extra = {k: v for k, v in state_dict.items() if k not in produced}
     tokenizer = load_tokenizer(v2, tokenizer_cache_dir, path)
     return StableDiffusionModel(
@@ -252,10 +266,11 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | os.PathLike | None, mode
     ``DIR/stabilityai_stable-diffusion-2``, or ``DIR`` itself), then in the local Hugging Face
     cache; it never downloads.
     """
-    hub_id = TOKENIZER_IDS[v2]
+    family = family_of(v2)
+    hub_id, folder_name = family.tokenizer_hub_id, family.tokenizer_folder
     if tokenizer_cache_dir is not None:
         base = Path(tokenizer_cache_dir)
-        for folder in (base / hub_id.replace("/", "_"), base / hub_id.replace("/", "_") / "tokenizer", base):
+        for folder in (base / folder_name, base / folder_name / "tokenizer", base):
             if (folder / "vocab.json").is_file():
                 return CLIPTokenizer.from_pretrained(folder)
     try:
@@ -264,13 +279,13 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | os.PathLike | None, mode
     except (OSError, ValueError, TypeError):  # transformers reports a cache miss in several ways
         pass
     where = (
-        f"'{tokenizer_cache_dir}' has no {hub_id.replace('/', '_')}/vocab.json"
+        f"'{tokenizer_cache_dir}' has no {folder_name}/vocab.json"
         if tokenizer_cache_dir
         else ("no --tokenizer_cache_dir given")
     )
     raise TokenizerNotFoundError(
         f"no CLIP tokenizer for single-file checkpoint '{model_path}' ({where}): pass --tokenizer_cache_dir DIR "
-        f"with DIR/{hub_id.replace('/', '_')}/ holding vocab.json and merges.txt, or use a diffusers folder"
+        f"with DIR/{folder_name}/ holding vocab.json and merges.txt, or use a diffusers folder"
     )
 
 
@@ -281,15 +296,13 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | os.PathLike | None, mode
 
 def ldm_state_dict(model: StableDiffusionModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model in single-file LDM key layout (plus any extra tensors kept at load time)."""
-    if ffn_widths(model.unet):
-        raise CheckpointError(
-            "this UNet has narrowed feed-forwards, which no single-file (LDM) loader can build: "
-            "save it as a diffusers folder (tools/compress_ffn.py export)"
-        )
+    variant = variant_of(model.unet.config)
+    if variant is not None:
+        raise CheckpointError(variant.single_file_refusal)
     state = conv.unet_to_ldm(model.unet.state_dict(), model.unet.config)
     state.update(conv.vae_to_ldm(model.vae.state_dict(), model.vae.config))
     te_state = model.text_encoder.state_dict()
-    text = conv.open_clip_to_ldm(te_state) if model.v2 else conv.clip_to_ldm(te_state)
+    text = model.family.text_encoder_to_ldm(te_state)
     state.update(text)
     if model.extra_ldm_state:
         state.update(model.extra_ldm_state)

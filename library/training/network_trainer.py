@@ -8,53 +8,38 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
-from library.data.dataset_config import build_blueprints
-from library.data.dataset_group import DatasetGroup, batch_latents, build_dataset_group, build_validation_group
+from library.data.dataset_group import DatasetGroup, batch_latents
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import verify_training_args
-from library.training.loop import make_accelerator
 from library.training.masked_loss import loss_mask
-from library.training.network_protocol import TrainableNetwork
-from library.training.noise import (
-    NoiseOptions,
-    make_noise,
-    noisy_latents,
-    per_sample_loss,
-    prediction_target,
-    sample_timesteps,
-    timestep_weights,
-)
-from library.training.optimizers import optimizer_class
-from library.training.parts import (
+from library.training.model_setup import (
     SAVE_DTYPES,
-    WEIGHT_DTYPES,
-    create_network,
+    enable_gradient_checkpointing,
     enable_xformers,
-    encode_captions,
+    load_training_model,
+    place_frozen,
+    trained_dtype,
+)
+from library.training.network_protocol import TrainableNetwork
+from library.training.networks import (
+    create_network,
     import_network_module,
     load_network_weights,
-    load_training_model,
     network_errors_as_config_errors,
-    prepare_latents,
-    prepare_optimization,
-    print_dataset_preview,
-    render_samples,
-    run_metadata,
-    shared_seed,
-    start_run,
-    validation_timesteps,
 )
-from library.training.sampling import load_sample_prompts, make_sampler
+from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
+from library.training.optimizers import optimizer_class
+from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
+from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
+from library.training.text_conditioning import caption_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -90,23 +75,19 @@ class NetworkTask:
 
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
-        # kohya runs text encoding and the UNet under autocast: frozen weights in the mixed-precision
-        # dtype meet trained fp32 network weights (a foreign network does not cast them itself)
+        # kohya encodes and runs the UNet under autocast: there frozen weights in the mixed-precision
+        # dtype meet trained float32 ones, which a foreign network (LyCORIS) does not cast itself
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), self.accelerator.autocast():
-            hidden = encode_captions(self.model, batch["input_ids"], self.args.clip_skip)
+            hidden = caption_hidden_states(self.model, batch, self.args)
+        unet, conditioning = self.model.unet, self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return unet(noisy.to(unet.dtype), t, **conditioning).sample
+
         scheduler = self.model.noise_scheduler
-        noise = make_noise(latents, self.options)
-        if timesteps is None:
-            timesteps = sample_timesteps(latents.shape[0], self.options, latents.device)
-        noisy = noisy_latents(scheduler, latents, noise, timesteps, self.options)
-        unet_dtype = self.model.unet.dtype
-        with self.accelerator.autocast():
-            prediction = self.model.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample
-        target = prediction_target(scheduler, latents, noise, timesteps)
-        mask = loss_mask(batch)
-        loss = per_sample_loss(prediction, target, timesteps, scheduler, self.options, mask=mask)
-        loss = loss * batch["loss_weights"].to(loss.device) * timestep_weights(timesteps, scheduler, self.options)
-        return loss.mean()
+        weights, mask = batch["loss_weights"], loss_mask(batch)
+        return diffusion_loss(predict, latents, scheduler, self.options, weights, mask=mask, timesteps=timesteps).loss
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return self._loss(batch), {}
@@ -148,10 +129,13 @@ class NetworkTask:
 
     def sample(self, epoch: int | None, step: int) -> None:
         if self.sample_prompts:
-            render_samples(self.args, self.accelerator, self.model, self.model.unet, self.sample_prompts, epoch, step)
+            with self.accelerator.autocast():  # as kohya samples; a foreign network's weights stay float32
+                render_samples(
+                    self.args, self.accelerator.device, self.model, self.model.unet, self.sample_prompts, epoch, step
+                )
 
 
-class NetworkTrainer:
+class NetworkTrainer(TrainerSkeleton):
     """kohya's ``NetworkTrainer``: ``NetworkTrainer(args).train()``.
 
     ``task_class`` builds the step: a subclass of :class:`NetworkTask` (same constructor) changes
@@ -159,10 +143,40 @@ class NetworkTrainer:
     """
 
     task_class: type[NetworkTask] = NetworkTask
+    log_name = "network_train"
 
     def __init__(self, args: argparse.Namespace):
         verify_training_args(args)
-        self.args = args
+        super().__init__(args)
+
+    def check_inputs(self) -> None:
+        self.module = import_network_module(self.args.network_module)
+        optimizer_class(self.args.optimizer_type)  # an unknown optimizer fails before the model loads
+
+    def load_models(self) -> StableDiffusionModel:
+        model = load_training_model(self.args)
+        if self.args.xformers:
+            enable_xformers(model.unet)
+        return model
+
+    def build_task(self, inputs: RunInputs) -> TaskPlan:
+        args, model = self.args, inputs.model
+        self.network = self._build_network(self.module, model)
+        param_groups, lr_descriptions = self.network.prepare_optimizer_params(
+            args.text_encoder_lr or None, args.unet_lr, args.learning_rate
+        )
+        self._place_models(inputs.accelerator, model, self.network)
+        task = self.task_class(
+            args, inputs.accelerator, model, self.network, NoiseOptions.from_args(args),
+            not args.network_train_unet_only, {}, inputs.group, None, inputs.sample_prompts,
+        )  # fmt: skip
+        return TaskPlan(task, param_groups, lr_descriptions)
+
+    def metadata(self, inputs: RunInputs, prepared: Prepared) -> dict[str, str]:
+        return run_metadata(
+            self.args, inputs.accelerator, inputs.model, self.network, inputs.group, inputs.validation, prepared,
+            inputs.started_at,
+        )  # fmt: skip
 
     def _merge_base_weights(self, module, model: StableDiffusionModel) -> None:
         multipliers = self.args.base_weights_multiplier or []
@@ -175,52 +189,6 @@ class NetworkTrainer:
             base.merge_to(model.text_encoder, model.unet, weights, torch.float32, "cpu")
             logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
 
-    def train(self) -> None:
-        """Check inputs, build models, data, network and optimizer, then run the loop."""
-        args = self.args
-        started_at = time.time()
-        module = import_network_module(args.network_module)
-        optimizer_class(args.optimizer_type)  # an unknown optimizer fails before the model loads
-        blueprints = build_blueprints(args)
-        sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
-        if sample_prompts:
-            make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
-        accelerator = make_accelerator(args, "network_train")
-        args.seed = shared_seed(accelerator, args.seed)
-        set_seed(args.seed)
-        model = load_training_model(args)
-        if args.xformers:
-            enable_xformers(model.unet)
-        group = build_dataset_group(
-            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
-        )
-        if args.debug_dataset:
-            print_dataset_preview(group)
-            return
-        validation = build_validation_group(
-            blueprints, model.tokenizer, max_token_length=args.max_token_length, seed=args.seed
-        )
-        prepare_latents(args, accelerator, model, [group, validation])
-        network = self._build_network(module, model)
-        param_groups, lr_descriptions = network.prepare_optimizer_params(
-            args.text_encoder_lr or None, args.unet_lr, args.learning_rate
-        )
-        self._place_models(accelerator, model, network)
-        prepared = prepare_optimization(args, accelerator, param_groups, group, validation)
-        metadata = run_metadata(args, accelerator, model, network, group, validation, prepared, started_at)
-        task = self.task_class(
-            args, accelerator, model, network, NoiseOptions.from_args(args), not args.network_train_unet_only,
-            metadata, group, prepared.validation_loader, sample_prompts,
-        )  # fmt: skip
-        run = start_run(args, accelerator, task, prepared, lr_descriptions)
-        schedule = prepared.schedule
-        logger.info(
-            "training %d steps (%d epochs x %d batches), %d trainable parameters",
-            schedule.max_train_steps, schedule.num_epochs, len(prepared.loader),
-            sum(p.numel() for p in task.trainable_parameters()),
-        )  # fmt: skip
-        run.run()
-
     def _build_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
         args = self.args
         self._merge_base_weights(module, model)
@@ -229,24 +197,12 @@ class NetworkTrainer:
         network.apply_to(model.text_encoder, model.unet, not args.network_train_unet_only, train_unet)
         load_network_weights(args, network)
         if args.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if not args.network_train_unet_only:
-                # Non-reentrant checkpoints pass gradients to the network's weights inside a layer even
-                # though the layer inputs (token embeddings) need none; transformers' default reentrant
-                # ones do not, which left the text encoder's LoRA untrained (kohya instead makes the
-                # embeddings require grad). diffusers' UNet checkpoints are non-reentrant already.
-                model.text_encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-                model.text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+            enable_gradient_checkpointing(model.unet, None if args.network_train_unet_only else model.text_encoder)
             network.enable_gradient_checkpointing()
         return network
 
     def _place_models(self, accelerator: Accelerator, model: StableDiffusionModel, network) -> None:
         """Frozen weights in the mixed-precision dtype (kohya's memory saving), network in fp32 unless full_*."""
-        args = self.args
-        weight_dtype = WEIGHT_DTYPES[args.mixed_precision]
-        model.unet.to(accelerator.device, dtype=weight_dtype)
-        model.text_encoder.to(accelerator.device, dtype=weight_dtype)
-        network.to(accelerator.device, dtype=weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+        place_frozen(self.args, accelerator.device, model.unet, model.text_encoder)
+        network.to(accelerator.device, dtype=trained_dtype(self.args))
         network.prepare_grad_etc(model.text_encoder, model.unet)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -179,3 +180,49 @@ def timestep_weights(timesteps: torch.Tensor, scheduler: DDPMScheduler, options:
     if options.debiased_estimation_loss:  # Yu et al. 2024, "Debias the training of diffusion models"
         weight = weight * (1 / (capped + 1) if v_prediction else 1 / capped.sqrt())
     return weight
+
+
+# kohya validates at timesteps evenly spread inside [min_timestep, max_timestep].
+NUM_VALIDATION_TIMESTEPS = 4
+
+
+def validation_timesteps(options: NoiseOptions) -> list[int]:
+    bounds = (options.min_timestep, options.max_timestep)
+    return torch.linspace(*bounds, NUM_VALIDATION_TIMESTEPS + 2).long()[1:-1].tolist()
+
+
+@dataclass
+class DiffusionLoss:
+    """The mean weighted loss of a batch, and what a task may need besides it (e.g. for KD terms)."""
+
+    loss: torch.Tensor
+    prediction: torch.Tensor
+    target: torch.Tensor
+
+
+def diffusion_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scheduler: DDPMScheduler,
+    options: NoiseOptions,
+    loss_weights: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> DiffusionLoss:
+    """The denoising loss every task trains on: noise, noisy latents, target by prediction type, weighting.
+
+    ``predict(noisy_latents, timesteps)`` runs the model being trained. ``timesteps`` fixes the
+    timesteps (validation); otherwise they are drawn from ``options``' range. ``loss_weights`` are
+    the per-image weights of the dataset (kohya's prior-loss weight). Random numbers are drawn in a
+    fixed order (noise, timesteps, input perturbation), so runs and resumed runs repeat exactly.
+    """
+    noise = make_noise(latents, options)
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], options, latents.device)
+    noisy = noisy_latents(scheduler, latents, noise, timesteps, options)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    prediction = predict(noisy, timesteps)
+    loss = per_sample_loss(prediction, target, timesteps, scheduler, options, mask=mask)
+    loss = loss * loss_weights.to(loss.device) * timestep_weights(timesteps, scheduler, options)
+    return DiffusionLoss(loss.mean(), prediction, target)

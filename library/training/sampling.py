@@ -8,6 +8,7 @@ dicts), as in kohya's sd-scripts.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import logging
@@ -22,6 +23,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from library.errors import ConfigError
+from library.models.prompt_weighting import encode_sample_prompts
+from library.models.stable_diffusion import StableDiffusionModel
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +187,40 @@ def generate_samples(
             image.save(path)
             written.append(path)
     return written
+
+
+def render_samples(
+    args: argparse.Namespace,
+    device: torch.device,
+    model: StableDiffusionModel,
+    unet: torch.nn.Module,
+    prompts: list[SamplePrompt],
+    epoch: int | None,
+    step: int,
+) -> None:
+    """kohya's sample images with ``unet`` (e.g. with a network patched in, or a student)."""
+    vae_place = (model.vae.device, model.vae.dtype)
+    model.vae.to(device, torch.float32)
+    components = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": unet}
+
+    def encode_chunk(ids: torch.Tensor) -> torch.Tensor:
+        return model.encode_prompt(ids[:, None], args.clip_skip)
+
+    def encode(texts: list[str]) -> torch.Tensor:  # kohya's (word:1.2) weighting, up to 225 tokens
+        return encode_sample_prompts(model.tokenizer, encode_chunk, texts).to(unet.dtype)
+
+    try:
+        generate_samples(
+            components,
+            prompts,
+            encode,
+            default_sampler=args.sample_sampler,
+            v_parameterization=model.v_parameterization,
+            out_dir=Path(args.output_dir) / "sample",
+            output_name=args.output_name,
+            epoch=epoch,
+            step=step,
+            device=device,
+        )
+    finally:
+        model.vae.to(*vae_place)

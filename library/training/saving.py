@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from library.models.families import family_of
+
 SUITE_VERSION = "0.1.0"
 MINIMUM_KEYS = (
     "ss_v2",
@@ -197,10 +199,7 @@ def modelspec_metadata(
     args: argparse.Namespace, *, v2: bool, v_parameterization: bool, started_at: float
 ) -> dict[str, str]:
     """SAI ModelSpec 1.0.1 keys as kohya writes them for SD1.x/SD2.x LoRAs."""
-    if v2:
-        architecture = "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
-    else:
-        architecture = "stable-diffusion-v1"
+    architecture = family_of(v2).modelspec_architecture(v_parameterization)
     resolution = args.resolution or ((768, 768) if v2 and v_parameterization else (512, 512))
     spec = {
         "modelspec.sai_model_spec": "1.0.1",

@@ -14,27 +14,17 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from library.models.stable_diffusion import load_stable_diffusion
 from library.training.network_protocol import TrainableNetwork
 from networks import lilora, lilora_file, lora
 from networks.base import NetworkWeightsError
 from networks.lora_file import load_lora_file, save_lora_file
 from networks.network_args import NetworkArgsError, NetworkError
-from tests.networks.helpers import assert_outputs_close, outputs
+from tests.networks.helpers import assert_outputs_close, fresh, outputs
 from tests.networks.tolerances import assert_close
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_AUX = {"aux_down": "16", "aux_up": "8"}  # narrower than every tiny layer: the aux bases are proper subspaces
 INITS = ("up_zero", "down_zero", "joint")
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd):
-    return load_stable_diffusion(tiny_sd.sd1_dir)
-
-
-def fresh(model):
-    return copy.deepcopy(model.text_encoder), copy.deepcopy(model.unet)
 
 
 def perturb(network, seed=0):

@@ -6,66 +6,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, init_empty_weights
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from accelerate import Accelerator
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_H_TEXT, SD15_UNET, SD21_UNET
-from library.models.stable_diffusion import load_stable_diffusion
 from library.training.network_protocol import TrainableNetwork, as_trainable_network
 from networks import lora
 from networks.base import NetworkStateError, NetworkWeightsError, block_index
 from networks.lora_file import load_lora_file, save_lora_file
 from networks.network_args import NetworkArgsError
-from tests.networks.helpers import assert_outputs_close, outputs
+from tests.networks.helpers import assert_outputs_close, fresh, load_with_diffusers, outputs, perturb
 from tests.networks.tolerances import assert_close
 
 CONV_ARGS = {"conv_dim": "3", "conv_alpha": "1.5"}
-
-
-@pytest.fixture(scope="module")
-def full_size():
-    """SD1.5- and SD2.1-shaped text encoders and UNets on the meta device: names and shapes, no memory."""
-    with init_empty_weights():
-        return {
-            "sd15": (CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), UNet2DConditionModel(**SD15_UNET)),
-            "sd21": (CLIPTextModel(CLIPTextConfig(**OPEN_CLIP_H_TEXT)), UNet2DConditionModel(**SD21_UNET)),
-        }
-
-
-@pytest.fixture(scope="module")
-def pipelines(tiny_sd):
-    """The tiny folders as diffusers loads them, UNet in float64 (see TOLERANCES; CLIP does not run in float64)."""
-    loaded = {}
-    for name in ("sd1", "sd2"):
-        loaded[name] = StableDiffusionPipeline.from_pretrained(getattr(tiny_sd, f"{name}_dir"), local_files_only=True)
-        loaded[name].unet.to(torch.float64)
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd):
-    return load_stable_diffusion(tiny_sd.sd1_dir)
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_sd):
-    return load_stable_diffusion(tiny_sd.sd2_dir)
-
-
-def fresh(model):
-    """Copies of the tiny text encoder and UNet that a test may patch or merge into."""
-    return copy.deepcopy(model.text_encoder), copy.deepcopy(model.unet)
-
-
-def perturb(network, seed=0):
-    """Move every LoRA weight off its init (lora_up starts at zero, which would make every check trivial)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in network.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return network
 
 
 # ---- names and counts ----
@@ -327,21 +279,6 @@ def test_kohyas_training_call_sequence_trains_only_the_network(sd1, tmp_path):
 
 
 # ---- diffusers ----
-
-
-def load_with_diffusers(path, text_encoder, unet, pipeline):
-    """``StableDiffusionPipeline.load_lora_weights`` on copies of the models: diffusers + PEFT, unmodified."""
-    pipe = StableDiffusionPipeline(
-        vae=pipeline.vae,
-        text_encoder=text_encoder,
-        tokenizer=pipeline.tokenizer,
-        unet=unet,
-        scheduler=pipeline.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # raises on keys it cannot map
 
 
 @pytest.mark.parametrize("network_args", [{}, CONV_ARGS], ids=["lora", "locon"])

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from library.errors import ConfigError
+from library.ffn_compression import pipeline
 from library.ffn_compression.calibration import Calibration
 from library.ffn_compression.pipeline import STAGES, parse_stage_args
 from library.ffn_compression.unet import ffn_widths, load_compressed_unet
 from library.models.stable_diffusion import load_stable_diffusion
 from library.models.text_encoding import encode_tokens, tokenize_captions
+from library.training.model_setup import load_training_model
 from library.training.noise import NoiseOptions, make_noise, noisy_latents, prediction_target, sample_timesteps
 from networks import lowrank_ffn
 from networks.lora_file import load_lora_file
@@ -168,3 +171,34 @@ def test_the_stage_comes_first(capsys):
     assert "the first argument must be the stage: one of calibrate, init, blockwise, theseus, export" in (
         capsys.readouterr().err
     )
+
+
+class StageStopped(Exception):
+    """Raised by the spy once the stage has loaded its model: the rest of the stage is not under test."""
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "init", "blockwise"])
+def test_calibrate_init_and_blockwise_load_the_model_with_vae_and_zero_terminal_snr(
+    stage, tiny_sd, work, calibration_file, monkeypatch
+):
+    loaded = []
+
+    def spy(args, path=None):
+        loaded.append(load_training_model(args, path))
+        raise StageStopped
+
+    monkeypatch.setattr(pipeline, "load_training_model", spy)
+    other_vae = tiny_sd.sd2_dir / "vae"
+    extra = ["--vae", str(other_vae), "--zero_terminal_snr", "--network_args", BLOCKS]
+    extra += ["--calib_file", str(calibration_file), "--network_weights", str(calibration_file)]
+    if stage == "calibrate":
+        extra += ["--calib_prompts", str(work / "prompts.txt")]
+    with pytest.raises(StageStopped):
+        run(stage, tiny_sd, work, *extra)
+    (model,) = loaded
+    expected = AutoencoderKL.from_pretrained(other_vae).state_dict()
+    stock = load_stable_diffusion(tiny_sd.sd1_dir).vae.state_dict()
+    assert any(not torch.equal(stock[key], value) for key, value in expected.items())  # a VAE that differs
+    assert all(torch.equal(model.vae.state_dict()[key], value) for key, value in expected.items())
+    # Zero terminal SNR (Lin et al. 2023): the last timestep's signal is exactly zero.
+    assert model.noise_scheduler.alphas_cumprod[-1] == 0 and model.noise_scheduler.alphas_cumprod[0] > 0

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from library.training.noise import (
     NoiseOptions,
+    diffusion_loss,
     make_noise,
     make_training_scheduler,
     noisy_latents,
@@ -14,6 +15,7 @@ from library.training.noise import (
     sample_timesteps,
     snr,
     timestep_weights,
+    validation_timesteps,
 )
 
 
@@ -101,3 +103,50 @@ def test_timesteps_respect_range():
 def test_zero_terminal_snr():
     sched = make_training_scheduler(v_parameterization=True, zero_terminal_snr=True)
     assert sched.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("v_parameterization", [False, True])
+def test_diffusion_loss_is_the_weighted_mse_to_noise_or_velocity(v_parameterization):
+    """Against the DDPM formulas written out: x_t = sqrt(a) x0 + sqrt(1-a) e; v = sqrt(a) e - sqrt(1-a) x0."""
+    scheduler = make_training_scheduler(v_parameterization)
+    options = NoiseOptions(min_snr_gamma=5.0)
+    latents = torch.randn(3, 4, 8, 8)
+    seen = {}
+
+    def predict(noisy, t):
+        seen["noisy"], seen["t"] = noisy, t
+        return noisy * 0.5
+
+    torch.manual_seed(7)
+    result = diffusion_loss(predict, latents, scheduler, options, torch.tensor([1.0, 2.0, 0.5]))
+    torch.manual_seed(7)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (3,))
+    assert torch.equal(seen["t"], t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    torch.testing.assert_close(seen["noisy"], noisy)
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_parameterization else noise
+    torch.testing.assert_close(result.target, target)
+    snr_t = (a / (1 - a)).flatten()
+    min_snr = snr_t.clamp(max=5.0) / (snr_t + 1 if v_parameterization else snr_t)
+    per_image = ((noisy * 0.5 - target) ** 2).mean(dim=(1, 2, 3)) * torch.tensor([1.0, 2.0, 0.5]) * min_snr
+    torch.testing.assert_close(result.loss, per_image.mean())
+
+
+def test_diffusion_loss_at_fixed_timesteps_weighs_the_mask(scheduler):
+    latents = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 900])
+    mask = torch.zeros(2, 64, 64)
+    mask[:, :32] = 1.0  # the top half of the image counts, the bottom half not
+    result = diffusion_loss(lambda noisy, _: torch.zeros_like(noisy), latents, scheduler, NoiseOptions(),
+                            torch.ones(2), mask=mask, timesteps=t)  # fmt: skip
+    top_half = torch.zeros(2, 4, 8, 8)
+    top_half[:, :, :4] = 1.0
+    expected = (result.target**2 * top_half).mean(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(result.loss, expected)
+
+
+def test_validation_timesteps_spread_inside_the_range():
+    assert validation_timesteps(NoiseOptions()) == [200, 400, 600, 800]
+    assert validation_timesteps(NoiseOptions(min_timestep=100, max_timestep=600)) == [200, 300, 400, 500]
