@@ -82,6 +82,7 @@ def gui_config(tiny_sd, data: Path, algo: str) -> dict:
         "prior_loss_weight": 1,
         "resolution": "128,128",
         "sample_prompts": str(data / "out" / "prompt.txt"),
+        "sample_every_n_steps": 1,
         "sample_sampler": "euler_a",
         "save_every_n_epochs": 1,
         "save_model_as": "safetensors",
@@ -102,7 +103,8 @@ def gui_config(tiny_sd, data: Path, algo: str) -> dict:
 def test_gui_lycoris_config_trains_in_bf16(tiny_sd, data, algo):
     config = gui_config(tiny_sd, data, algo)
     (data / "out").mkdir()
-    (data / "out" / "prompt.txt").write_text("")  # the GUI always writes a prompt file, empty when unused
+    # samples run under autocast too: the LyCORIS weights stay float32 beside the bf16 UNet
+    (data / "out" / "prompt.txt").write_text("a (sks:1.2) [toy] --w 64 --h 64 --s 2 --d 1\n")
     config_file = data / "out" / f"config_lora-{algo}.toml"
     config_file.write_text(toml.dumps(config))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--dynamo_backend", "no", "--dynamo_mode", "default",
@@ -119,6 +121,7 @@ def test_gui_lycoris_config_trains_in_bf16(tiny_sd, data, algo):
     expected_args = dict(arg.split("=", 1) for arg in config["network_args"])
     assert json.loads(metadata["ss_network_args"]) == expected_args
     assert metadata["ss_mixed_precision"] == "bf16"
+    assert len(list((data / "out" / "sample").glob(f"tiny_{algo}_000001_00_*_1.png"))) == 1
     zero_init = {key: t for key, t in tensors.items() if key.endswith(ZERO_INIT_SUFFIXES[algo])}
     text_encoder = [t.float().abs().max().item() for key, t in zero_init.items() if key.startswith("lora_te_")]
     unet = [t.float().abs().max().item() for key, t in zero_init.items() if key.startswith("lora_unet_")]
