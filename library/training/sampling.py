@@ -3,7 +3,8 @@
 A prompt file is ``.txt`` (one prompt per line, ``#`` comments, options ``--n`` negative prompt,
 ``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss`` sampler), ``.toml``
 (``[prompt]`` defaults with ``[[prompt.subset]]`` entries) or ``.json`` (a list of strings or
-dicts), as in kohya's sd-scripts.
+dicts), as in kohya's sd-scripts. Prompts take kohya's ``(word:1.2)``/``[word]`` weighting
+(:func:`library.models.prompt_weighting.encode_sample_prompts`).
 """
 
 from __future__ import annotations
