@@ -101,7 +101,8 @@ class _ForeignNetwork(torch.nn.Module):
             if isinstance(text_encoder_lr, (list, tuple)):
                 text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
             method = self.inner.prepare_optimizer_params
-            takes_default = len(inspect.signature(method).parameters) >= 3
+            parameters = inspect.signature(method).parameters.values()
+            takes_default = len(parameters) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
             args = (text_encoder_lr, unet_lr, default_lr) if takes_default else (text_encoder_lr, unet_lr)
             result = method(*args)
         if isinstance(result, tuple):
