@@ -75,7 +75,7 @@ def test_masked_loss_weights_the_loss_by_the_mask_images(tiny_sd, data):
 def test_sample_prompts_are_encoded_with_kohyas_weighting(tiny_sd, data, monkeypatch):
     captured = {}
     monkeypatch.setattr(sampling, "generate_samples", lambda components, prompts, encode, **kw: captured.update(
-        encode=encode))  # fmt: skip
+        encode=encode) or [])  # fmt: skip
     model = load_stable_diffusion(tiny_sd.sd1_dir)
     args = train_network.setup_parser().parse_args(["--clip_skip", "2", "--output_dir", str(data / "out")])
     sampling.render_samples(args, torch.device("cpu"), model, model.unet, [SamplePrompt("x")], None, 0)
