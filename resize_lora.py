@@ -81,5 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         resize_lora_file(args.model, args.save_to, request, args.save_precision, args.device, args.verbose)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (``pip install -e .``): ``main`` with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

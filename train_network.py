@@ -25,5 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     NetworkTrainer(args).train()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (``pip install -e .``): ``main`` with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,10 +17,22 @@ USER_ERRORS = (SuiteError, NetworkError, LoRAFileError)
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes and diffusers log CUDA-only notes on CPU machines; keep the console readable.
+    # bitsandbytes and diffusers log CUDA-only notes on CPU machines (bitsandbytes, imported by every
+    # diffusers import, asks for the optional `kernels` package on each run); keep the console readable.
     for noisy in ("bitsandbytes", "diffusers.models.modeling_utils", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def apply_console_log_flags(level: str | None, log_file: str | None) -> None:
+    """kohya's ``--console_log_level`` and ``--console_log_file`` (the console format is always plain here)."""
+    root = logging.getLogger()
+    if level:
+        root.setLevel(level)
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,15 +126,32 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-def write_tiny_tokenizer(out_dir: str | os.PathLike, v2: bool) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with a ~600-token vocabulary, saved with ``save_pretrained``."""
+def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair of lowest merge rank."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def write_tiny_tokenizer(
+    out_dir: str | os.PathLike, v2: bool, words: Sequence[str] = tuple(VOCAB_WORDS)
+) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with a ~600-token vocabulary (bytes plus ``words`` as whole tokens),
+    saved with ``save_pretrained``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
-    for word in VOCAB_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    for word in words:
+        # Segment the word with the merges so far (as the tokenizer will), then merge what is left
+        # from the left: the new merges rank after every earlier one, so no earlier word changes.
+        symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             if pair not in merges:

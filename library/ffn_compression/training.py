@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from library.errors import ConfigError
 from library.ffn_compression.calibration import Calibration, relative_errors
-from library.training.loop import make_accelerator
 from library.training.network_trainer import NetworkTask, NetworkTrainer
 from library.training.saving import per_save_metadata
 from library.training.skeleton import prepare_optimization, start_run
 from library.training.theseus import ReplacementState, TheseusController, parse_replacement_schedule
+from library.training.trackers import make_accelerator
 from networks.base import block_index
 from networks.lowrank_ffn import LowRankFFNNetwork, NarrowFFNModule, block_name, ffn_layers
 

@@ -1,22 +1,27 @@
 """kohya's command-line flags, ``--config_file`` toml handling and argument checks.
 
-Flag names, types and defaults are kohya sd-scripts' (including odd defaults such as
-``--learning_rate 2e-6`` and ``--caption_extension .caption``), so existing command lines and
-config files work unchanged. Unlike kohya, a config file key that no flag knows is an error, and
-kohya flags this suite does not implement are refused when set instead of silently ignored.
+Every flag of kohya's train_network.py (v0.10.1) parses, with kohya's names, types and defaults
+(including odd ones such as ``--learning_rate 2e-6`` and ``--caption_extension .caption``), so
+existing command lines and config files work unchanged. Flags this suite cannot honour are
+refused when set instead of silently ignored; ``--config_file`` handling is in config_file.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
-from typing import Any
 
-import toml
-
+from library.cli import apply_console_log_flags
 from library.errors import ConfigError
+from library.training.config_file import read_config_file, write_config_file
+from library.training.refused_flags import add_unsupported_args, refuse_unsupported
+
+# kohya's --metadata_* flags, each written as modelspec.<name>.
+METADATA_FIELDS = (
+    "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
+    "preprocessor", "is_negative_embedding",
+)  # fmt: skip
 
 
 def int_or_float(value: str) -> int | float:
@@ -89,6 +94,9 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_info", action="store_true", help="keep image sizes and captions in metadata_cache.json")
     g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")
+    g.add_argument(
+        "--skip_cache_check", action="store_true", help="accepted; caches are checked from headers, cheaply"
+    )
     g.add_argument("--vae_batch_size", type=int, default=1)
     g.add_argument("--max_data_loader_n_workers", type=int, default=8)
     g.add_argument("--persistent_data_loader_workers", action="store_true")
@@ -130,13 +138,19 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--xformers", action="store_true")
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (the default here)")
     g.add_argument("--mem_eff_attn", action="store_true")
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
-    g.add_argument("--ddp_timeout", type=int, help="seconds; multi-process only")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (accelerate's dynamo)")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="backend of --torch_compile: inductor, ...")
+    g.add_argument("--ddp_timeout", type=int, help="minutes; multi-process only")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted; no effect (no DDP wrapper)")
+    g.add_argument("--ddp_static_graph", action="store_true", help="accepted; no effect (no DDP wrapper)")
+    g.add_argument("--initial_epoch", type=int, help="epoch number to start counting at (1 = first)")
+    g.add_argument("--initial_step", type=int, help="step number to start counting at; overrides --initial_epoch")
+    g.add_argument("--skip_until_initial_step", action="store_true", help="skip the batches before --initial_step")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--training_comment", type=str)
     g.add_argument("--no_metadata", action="store_true")
-    for name in ("title", "author", "description", "license", "tags"):
-        g.add_argument(f"--metadata_{name}", type=str)
+    for name in METADATA_FIELDS:
+        g.add_argument(f"--metadata_{name}", type=str, help=f"modelspec.{name}")
 
 
 def add_noise_args(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +188,7 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
     g.add_argument("--lr_scheduler_min_lr_ratio", type=float)
+    g.add_argument("--lr_scheduler_timescale", type=int, help="inverse_sqrt's timescale (default: warmup steps)")
     g.add_argument("--lr_scheduler_type", type=str, default="", help="any torch scheduler class, dotted path")
     g.add_argument("--lr_scheduler_args", type=str, nargs="*")
 
@@ -210,8 +225,16 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_dir", type=str, help="TensorBoard folder")
     g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"])
     g.add_argument("--log_prefix", type=str)
-    g.add_argument("--log_tracker_name", type=str)
+    g.add_argument("--log_tracker_name", type=str, help="project name in the trackers (default network_train)")
+    g.add_argument("--log_tracker_config", type=str, help="toml of tracker init arguments, e.g. [wandb] entity")
     g.add_argument("--log_config", action="store_true", help="log the arguments to the tracker")
+    g.add_argument("--wandb_run_name", type=str, help="wandb run name")
+    g.add_argument(
+        "--wandb_api_key", type=str, help="log in to wandb with this key (never written by --output_config)"
+    )
+    g.add_argument("--console_log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    g.add_argument("--console_log_file", type=str, help="also write the log to this file")
+    g.add_argument("--console_log_simple", action="store_true", help="accepted; the console log is always plain")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +254,7 @@ TRAINING_FLAG_GROUPS = (
     add_sampling_args,
     add_logging_args,
     add_config_args,
+    add_unsupported_args,
 )
 
 
@@ -247,6 +271,7 @@ def train_network_parser() -> argparse.ArgumentParser:
 def parse_or_write_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
     """Parse a training script's flags; with ``--output_config``, write them to --config_file instead (None)."""
     args = parse_args(parser, argv)
+    apply_console_log_flags(args.console_log_level, args.console_log_file)
     if not args.output_config:
         return args
     if not args.config_file:
@@ -255,101 +280,13 @@ def parse_or_write_config(parser: argparse.ArgumentParser, argv: list[str] | Non
     return None
 
 
-# kohya flags with no counterpart here: accepted at their defaults (GUI-exported configs list them
-# all), refused with a clear message when set.
-UNSUPPORTED_KOHYA_FLAGS = {
-    "deepspeed": "DeepSpeed",
-    "zero_stage": "DeepSpeed",
-    "fp8_base": "float8 base weights",
-    "fp8_base_unet": "float8 base weights",
-    "huggingface_repo_id": "uploading to the Hugging Face hub",
-    "resume_from_huggingface": "resuming from the Hugging Face hub",
-    "save_state_to_huggingface": "uploading to the Hugging Face hub",
-    "dataset_class": "custom dataset classes",
-    "conditioning_data_dir": "a ControlNet flag; mask images go in a dataset config subset's conditioning_data_dir",
-    "fused_backward_pass": "fused backward passes",
-    "cpu_offload_checkpointing": "checkpoint offloading",
-    "wandb_api_key": "wandb keys in config files",
-}
-_UNSUPPORTED_FALSEY = (None, False, "", 0, 0.0, [], "none", "None")
-
-
-def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
-    """Turn flattened toml keys into command-line tokens so argparse types and validates them."""
-    actions = {a.dest: a for a in parser._actions}  # argparse has no public lookup by dest
-    unknown = [k for k in config if k not in actions and k not in UNSUPPORTED_KOHYA_FLAGS]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(actions), n=1)
-            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise ConfigError(f"{source}: unknown keys: {', '.join(hints)}")
-    argv: list[str] = []
-    for key, value in config.items():
-        if key in UNSUPPORTED_KOHYA_FLAGS:
-            if value not in _UNSUPPORTED_FALSEY:
-                raise ConfigError(f"{source}: '{key}' ({UNSUPPORTED_KOHYA_FLAGS[key]}) is not supported by this suite")
-            continue
-        action = actions[key]
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
-            if value:
-                argv.append(action.option_strings[0])
-            continue
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if action.nargs not in ("*", "+") and isinstance(value, list):
-            if key == "resolution":
-                values = [",".join(str(v) for v in value)]
-            else:
-                raise ConfigError(f"{source}: '{key}' takes one value, got a list")
-        argv.append(action.option_strings[0])
-        argv.extend(str(v) for v in values)
-    return argv
-
-
-def read_config_file(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """kohya's ``--config_file``: every table's keys are flattened; returns them as argv tokens."""
-    config_path = Path(path if path.endswith(".toml") else f"{path}.toml")
-    if not config_path.is_file():
-        raise ConfigError(f"--config_file '{config_path}' does not exist")
-    try:
-        raw = toml.load(config_path)
-    except (toml.TomlDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot parse --config_file '{config_path}': {err}") from err
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
-        for sub_key, sub_value in items:
-            if isinstance(sub_value, dict):
-                raise ConfigError(f"{config_path}: nested table '{key}.{sub_key}' is not supported")
-            flat[sub_key] = sub_value
-    return _config_to_argv(flat, parser, str(config_path))
-
-
-def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, path: str) -> Path:
-    """kohya's ``--output_config``: the flags that differ from their defaults, as a flat toml."""
-    config_path = Path(path if path.endswith(".toml") else f"{path}.toml")
-    if config_path.exists():
-        raise ConfigError(f"--output_config: '{config_path}' exists; refusing to overwrite it")
-    skip = {"config_file", "output_config"}
-    changed = {}
-    for key, value in vars(args).items():
-        if key in skip or value == parser.get_default(key):
-            continue
-        changed[key] = str(value) if isinstance(value, Path) else value
-    config_path.write_text(toml.dumps(changed))
-    return config_path
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with kohya's precedence: command line > ``--config_file`` > defaults."""
     args = parser.parse_args(argv)
     if args.config_file and not args.output_config:
         file_argv = read_config_file(args.config_file, parser)
         args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    refuse_unsupported(args, parser)
     return args
 
 
@@ -416,6 +353,12 @@ def verify_training_args(args: argparse.Namespace) -> None:
             args.network_train_unet_only and args.network_train_text_encoder_only,
             "--network_train_unet_only and --network_train_text_encoder_only exclude each other",
         ),
+        (
+            bool(args.metadata_thumbnail)
+            and not args.metadata_thumbnail.startswith("data:")
+            and not Path(args.metadata_thumbnail).is_file(),
+            f"--metadata_thumbnail '{args.metadata_thumbnail}' is neither a data: URL nor an image file",
+        ),
         (args.bucket_reso_steps % 64 != 0, "--bucket_reso_steps must be a multiple of 64 for SD1.x/SD2.x"),
         (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
         (
@@ -426,3 +369,23 @@ def verify_training_args(args: argparse.Namespace) -> None:
     for failed, message in checks:
         if failed:
             raise ConfigError(message)
+    verify_logging_and_compile_args(args)
+
+
+def verify_logging_and_compile_args(args: argparse.Namespace) -> None:
+    """--torch_compile's backend, wandb, --log_tracker_config and the initial step, before any model loads."""
+    import importlib.util
+
+    from accelerate.utils import DynamoBackend
+
+    if args.torch_compile and args.dynamo_backend.upper() not in DynamoBackend.__members__:
+        names = ", ".join(b.lower() for b in DynamoBackend.__members__ if b != "NO")
+        raise ConfigError(f"--dynamo_backend '{args.dynamo_backend}' is not one of accelerate's: {names}")
+    if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--log_with {args.log_with} needs the wandb package (pip install wandb)")
+    if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
+        raise ConfigError(f"--log_tracker_config '{args.log_tracker_config}' does not exist")
+    if args.initial_step is not None and args.initial_step < 0:
+        raise ConfigError("--initial_step must be >= 0")
+    if args.initial_epoch is not None and args.initial_epoch < 1:
+        raise ConfigError("--initial_epoch counts from 1")

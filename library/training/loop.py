@@ -9,24 +9,24 @@ TensorBoard scalars, save/sample cadence with kohya's file names and rotation, a
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from library.errors import ConfigError
+from library.training.optimizers import is_schedule_free
 from library.training.saving import model_file_name, rotate, state_dir_name
+from library.training.trackers import LossRecorder, log_sample_images, log_to_trackers, lr_logs
 
 logger = logging.getLogger(__name__)
 TRAIN_STATE_FILE = "train_state.json"
@@ -51,49 +51,11 @@ class TrainingTask(Protocol):
 
     def save_model(self, path: Path, epoch: int, step: int) -> None: ...
 
-    def sample(self, epoch: int | None, step: int) -> None: ...
+    def sample(self, epoch: int | None, step: int) -> list[tuple[Path, str]] | None:
+        """Write sample images; the (file, prompt) pairs go to wandb when it is a tracker."""
 
     def validate(self) -> dict[str, float]:
         """Validation scalars (empty when there is no validation set); averaged over processes here."""
-
-
-def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Accelerator:
-    """Accelerator with kohya's logging layout ``logging_dir/<log_prefix><YYYYmmddHHMMSS>``."""
-    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
-    if log_with and not args.logging_dir:
-        raise ConfigError("--log_with needs --logging_dir")
-    project = None
-    if log_with:
-        stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-        project = ProjectConfiguration(project_dir=str(Path(args.logging_dir) / f"{args.log_prefix or ''}{stamp}"))
-    handlers = (
-        [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))] if args.ddp_timeout else []
-    )
-    accelerator = Accelerator(
-        cpu=_distributed_without_gpu(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=log_with,
-        project_config=project,
-        kwargs_handlers=handlers,
-        rng_types=[],  # each process manages its own RNG; see TrainingRun.run
-    )
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress logs, not one per process
-    if log_with:
-        config = {k: str(v) for k, v in vars(args).items()} if args.log_config else {}
-        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=config)
-    return accelerator
-
-
-def _distributed_without_gpu() -> bool:
-    """Several processes but no GPU (``accelerate launch --multi_gpu`` or ``torchrun`` on a CPU machine).
-
-    accelerate only forms a CPU process group (gloo) when told to run on the CPU; otherwise every
-    process would train alone and all of them would write the same outputs.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return world_size > 1 and not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 @dataclass
@@ -199,6 +161,8 @@ class TrainingRun:
         lr_descriptions: list[str],
         max_grad_norm: float = 1.0,
         seed: int | None = None,
+        optimizer_type: str = "",
+        network_train_unet_only: bool = False,
     ):
         self.accelerator = accelerator
         self.task = task
@@ -210,9 +174,12 @@ class TrainingRun:
         self.lr_descriptions = lr_descriptions
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        self.optimizer_type = optimizer_type
+        self.network_train_unet_only = network_train_unet_only
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        self.loss_recorder = LossRecorder()
         accelerator.register_for_checkpointing(*task.checkpoint_objects())
 
     # ---- resume ---------------------------------------------------------------------------
@@ -223,11 +190,39 @@ class TrainingRun:
         if not (path / TRAIN_STATE_FILE).is_file():
             raise ConfigError(f"--resume '{path}' is not a state folder written by --save_state")
         self.accelerator.load_state(str(path))
+        self._optimizer_mode("train")  # states are saved in eval mode (schedule-free optimizers)
         state = json.loads((path / TRAIN_STATE_FILE).read_text())
         self.global_step = state["current_step"]
         self.epoch = state["current_epoch"]
         self.step_in_epoch = state.get("batches_in_epoch", 0)
         logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch + 1)
+
+    def start_at(self, initial_step: int | None, initial_epoch: int | None, skip_batches: bool) -> None:
+        """kohya's ``--initial_step`` / ``--initial_epoch`` (step wins) and ``--skip_until_initial_step``.
+
+        The counters start there (the LR schedule does not: it starts at 0 unless resumed, as in
+        kohya); with ``skip_batches`` the epoch's batches before that step are drawn and discarded,
+        so the data is the data an uninterrupted run would see. Unlike kohya, the step counter
+        starts at the initial step in both cases (kohya restarts it at 0 without skipping), so
+        checkpoint names and logs line up with the run being continued.
+        """
+        if initial_step is None and initial_epoch is None:
+            return
+        updates = self.schedule.updates_per_epoch
+        step = initial_step if initial_step is not None else (initial_epoch - 1) * updates
+        if step < 0 or step >= self.schedule.max_train_steps:
+            raise ConfigError(
+                f"--initial_step/--initial_epoch start at step {step}, which must be >= 0 and below "
+                f"--max_train_steps ({self.schedule.max_train_steps})"
+            )
+        self.global_step, self.epoch = step, step // updates
+        self.step_in_epoch = (step % updates) * self.accelerator.gradient_accumulation_steps if skip_batches else 0
+        logger.info("starting at step %d (epoch %d), skipping %d batches", step, self.epoch + 1, self.step_in_epoch)
+
+    def _optimizer_mode(self, mode: str) -> None:
+        """Schedule-free optimizers sample, validate and save in eval mode and train in train mode (kohya)."""
+        if is_schedule_free(getattr(self.optimizer, "optimizer", self.optimizer)):
+            getattr(self.optimizer, mode)()
 
     def _save_state(self, name: str) -> None:
         path = self.cadence.output_dir / name
@@ -269,7 +264,6 @@ class TrainingRun:
         batches = self.dataloader
         if self.step_in_epoch:
             batches = accelerator.skip_first_batches(self.dataloader, self.step_in_epoch)
-        epoch_loss, epoch_count = 0.0, 0
         for batch in _without_global_rng(batches):
             with accelerator.accumulate():
                 self.task.on_step_start(self.global_step)
@@ -280,21 +274,25 @@ class TrainingRun:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            self.loss_recorder.add(self.epoch, self.step_in_epoch, loss.item())
             self.step_in_epoch += 1
-            epoch_loss += loss.item()
-            epoch_count += 1
             if not accelerator.sync_gradients:
                 continue
             self.global_step += 1
             extra.update(self.task.after_optimizer_step())
-            average = epoch_loss / epoch_count
+            average = self.loss_recorder.moving_average
             progress.update(1)
             progress.set_postfix(avr_loss=f"{average:.4f}")
-            self._log({"loss/current": loss.item(), "loss/average": average, **extra})
+            self._log_step({"loss/current": loss.item(), "loss/average": average, **extra})
             self._step_checkpoints()
             if self.global_step >= self.schedule.max_train_steps:
                 break
-        self._log({"loss/epoch": epoch_loss / max(epoch_count, 1)})
+        # kohya logs the epoch's running average at the epoch number (1-based), not at a step.
+        epoch_number = self.epoch + 1
+        log_to_trackers(
+            accelerator, {"loss/epoch_average": self.loss_recorder.moving_average}, epoch_number, self.global_step,
+            epoch_number,
+        )  # fmt: skip
         finished_epoch = self.step_in_epoch >= len(self.dataloader)
         self.epoch += 1 if finished_epoch else 0
         self.step_in_epoch = 0 if finished_epoch else self.step_in_epoch
@@ -314,17 +312,23 @@ class TrainingRun:
         if self.max_grad_norm:
             self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
 
-    def _log(self, values: dict[str, float]) -> None:
+    def _log_step(self, values: dict[str, float]) -> None:
+        """Step scalars and kohya's ``lr/*`` ones at the global step."""
         if not self.accelerator.trackers:
             return
-        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr()):
-            values[f"lr/{description}"] = lr
-        self.accelerator.log(values, step=self.global_step)
+        values.update(
+            lr_logs(
+                self.lr_scheduler.get_last_lr(), self.lr_descriptions, self.optimizer.param_groups,
+                self.optimizer_type, self.network_train_unet_only,
+            )
+        )  # fmt: skip
+        log_to_trackers(self.accelerator, values, self.global_step, self.global_step, self.epoch + 1)
 
     # ---- checkpoints and samples ----------------------------------------------------------
 
     def _save_model(self, name: str, epoch: int) -> None:
         self.accelerator.wait_for_everyone()
+        self._optimizer_mode("eval")
         if self.accelerator.is_main_process:
             self.cadence.output_dir.mkdir(parents=True, exist_ok=True)
             self.task.save_model(self.cadence.output_dir / name, epoch, self.global_step)
@@ -341,6 +345,7 @@ class TrainingRun:
             self._save_state(state_dir_name(s.output_name, epoch=epoch, step=step))
             if self.accelerator.is_main_process:
                 rotate(s.output_dir, s.output_name, keep_states, by_step=by_step, state=True)
+        self._optimizer_mode("train")
 
     def _step_checkpoints(self) -> None:
         s, step = self.cadence, self.global_step
@@ -362,20 +367,28 @@ class TrainingRun:
             self._validate("epoch")
 
     def _validate(self, when: str) -> None:
+        self._optimizer_mode("eval")
         values = self.task.validate()
+        self._optimizer_mode("train")
         if not values:
             return
         averaged = {}
         for name, value in values.items():
             tensor = torch.tensor(value, device=self.accelerator.device)
-            averaged[f"{name}/{when}_average"] = self.accelerator.reduce(tensor, reduction="mean").item()
+            average = self.accelerator.reduce(tensor, reduction="mean").item()
+            averaged[f"{name}/{when}_average"] = average
+            averaged[f"{name}/{when}_divergence"] = average - self.loss_recorder.moving_average
         logger.info("validation at step %d: %s", self.global_step, averaged)
-        self._log(averaged)
+        # kohya: step validation at the global step, epoch validation at the epoch number
+        x = self.global_step if when == "step" else self.epoch
+        log_to_trackers(self.accelerator, averaged, x, self.global_step, self.epoch + (when == "step"))
 
     def _sample(self, epoch: int | None) -> None:
         self.accelerator.wait_for_everyone()
+        self._optimizer_mode("eval")
         if self.accelerator.is_main_process:
-            self.task.sample(epoch, self.global_step)
+            log_sample_images(self.accelerator, self.task.sample(epoch, self.global_step) or [])
+        self._optimizer_mode("train")
         self.accelerator.wait_for_everyone()
 
     def _check_processes_agree(self) -> None:

@@ -35,11 +35,12 @@ from library.training.networks import (
     network_errors_as_config_errors,
 )
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
-from library.training.optimizers import optimizer_class
+from library.training.optimizers import lr_scheduler_class, optimizer_class
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
 from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
 from library.training.text_conditioning import caption_hidden_states
+from library.training.trackers import compile_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class NetworkTask:
         )
         return {
             "max_norm/keys_scaled": keys_scaled,
-            "max_norm/avg_key_norm": mean_norm,
+            "norm/avg_key_norm": mean_norm,
             "max_norm/max_key_norm": max_norm,
         }
 
@@ -127,12 +128,14 @@ class NetworkTask:
         metadata = {**self.metadata, **per_save_metadata(epoch, step)}
         self.network.save_weights(str(path), SAVE_DTYPES[self.args.save_precision], metadata)
 
-    def sample(self, epoch: int | None, step: int) -> None:
-        if self.sample_prompts:
-            with self.accelerator.autocast():  # as kohya samples; a foreign network's weights stay float32
-                render_samples(
-                    self.args, self.accelerator.device, self.model, self.model.unet, self.sample_prompts, epoch, step
-                )
+    def sample(self, epoch: int | None, step: int) -> list[tuple[Path, str]]:
+        if not self.sample_prompts:
+            return []
+        unet = getattr(self.model.unet, "_orig_mod", self.model.unet)  # not the --torch_compile one: new shapes
+        with self.accelerator.autocast():  # as kohya samples; a foreign network's weights stay float32
+            return render_samples(
+                self.args, self.accelerator.device, self.model, unet, self.sample_prompts, epoch, step
+            )
 
 
 class NetworkTrainer(TrainerSkeleton):
@@ -152,6 +155,8 @@ class NetworkTrainer(TrainerSkeleton):
     def check_inputs(self) -> None:
         self.module = import_network_module(self.args.network_module)
         optimizer_class(self.args.optimizer_type)  # an unknown optimizer fails before the model loads
+        if self.args.lr_scheduler_type:
+            lr_scheduler_class(self.args.lr_scheduler_type)
 
     def load_models(self) -> StableDiffusionModel:
         model = load_training_model(self.args)
@@ -206,3 +211,4 @@ class NetworkTrainer(TrainerSkeleton):
         place_frozen(self.args, accelerator.device, model.unet, model.text_encoder)
         network.to(accelerator.device, dtype=trained_dtype(self.args))
         network.prepare_grad_etc(model.text_encoder, model.unet)
+        model.unet = compile_for_training(accelerator, model.unet)  # --torch_compile, with the network patched in

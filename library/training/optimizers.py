@@ -31,12 +31,13 @@ def parse_optimizer_args(pairs: list[str] | None, flag: str = "--optimizer_args"
     return parsed
 
 
-def _import(path: str, what: str) -> Callable:
+def _import(path: str, what: str, flag: str = "--optimizer_type") -> Callable:
+    """``module.Class`` as kohya resolves it (case-sensitive), as a one-line error when it is not there."""
     module_name, _, attr = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--optimizer_type {what}: cannot import {path} ({err})") from err
+        raise ConfigError(f"{flag} {what}: cannot import {path} ({err})") from err
 
 
 def _bnb(name: str) -> Callable:
@@ -81,6 +82,9 @@ _OPTIMIZERS: dict[str, Callable[[str], Callable]] = {
     "dadaptlion": lambda n: _import("dadaptation.DAdaptLion", n),
     "dadaptsgd": lambda n: _import("dadaptation.DAdaptSGD", n),
     "adafactor": _adafactor,
+    "adamwschedulefree": lambda n: _import("schedulefree.AdamWScheduleFree", n),
+    "sgdschedulefree": lambda n: _import("schedulefree.SGDScheduleFree", n),
+    "radamschedulefree": lambda n: _import("schedulefree.RAdamScheduleFree", n),
 }
 _ADAPTIVE = ("prodigy", "dadapt")
 
@@ -121,11 +125,25 @@ def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> tuple[
     logged = f"{cls.__module__}.{cls.__name__}"
     if kwargs:
         logged += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    if is_schedule_free(optimizer):
+        optimizer.train()  # kohya: train mode while training; eval mode around sampling, validation and saving
     return logged, optimizer
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
-    return hasattr(optimizer, "train") and hasattr(optimizer, "eval") and "ScheduleFree" in type(optimizer).__name__
+    """The schedulefree package's optimizers (kohya's ``*ScheduleFree`` names): they need train()/eval() calls."""
+    return callable(getattr(optimizer, "train", None)) and "ScheduleFree" in type(optimizer).__name__
+
+
+def is_d_adaptive(optimizer_type: str) -> bool:
+    """Optimizers whose groups carry ``d`` (kohya logs ``lr/d*lr/<group>`` for them)."""
+    return optimizer_type.lower().startswith("dadapt") or optimizer_type.lower() == "prodigy"
+
+
+def lr_scheduler_class(name: str) -> Callable:
+    """``--lr_scheduler_type``: a bare name is a ``torch.optim.lr_scheduler`` class, a dotted one any module's."""
+    path = name if "." in name else f"torch.optim.lr_scheduler.{name}"
+    return _import(path, name, flag="--lr_scheduler_type")
 
 
 def resolve_steps(value: int | float, total_steps: int) -> int:
@@ -138,9 +156,22 @@ def make_lr_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``--lr_scheduler`` by transformers' names (diffusers' ``piecewise_constant`` too), or a custom class."""
     warmup = resolve_steps(args.lr_warmup_steps, num_training_steps)
+    scheduler_args = parse_optimizer_args(args.lr_scheduler_args, "--lr_scheduler_args")
+    if is_schedule_free(optimizer):
+        # kohya gives schedule-free optimizers a constant stand-in that only reports the lr.
+        if args.lr_scheduler != "constant" or warmup or args.lr_scheduler_type:
+            logger.warning(
+                "%s schedules itself: --lr_scheduler* and --lr_warmup_steps are ignored", args.optimizer_type
+            )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if args.lr_scheduler_type:
-        scheduler_class = _import(args.lr_scheduler_type, "--lr_scheduler_type")
-        return scheduler_class(optimizer, **parse_optimizer_args(args.lr_scheduler_args, "--lr_scheduler_args"))
+        if warmup:
+            raise ConfigError("--lr_scheduler_type does not take --lr_warmup_steps (kohya's rule); set it to 0")
+        scheduler_class = lr_scheduler_class(args.lr_scheduler_type)
+        try:
+            return scheduler_class(optimizer, **scheduler_args)
+        except TypeError as err:
+            raise ConfigError(f"--lr_scheduler_args do not fit {args.lr_scheduler_type}: {err}") from err
     name = args.lr_scheduler
     if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
         from transformers.optimization import AdafactorSchedule
@@ -149,27 +180,39 @@ def make_lr_scheduler(
     if name == "piecewise_constant":
         from diffusers.optimization import get_scheduler as diffusers_scheduler
 
-        rules = parse_optimizer_args(args.lr_scheduler_args, "--lr_scheduler_args").get("step_rules")
-        return diffusers_scheduler(name, optimizer, step_rules=rules)
-    from transformers.optimization import get_scheduler
+        return diffusers_scheduler(name, optimizer, step_rules=scheduler_args.get("step_rules"))
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
     from transformers.trainer_utils import SchedulerType
 
     if name not in {s.value for s in SchedulerType}:
         raise ConfigError(f"--lr_scheduler '{name}' is unknown (known: {', '.join(s.value for s in SchedulerType)})")
+    schedule = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    # kohya's own dispatch (train_util.get_scheduler_fix): each schedule gets its flags and every one
+    # gets --lr_scheduler_args (transformers' get_scheduler drops them for several schedules).
+    if name in ("constant", "reduce_lr_on_plateau"):
+        return schedule(optimizer, **scheduler_args)
+    if name == "constant_with_warmup":
+        return schedule(optimizer, num_warmup_steps=warmup, **scheduler_args)
+    if name == "inverse_sqrt":
+        return schedule(optimizer, num_warmup_steps=warmup, timescale=args.lr_scheduler_timescale, **scheduler_args)
     specific: dict[str, Any] = {}
     if name == "cosine_with_restarts":
         specific["num_cycles"] = args.lr_scheduler_num_cycles
     elif name == "polynomial":
         specific["power"] = args.lr_scheduler_power
     elif name == "cosine_with_min_lr":
-        specific["min_lr_rate"] = args.lr_scheduler_min_lr_ratio or 0.0
+        specific.update(num_cycles=args.lr_scheduler_num_cycles / 2, min_lr_rate=args.lr_scheduler_min_lr_ratio or 0.0)
     elif name == "warmup_stable_decay":
-        specific["num_decay_steps"] = resolve_steps(args.lr_decay_steps, num_training_steps)
-        specific["min_lr_ratio"] = args.lr_scheduler_min_lr_ratio or 0.0
-    return get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=warmup,
-        num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=specific or None,
+        decay = resolve_steps(args.lr_decay_steps, num_training_steps)
+        return schedule(
+            optimizer,
+            num_warmup_steps=warmup,
+            num_stable_steps=num_training_steps - warmup - decay,
+            num_decay_steps=decay,
+            num_cycles=args.lr_scheduler_num_cycles / 2,
+            min_lr_ratio=args.lr_scheduler_min_lr_ratio or 0.0,
+            **scheduler_args,
+        )
+    return schedule(
+        optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps, **specific, **scheduler_args
     )

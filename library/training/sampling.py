@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -164,13 +165,17 @@ def generate_samples(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for index, prompt in enumerate(prompts):
             scheduler = make_sampler(prompt.sampler or default_sampler, v_parameterization)
-            pipeline = StableDiffusionPipeline(
-                **components,
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            with warnings.catch_warnings():
+                # DDIM/PNDM keep clip_sample=True as in kohya's samplers; the pipeline's advice against
+                # it (a FutureWarning printed with the whole scheduler config) is not for our users.
+                warnings.filterwarnings("ignore", message="(?s).*clip_sample", category=FutureWarning)
+                pipeline = StableDiffusionPipeline(
+                    **components,
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
@@ -198,8 +203,8 @@ def render_samples(
     prompts: list[SamplePrompt],
     epoch: int | None,
     step: int,
-) -> None:
-    """kohya's sample images with ``unet`` (e.g. with a network patched in, or a student)."""
+) -> list[tuple[Path, str]]:
+    """kohya's sample images with ``unet`` (e.g. with a network patched in, or a student): (file, prompt) pairs."""
     vae_place = (model.vae.device, model.vae.dtype)
     model.vae.to(device, torch.float32)
     components = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": unet}
@@ -211,7 +216,7 @@ def render_samples(
         return encode_sample_prompts(model.tokenizer, encode_chunk, texts).to(unet.dtype)
 
     try:
-        generate_samples(
+        paths = generate_samples(
             components,
             prompts,
             encode,
@@ -225,3 +230,4 @@ def render_samples(
         )
     finally:
         model.vae.to(*vae_place)
+    return list(zip(paths, [prompt.prompt for prompt in prompts]))

@@ -8,9 +8,11 @@ keys (``ss_network_dim`` ...) come from the network as built, not from the comma
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import hashlib
 import json
+import mimetypes
 import random
 import re
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from library.models.families import family_of
+from library.training.args import METADATA_FIELDS
 
 SUITE_VERSION = "0.1.0"
 MINIMUM_KEYS = (
@@ -215,11 +218,20 @@ def modelspec_metadata(
         spec["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
     if args.clip_skip is not None:
         spec["modelspec.encoder_layer"] = str(args.clip_skip)
-    for name in ("author", "description", "license", "tags"):
-        value = getattr(args, f"metadata_{name}")
+    for name in METADATA_FIELDS[1:]:  # the title is set above
+        value = getattr(args, f"metadata_{name}", None)
         if value:
-            spec[f"modelspec.{name}"] = value
+            spec[f"modelspec.{name}"] = thumbnail_data_url(value) if name == "thumbnail" else value
     return spec
+
+
+def thumbnail_data_url(value: str) -> str:
+    """kohya's --metadata_thumbnail: a data URL as given, an image file turned into one."""
+    if value.startswith("data:"):
+        return value
+    path = Path(value)  # verify_training_args checked that it exists
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def per_save_metadata(epoch: int, step: int) -> dict[str, str]:

@@ -26,12 +26,13 @@ from accelerate.utils import broadcast_object_list, set_seed
 from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import DatasetGroup, build_dataset_group, build_validation_group, make_dataloader
 from library.models.stable_diffusion import StableDiffusionModel
-from library.training.loop import Cadence, Schedule, TrainingRun, make_accelerator
+from library.training.loop import Cadence, Schedule, TrainingRun
 from library.training.model_setup import prepare_latents
 from library.training.network_protocol import TrainableNetwork
 from library.training.optimizers import make_lr_scheduler, make_optimizer
 from library.training.sampling import SamplePrompt, load_sample_prompts, make_sampler
 from library.training.saving import modelspec_metadata, training_metadata
+from library.training.trackers import make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,12 @@ def start_run(
         cadence = dataclasses.replace(cadence, extension=extension)
     run = TrainingRun(
         accelerator, task, prepared.loader, prepared.optimizer, prepared.lr_scheduler, prepared.schedule, cadence,
-        lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        lr_descriptions, max_grad_norm=args.max_grad_norm, seed=args.seed, optimizer_type=args.optimizer_type,
+        network_train_unet_only=getattr(args, "network_train_unet_only", False),
     )  # fmt: skip
     if args.resume:
         run.resume(args.resume)
+    run.start_at(args.initial_step, args.initial_epoch, args.skip_until_initial_step)  # overrides the resumed step
     return run
 
 

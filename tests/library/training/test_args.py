@@ -1,9 +1,10 @@
-"""kohya flags, --config_file precedence, unknown keys and flag checks."""
+"""kohya's flags (every one of train_network.py v0.10.1), their defaults, refusals and checks."""
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
-import toml
 
 from library.errors import ConfigError
 from library.training.args import (
@@ -12,9 +13,14 @@ from library.training.args import (
     parse_key_values,
     parse_resolution,
     verify_training_args,
-    write_config_file,
 )
 from library.training.args import train_network_parser as setup_parser
+from library.training.refused_flags import UNSUPPORTED_KOHYA_FLAGS
+
+# Read from kohya's own parser (see the file's "how"), not from ours.
+KOHYA_FLAGS = json.loads(
+    (Path(__file__).parents[2] / "fixtures" / "kohya" / "train_network_flags_v0.10.1.json").read_text()
+)["flags"]
 
 
 def _parse(argv):
@@ -32,66 +38,36 @@ def test_kohya_defaults_are_kept():
     assert args.min_bucket_reso == 256 and args.max_bucket_reso == 1024 and args.bucket_reso_steps == 64
 
 
-def test_config_file_tables_are_flattened_and_cli_wins(tmp_path):
-    config = tmp_path / "my.toml"
-    config.write_text(
-        toml.dumps(
-            {
-                "model_arguments": {"pretrained_model_name_or_path": "model.safetensors", "v2": False},
-                "training": {"learning_rate": 1e-4, "max_train_steps": 10, "gradient_checkpointing": True},
-                "network_args": {"network_module": "networks.lora", "network_args": ["conv_dim=4", "conv_alpha=1"]},
-                "resolution": [768, 512],
-            }
-        )
-    )
-    args = _parse(["--config_file", str(config), "--max_train_steps", "20"])
-    assert args.pretrained_model_name_or_path == "model.safetensors"
-    assert args.learning_rate == 1e-4 and isinstance(args.learning_rate, float)
-    assert args.max_train_steps == 20
-    assert args.gradient_checkpointing is True
-    assert args.network_args == ["conv_dim=4", "conv_alpha=1"]
-    assert args.resolution == "768,512"
-    # the extension may be omitted, as in kohya
-    assert _parse(["--config_file", str(tmp_path / "my")]).learning_rate == 1e-4
+def _sample_tokens(flag: dict) -> list[str]:
+    """A value of the kind kohya's parser takes for this flag."""
+    if flag["action"] == "store_true":
+        return [flag["flag"]]
+    choices = [c for c in flag["choices"] or [] if c is not None]
+    value = choices[-1] if choices else {"int": 3, "float": 0.5}.get(flag["type"], "7")
+    return [flag["flag"], str(value)]
 
 
-def test_unknown_config_keys_are_named_with_a_suggestion(tmp_path):
-    config = tmp_path / "bad.toml"
-    config.write_text("learning_rat = 1e-4\n")
-    with pytest.raises(ConfigError, match=r"learning_rat \(did you mean learning_rate\?\)") as err:
-        _parse(["--config_file", str(config)])
-    assert str(config) in str(err.value)
+def test_the_fixture_is_kohyas_whole_parser():
+    assert len(KOHYA_FLAGS) == 193  # research/kohya.md: 193 options
+    names = {f["flag"] for f in KOHYA_FLAGS}
+    assert {"--dynamo_backend", "--wandb_run_name", "--masked_loss", "--initial_step", "--config_file"} <= names
 
 
-def test_config_values_are_type_checked(tmp_path):
-    config = tmp_path / "bad.toml"
-    config.write_text('gradient_checkpointing = "yes"\n')
-    with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        _parse(["--config_file", str(config)])
-    config.write_text('max_train_steps = "many"\n')
-    with pytest.raises(SystemExit):
-        _parse(["--config_file", str(config)])
-
-
-def test_unsupported_kohya_keys_pass_at_defaults_and_are_refused_when_set(tmp_path):
-    config = tmp_path / "gui.toml"
-    config.write_text('huggingface_repo_id = ""\nfp8_base = false\nlearning_rate = 1e-4\n')
-    assert _parse(["--config_file", str(config)]).learning_rate == 1e-4
-    config.write_text("fp8_base = true\n")
-    with pytest.raises(ConfigError, match="fp8_base"):
-        _parse(["--config_file", str(config)])
-
-
-def test_output_config_round_trips_and_refuses_overwrite(tmp_path):
+@pytest.mark.parametrize("flag", KOHYA_FLAGS, ids=[f["flag"] for f in KOHYA_FLAGS])
+def test_every_kohya_flag_parses_with_kohyas_default(flag):
     parser = setup_parser()
-    args = parse_args(parser, ["--learning_rate", "3e-4", "--network_args", "conv_dim=8", "--flip_aug"])
-    path = write_config_file(args, parser, str(tmp_path / "out"))
-    written = toml.load(path)
-    assert written == {"learning_rate": 3e-4, "network_args": ["conv_dim=8"], "flip_aug": True}
-    again = parse_args(parser, ["--config_file", str(path)])
-    assert vars(again) | {"config_file": None} == vars(args) | {"config_file": None}
-    with pytest.raises(ConfigError, match="refusing to overwrite"):
-        write_config_file(args, parser, str(path))
+    dest = flag["flag"].removeprefix("--")
+    assert parser.get_default(dest) == flag["default"]
+    args = parser.parse_args(_sample_tokens(flag))
+    assert getattr(args, dest) not in (None, False)
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_KOHYA_FLAGS))
+def test_unsupported_kohya_flags_are_refused_when_set_in_one_line(name):
+    flag = next(f for f in KOHYA_FLAGS if f["flag"] == f"--{name}")
+    assert _parse([]).__dict__[name] == flag["default"]  # at the default: accepted
+    with pytest.raises(ConfigError, match=f"^--{name}: .* is not supported by this suite$"):
+        _parse(_sample_tokens(flag))
 
 
 def test_unknown_cli_flag_fails():
@@ -139,6 +115,7 @@ def test_verify_normalises_kohya_aliases():
         ({"full_fp16": True}, "--full_fp16"),
         ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "exclude each other"),
         ({"pretrained_model_name_or_path": None}, "--pretrained_model_name_or_path"),
+        ({"metadata_thumbnail": "no/such.png"}, "--metadata_thumbnail 'no/such.png'"),
         ({"v_pred_like_loss": 0.1, "v_parameterization": True}, "--v_pred_like_loss"),
     ],
 )

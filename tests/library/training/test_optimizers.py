@@ -1,6 +1,7 @@
 """kohya's optimizer names and scheduler options build the right objects."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def _args(**overrides):
         lr_scheduler_num_cycles=1,
         lr_scheduler_power=1.0,
         lr_scheduler_min_lr_ratio=None,
+        lr_scheduler_timescale=None,
         lr_scheduler_type="",
         lr_scheduler_args=None,
     )
@@ -113,3 +115,49 @@ def test_cosine_with_restarts_cycles_and_polynomial_power():
 def test_unknown_scheduler():
     with pytest.raises(ConfigError, match="--lr_scheduler 'sometimes'"):
         _lrs(_args(lr_scheduler="sometimes"), 3)
+
+
+def test_lr_scheduler_type_takes_bare_torch_names_and_dotted_paths():
+    bare = _lrs(_args(lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args=["T_max=10"]), 10)
+    dotted = _lrs(
+        _args(lr_scheduler_type="torch.optim.lr_scheduler.CosineAnnealingLR", lr_scheduler_args=["T_max=10"]), 10
+    )
+    reference = [1e-3 * (1 + math.cos(math.pi * step / 10)) / 2 for step in range(10)]
+    assert bare == pytest.approx(reference) and dotted == pytest.approx(reference)
+
+
+def test_lr_scheduler_type_errors_are_one_line():
+    with pytest.raises(ConfigError, match="^--lr_scheduler_type NoSuchLR: cannot import torch.optim.lr_scheduler"):
+        _lrs(_args(lr_scheduler_type="NoSuchLR"), 3)
+    with pytest.raises(ConfigError, match="--lr_scheduler_args do not fit StepLR"):
+        _lrs(_args(lr_scheduler_type="StepLR", lr_scheduler_args=["gamma=0.5"]), 3)
+    with pytest.raises(ConfigError, match="--lr_warmup_steps"):
+        _lrs(_args(lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=2"], lr_warmup_steps=2), 3)
+
+
+def test_dotted_optimizer_type_is_any_module_class():
+    name, optimizer = make_optimizer(_args(optimizer_type="torch.optim.RMSprop"), _groups())
+    assert type(optimizer) is torch.optim.RMSprop and name == "torch.optim.rmsprop.RMSprop"
+    _, bare = make_optimizer(_args(optimizer_type="RMSprop"), _groups())  # kohya: torch.optim.<Name>
+    assert type(bare) is torch.optim.RMSprop
+
+
+def test_inverse_sqrt_timescale():
+    lrs = _lrs(_args(lr_scheduler="inverse_sqrt", lr_warmup_steps=2, lr_scheduler_timescale=4), 10)
+    # transformers' rule: after warmup, lr * 1 / sqrt((step + shift) / timescale), shift = timescale - warmup
+    assert lrs[6] == pytest.approx(1e-3 / math.sqrt((6 + 2) / 4))
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree"])
+def test_schedule_free_optimizers_start_in_train_mode_with_a_constant_schedule(name):
+    import schedulefree
+
+    logged, optimizer = make_optimizer(_args(optimizer_type=name, learning_rate=0.1), _groups())
+    assert type(optimizer) is getattr(schedulefree, name)
+    assert logged == f"{type(optimizer).__module__}.{name}"
+    assert all(group["train_mode"] for group in optimizer.param_groups)
+    scheduler = make_lr_scheduler(_args(optimizer_type=name, learning_rate=0.1), optimizer, 10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [1e-3]  # the group's own lr, never scheduled

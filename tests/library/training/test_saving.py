@@ -1,5 +1,6 @@
 """kohya's output names, rotation and metadata keys."""
 
+import base64
 import hashlib
 
 from library.training.args import train_network_parser as setup_parser
@@ -163,6 +164,19 @@ def test_modelspec_architectures():
     v = modelspec_metadata(setup_parser().parse_args([]), v2=True, v_parameterization=True, started_at=1.0)
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert v["modelspec.resolution"] == "768x768" and v["modelspec.prediction_type"] == "v"
+
+
+def test_every_kohya_metadata_flag_lands_in_modelspec(tmp_path):
+    png = tmp_path / "thumb.png"
+    png.write_bytes(b"\x89PNG fake")
+    argv = ["--metadata_usage_hint", "say sks", "--metadata_trigger_phrase", "sks", "--metadata_merged_from", "a, b"]
+    argv += ["--metadata_preprocessor", "canny", "--metadata_is_negative_embedding", "false"]
+    argv += ["--metadata_thumbnail", str(png), "--metadata_author", "me"]
+    spec = modelspec_metadata(setup_parser().parse_args(argv), v2=False, v_parameterization=False, started_at=1.0)
+    assert spec["modelspec.usage_hint"] == "say sks" and spec["modelspec.trigger_phrase"] == "sks"
+    assert spec["modelspec.merged_from"] == "a, b" and spec["modelspec.preprocessor"] == "canny"
+    assert spec["modelspec.is_negative_embedding"] == "false" and spec["modelspec.author"] == "me"
+    assert spec["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
 
 
 def test_legacy_model_hash(tmp_path):

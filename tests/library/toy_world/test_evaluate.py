@@ -1,0 +1,40 @@
+"""Scoring a toy model: seeded samples, reconstruction checks and the accuracy counts."""
+
+import numpy as np
+import pytest
+
+from library.toy_world.evaluate import Accuracy, generate, reconstruction_report, sample_report
+from library.toy_world.generator import sample_images
+from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tokenizer = write_toy_tokenizer(tokenizer_cache_folder(tmp_path_factory.mktemp("tok")))
+    return build_toy_model(tokenizer, seed=0)
+
+
+def test_samples_are_a_function_of_their_seeds(model):
+    first = generate(model, ["a red star", "a blue ring"], [1, 2], steps=2)
+    again = generate(model, ["a red star", "a blue ring"], [1, 2], steps=2)
+    other = generate(model, ["a red star"], [3], steps=2)
+    assert [im.size for im in first] == [(64, 64), (64, 64)]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_reports_count_every_image(model):
+    samples = sample_report(model, [("red", "star"), ("blue", "ring")], per_combination=2, seed=0, steps=2)
+    assert samples.total == 4
+    accuracy, psnr = reconstruction_report(model.vae, [("red", "star")], count=3, seed=0)
+    assert accuracy.total == 3 and np.isfinite(psnr)
+
+
+def test_accuracy_counts_colour_shape_and_confusions():
+    accuracy = Accuracy()
+    for spec, image in sample_images([("red", "star"), ("blue", "ring")], 2, seed=0):
+        accuracy.add(spec.colour, spec.shape, image)  # read correctly
+    (_, image), *_ = sample_images([("green", "cross")], 1, seed=0)
+    accuracy.add("green", "square", image)  # the right colour, the wrong shape
+    assert accuracy.rates() == {"colour": 1.0, "shape": 2 / 3, "both": 2 / 3}
+    assert accuracy.confusion == {("square", "cross"): 1}
