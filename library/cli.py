@@ -8,11 +8,10 @@ import sys
 from collections.abc import Callable
 
 from library.errors import SuiteError
-from networks.lora_file import LoRAFileError
-from networks.network_args import NetworkError
+from networks.errors import NetworkError
 
 # networks/ cannot import library/, so its input errors (--network_args, weight files) have their own bases.
-USER_ERRORS = (SuiteError, NetworkError, LoRAFileError)
+USER_ERRORS = (SuiteError, NetworkError)  # LoRAFileError is a NetworkError
 
 
 def configure_logging() -> None:

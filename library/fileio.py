@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
+import logging
 import os
 import pickle
+import pickletools
 import tempfile
-import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,33 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from library.errors import CheckpointError
+from networks.lora_file import atomic_path, umask
 
+logger = logging.getLogger(__name__)
 TORCH_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
-
-    A crash or an error therefore never leaves a half-written output behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates owner-only files; outputs get the usual mode
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -54,7 +34,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates an owner-only folder
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp creates an owner-only folder
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
@@ -80,38 +60,116 @@ def save_state_dict(
             raise CheckpointError(f"cannot save '{path}': use a .safetensors, .ckpt, .pt or .pth name")
 
 
-class _StubGlobal:
-    """Stands in for classes a checkpoint pickle names but that we never want to import."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    # Lightning-era .ckpt files pickle callback objects next to the weights. Importing their
-    # classes would execute arbitrary code, so anything outside torch/numpy/collections becomes
-    # an inert stub and only the tensors survive.
-    _allowed_roots = ("torch", "numpy", "collections", "builtins", "_codecs")
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] in self._allowed_roots:
-            return super().find_class(module, name)
-        return _StubGlobal
-
-
-_restricted_pickle = types.SimpleNamespace(
-    Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle"
+# Globals a checkpoint pickle may name that exist to run code or reach the system. A genuine
+# checkpoint never names them, so a file that does is refused with its name (every other unknown
+# global only becomes an inert stand-in).
+_CODE_RUNNING_MODULES = frozenset(
+    "os posix nt sys subprocess shutil importlib runpy pickle _pickle marshal code codeop ctypes socket pty "
+    "multiprocessing webbrowser".split()
+)
+_CODE_RUNNING_BUILTINS = frozenset(
+    "eval exec compile open __import__ getattr setattr delattr globals locals vars breakpoint input "
+    "exit quit help apply execfile".split()
 )
 
 
-def _torch_load(path: Path) -> dict:
+class PickledStandIn:
+    """An inert object in place of a class or function a checkpoint pickle names.
+
+    SD1.x ``.ckpt`` files pickle PyTorch Lightning callbacks, ``argparse.Namespace`` hparams and numpy
+    scalars beside the weights. Importing those names would run code, so each becomes a subclass of
+    this class that only records what it was built from; the tensors around it load as usual.
+    """
+
+    pickled_name = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.pickled_args = args
+
+    def __setstate__(self, state):
+        self.pickled_state = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.pickled_name}>"
+
+
+def _globals_in_pickles(file, count: int) -> set[str]:
+    """``module.name`` of every GLOBAL in the first ``count`` pickles of ``file`` (torch's legacy format
+    stores several in a row); read as opcodes, nothing is built or called."""
+    names: set[str] = set()
+    for _ in range(count):
+        try:
+            for opcode, arg, _pos in pickletools.genops(file):
+                if opcode.name == "GLOBAL":
+                    module, name = arg.split(" ", 1)
+                    names.add(f"{module}.{name}")
+        except ValueError:  # end of the pickles (raw storage bytes follow)
+            break
+    return names
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals in a torch checkpoint that torch's weights-only unpickler does not allow by itself."""
+    if zipfile.is_zipfile(path):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    with open(path, "rb") as f:
+        named = _globals_in_pickles(f, count=5)
+    # torch's own allow-list wins over added names, so only its obvious roots are left out here.
+    return sorted(n for n in named if not n.startswith(("torch.", "collections.", "_codecs.")))
+
+
+def _refuse_code(path: Path, names: list[str]) -> None:
+    for pickled_name in names:
+        module, _, name = pickled_name.rpartition(".")
+        # Protocol 2 writes Python 2 names (commands.Popen, __builtin__.exec); pickle maps them back.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full_name, root = f"{module}.{name}", module.split(".")[0]
+        if root in _CODE_RUNNING_MODULES or (root == "builtins" and name in _CODE_RUNNING_BUILTINS):
+            raise CheckpointError(
+                f"refusing to load '{path}': its pickle names {full_name}, which runs code; "
+                "only weights are read from .ckpt/.pt files"
+            )
+
+
+def torch_load_weights(path: str | os.PathLike) -> object:
+    """``torch.load`` that never runs code from the file.
+
+    torch's weights-only unpickler builds only tensors, storages and plain containers; it takes an
+    allow-list of extra globals, which here maps every other name the file holds to an inert
+    :class:`PickledStandIn` (so Lightning-era checkpoints load). Names of code-running functions
+    (``os.system``, ``builtins.exec``, ``subprocess.Popen``...) are refused with one line.
+    """
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+        names = _unsafe_globals(path)
+        _refuse_code(path, names)
+        stand_ins = [(type(n.rpartition(".")[2], (PickledStandIn,), {"pickled_name": n}), n) for n in names]
+        if names:
+            logger.info("'%s': %d pickled non-tensor objects read as inert stand-ins: %s", path, len(names), names)
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"cannot load '{path}' as weights: its pickle is corrupt or holds more than tensors and plain data "
+            f"({_unpickling_reason(err)})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupt file ({reason})") from err
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The specific line of torch's long weights-only message (e.g. ``Unsupported operand 149``)."""
+    text = str(err)
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -125,8 +183,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        loaded = _torch_load(path)
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
+        loaded = torch_load_weights(path)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupt file ({reason})") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):

@@ -8,10 +8,8 @@ run the same loading, training and export code that real checkpoints use, in sec
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,42 +21,13 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.models.families import family_of
-from library.models.ldm_conversion import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
+from library.models.ldm_architecture import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
+from library.tiny_parts import roughen, tiny_vae_config, write_tiny_tokenizer
+from library.tiny_sdxl import write_tiny_sdxl
 from library.training.noise import make_training_scheduler
 
 TEXT_WIDTH = 64
-# Words of the fixture captions get whole-word BPE tokens; anything else falls back to bytes.
-VOCAB_WORDS = [
-    "a",
-    "photo",
-    "of",
-    "sks",
-    "toy",
-    "dog",
-    "cat",
-    "cube",
-    "ball",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "white",
-    "black",
-    "on",
-    "the",
-    "table",
-    "in",
-    "room",
-    "small",
-    "big",
-    "shiny",
-    "matte",
-    "wooden",
-    "plastic",
-    "painting",
-    "style",
-]
 COLORS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40)}
 SHAPES = ("cube", "ball")
 
@@ -85,18 +54,6 @@ def tiny_unet_config(v2: bool) -> dict:
     )
 
 
-def tiny_vae_config() -> dict:
-    return dict(
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=64,
-        scaling_factor=VAE_SCALE_FACTOR,
-    )
-
-
 def tiny_text_config(v2: bool, vocab_size: int, bos: int, eos: int, pad: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
@@ -113,72 +70,6 @@ def tiny_text_config(v2: bool, vocab_size: int, bos: int, eos: int, pad: int) ->
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to U+0100 and up.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
-def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    """Byte-pair encoding of one word: repeatedly join the adjacent pair of lowest merge rank."""
-    ranks = {pair: rank for rank, pair in enumerate(merges)}
-    while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
-        rank, i = min(pairs)
-        if rank == len(ranks):
-            break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
-    return symbols
-
-
-def write_tiny_tokenizer(
-    out_dir: str | os.PathLike, v2: bool, words: Sequence[str] = tuple(VOCAB_WORDS)
-) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with a ~600-token vocabulary (bytes plus ``words`` as whole tokens),
-    saved with ``save_pretrained``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        # Segment the word with the merges so far (as the tokenizer will), then merge what is left
-        # from the left: the new merges rank after every earlier one, so no earlier word changes.
-        symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.append(pair[0] + pair[1])
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        str(out_dir / "vocab.json"),
-        str(out_dir / "merges.txt"),
-        pad_token="!" if v2 else "<|endoftext|>",
-        model_max_length=77,
-    )
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
-
-
-def _roughen(module: torch.nn.Module, generator: torch.Generator) -> None:
-    # Default inits leave norms at 1 and some biases at 0; a little noise makes every tensor
-    # matter, so a swapped or dropped tensor in a conversion changes the outputs.
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-
-
 def build_tiny_model(v2: bool, tokenizer: CLIPTokenizer, seed: int = 0) -> StableDiffusionModel:
     """The tiny SD1 (epsilon) or SD2 (v-prediction) model, deterministic from ``seed``."""
     generator = torch.Generator().manual_seed(seed + (1000 if v2 else 0))
@@ -192,7 +83,7 @@ def build_tiny_model(v2: bool, tokenizer: CLIPTokenizer, seed: int = 0) -> Stabl
             )
         )
     for module in (unet, vae, text_encoder):
-        _roughen(module, generator)
+        roughen(module, generator)
         module.requires_grad_(False).eval()
     return StableDiffusionModel(
         text_encoder=text_encoder,
@@ -292,6 +183,8 @@ class TinySD:
     sd1_file: Path
     sd2_dir: Path
     sd2_file: Path
+    sdxl_dir: Path
+    sdxl_file: Path
     tokenizer_cache_dir: Path
     train_data_dir: Path
     reg_data_dir: Path
@@ -304,7 +197,9 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
 
         out/sd1/  out/sd1.safetensors          SD1-shaped, epsilon prediction
         out/sd2/  out/sd2.safetensors sd2.yaml  SD2-shaped, v prediction
-        out/tokenizers/{openai_clip-vit-large-patch14,stabilityai_stable-diffusion-2}/
+        out/sdxl/ out/sdxl.safetensors         SDXL-shaped (SGM single file), epsilon prediction
+        out/tokenizers/{openai_clip-vit-large-patch14,stabilityai_stable-diffusion-2,
+                        laion_CLIP-ViT-bigG-14-laion2B-39B-b160k}/
         out/img/10_sks toy/*.png *.txt   out/reg/1_toy/*.png
     """
     out = Path(out)
@@ -320,6 +215,7 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
         save_ldm_checkpoint(model, out / f"{name}.safetensors")
         if v2:
             (out / "sd2.yaml").write_text(yaml.safe_dump(_tiny_ldm_yaml(model), sort_keys=False))
+    write_tiny_sdxl(out, cache, seed)
     train_dir, reg_dir = write_tiny_dataset(out, seed)
     return TinySD(
         root=out,
@@ -327,6 +223,8 @@ def write_tiny_sd(out: str | os.PathLike, seed: int = 0, overwrite: bool = False
         sd1_file=out / "sd1.safetensors",
         sd2_dir=out / "sd2",
         sd2_file=out / "sd2.safetensors",
+        sdxl_dir=out / "sdxl",
+        sdxl_file=out / "sdxl.safetensors",
         tokenizer_cache_dir=cache,
         train_data_dir=train_dir,
         reg_data_dir=reg_dir,

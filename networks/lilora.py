@@ -45,13 +45,15 @@ import torch
 from torch import nn
 
 from networks.base import (
-    UNET_CONV_PARENTS,
-    UNET_TRANSFORMER_PARENTS,
     LowRankModule,
     Network,
     NetworkWeightsError,
     Target,
-    find_targets,
+    is_3x3,
+    layer_targets,
+    targets_named_in,
+    uniform,
+    warn_ignored_args,
 )
 from networks.lilora_file import (
     ALGORITHM_KEY,
@@ -294,15 +296,6 @@ class LiLoRANetwork(Network):
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_3x3(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
-
-
-def _targets(text_encoder, unet, convs: bool) -> list[Target]:
-    parents = UNET_TRANSFORMER_PARENTS + (UNET_CONV_PARENTS if convs else ())
-    return find_targets(text_encoder, unet, parents, lambda _, child: isinstance(child, (nn.Linear, nn.Conv2d)))
-
-
 def _module(target: Target, rank: int, alpha: float, multiplier: float, args: LiLoRAArgs) -> LiLoRAModule:
     return LiLoRAModule(
         target.name, target.module, rank, alpha, multiplier=multiplier, aux_down=args.aux_down, aux_up=args.aux_up,
@@ -327,10 +320,10 @@ def create_network(
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
     lr_weights = args.block_lr_weights()
     modules = []
-    for target in _targets(text_encoder, unet, args.conv_dim is not None):
+    for target in layer_targets(text_encoder, unet, args.conv_dim is not None):
         if lr_weights is not None and target.block >= 0 and lr_weights[target.block] == 0:
             continue  # kohya builds no module where the block's lr weight is 0
-        rank, module_alpha = (args.conv_dim, args.conv_alpha) if _is_3x3(target.module) else (dim, alpha)
+        rank, module_alpha = (args.conv_dim, args.conv_alpha) if is_3x3(target.module) else (dim, alpha)
         modules.append(_module(target, rank, module_alpha, multiplier, args))
     clamped = [m.lora_name for m in modules if m.aux_dims != (args.aux_down, args.aux_up)]
     if clamped:
@@ -338,11 +331,6 @@ def create_network(
             f"aux_down/aux_up clamped to the layer's fan-in/width on {len(clamped)} modules, e.g. {clamped[0]}"
         )
     return LiLoRANetwork(MODULE_NAME, modules, args, dim, alpha, multiplier)
-
-
-def _uniform(values) -> int | float | str | None:
-    distinct = set(values)
-    return "Dynamic" if len(distinct) > 1 else (distinct.pop() if distinct else None)
 
 
 def create_network_from_weights(
@@ -370,8 +358,7 @@ def create_network_from_weights(
         return create_lora_from_weights(multiplier, None, vae, text_encoder, unet, weights_sd=standard)
     from_file = compact_settings(metadata, source) if compact else aux_settings(metadata)
     ignored = [arg for arg, value in from_file.items() if arg in network_args and str(network_args[arg]) != value]
-    if ignored:
-        logger.warning(f"network_args {', '.join(ignored)} ignored: the aux settings come from '{source}'")
+    warn_ignored_args(ignored, f"the aux settings come from '{source}'")
     args = parse_network_args(LiLoRAArgs, {**network_args, **from_file})
     if compact:
         ranks = {name: (rank, alpha) for name, (rank, alpha, _) in compact_layers(metadata, source).items()}
@@ -381,19 +368,15 @@ def create_network_from_weights(
         }
         alphas = {name: weights_sd.get(f"{name}.alpha", torch.tensor(float(v.shape[0]))) for name, v in downs.items()}
         ranks = {name: (down.shape[0], float(alphas[name])) for name, down in downs.items()}
-    by_name = {target.name: target for target in _targets(text_encoder, unet, convs=True)}
-    unknown = [name for name in ranks if name not in by_name]
-    if unknown or not ranks:
-        example = f"e.g. '{unknown[0]}'" if unknown else "it has none"
-        raise NetworkWeightsError(f"modules of '{source}' match no layer of this model ({example})")
+    by_name = targets_named_in(ranks, layer_targets(text_encoder, unet, convs=True), source)
     modules = [_module(by_name[name], rank, alpha, multiplier, args) for name, (rank, alpha) in ranks.items()]
-    convs = [ranks[m.lora_name] for m in modules if _is_3x3(m.original)]
-    others = [ranks[m.lora_name] for m in modules if not _is_3x3(m.original)]
-    conv_dim, conv_alpha = _uniform(rank for rank, _ in convs), _uniform(alpha for _, alpha in convs)
+    convs = [ranks[m.lora_name] for m in modules if is_3x3(m.original)]
+    others = [ranks[m.lora_name] for m in modules if not is_3x3(m.original)]
+    conv_dim, conv_alpha = uniform(rank for rank, _ in convs), uniform(alpha for _, alpha in convs)
     if not (isinstance(conv_dim, int) and isinstance(conv_alpha, float)):  # per-module values have no arg
         conv_dim = conv_alpha = None
     args = replace(args, conv_dim=conv_dim, conv_alpha=conv_alpha)
-    dim, alpha = _uniform(rank for rank, _ in others), _uniform(alpha for _, alpha in others)
+    dim, alpha = uniform(rank for rank, _ in others), uniform(alpha for _, alpha in others)
     network = LiLoRANetwork(MODULE_NAME, modules, args, dim, alpha, multiplier)
     return network, network.module_state(weights_sd, metadata, source)
 

@@ -18,7 +18,6 @@ IN00..IN11, MID, OUT00..OUT11), ``down_lr_weight``/``mid_lr_weight``/``up_lr_wei
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -35,12 +34,15 @@ from networks.base import (
     Network,
     NetworkWeightsError,
     Target,
-    find_targets,
+    is_3x3,
+    layer_targets,
+    targets_named_in,
+    uniform,
+    warn_ignored_args,
 )
 from networks.lora_file import load_lora_file
 from networks.network_args import NUM_BLOCKS, LowRankArgs, NetworkArgsError, parse_network_args
-
-logger = logging.getLogger(__name__)
+from networks.sgm_names import unet_path_renamer
 
 DEFAULT_DIM, DEFAULT_ALPHA = 4, 1.0  # kohya's values when --network_dim / --network_alpha are not given
 _BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -106,22 +108,9 @@ class LoRANetwork(Network):
     TEXT_ENCODER_TARGET_REPLACE_MODULE = TEXT_ENCODER_PARENTS
 
 
-def _is_layer(child_name: str, child: nn.Module) -> bool:
-    return isinstance(child, (nn.Linear, nn.Conv2d))
-
-
-def _is_3x3(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
-
-
-def _targets(text_encoder, unet, convs: bool) -> list[Target]:
-    parents = UNET_TRANSFORMER_PARENTS + (UNET_CONV_PARENTS if convs else ())
-    return find_targets(text_encoder, unet, parents, _is_layer)
-
-
 def _rank_and_alpha(target: Target, args: LoRAArgs, dim: int, alpha: float) -> tuple[int | None, float | None]:
     """kohya's rank for a layer: network_dim, conv_dim for 3x3 convs, or the block's entry in block mode."""
-    conv = _is_3x3(target.module)
+    conv = is_3x3(target.module)
     lr_weights = args.block_lr_weights()
     block = target.block
     if block < 0 or not args.blockwise:  # the text encoder has no blocks
@@ -152,10 +141,13 @@ def create_network(
 ) -> LoRANetwork:
     """A new LoRA network for ``text_encoder`` and ``unet``; kohya's signature (``vae`` is unused)."""
     args = parse_network_args(LoRAArgs, network_args).with_neuron_dropout(neuron_dropout)
+    if args.blockwise and unet_path_renamer(unet) is not None:
+        # kohya's SDXL block layout (23 lr weights, other indices) is not built yet; never ignore them silently.
+        raise NetworkArgsError("block-wise dims, alphas and lr weights are not supported on SDXL yet")
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
     modules = []
-    for target in _targets(text_encoder, unet, args.targets_convs):
+    for target in layer_targets(text_encoder, unet, args.targets_convs):
         rank, module_alpha = _rank_and_alpha(target, args, dim, alpha)
         if rank:
             modules.append(_module(target, rank, module_alpha, multiplier, args))
@@ -182,14 +174,6 @@ def _ranks_in_file(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[in
     return ranks
 
 
-def _uniform(values) -> int | float | str | None:
-    """The single value of ``values``; ``"Dynamic"`` if they differ (kohya resize_lora's word)."""
-    distinct = set(values)
-    if len(distinct) > 1:
-        return "Dynamic"
-    return distinct.pop() if distinct else None
-
-
 def create_network_from_weights(
     multiplier: float,
     file: str | os.PathLike | None,
@@ -210,23 +194,18 @@ def create_network_from_weights(
         weights_sd = load_lora_file(file)[0]
     ranks = _ranks_in_file(weights_sd)
     args = parse_network_args(LoRAArgs, network_args)
-    by_name = {t.name: t for t in _targets(text_encoder, unet, convs=True)}
-    unknown = [name for name in ranks if name not in by_name]
-    if unknown:
-        raise NetworkWeightsError(
-            f"{len(unknown)} modules of '{file or 'the weights'}' match no layer of this model, e.g. '{unknown[0]}'"
-        )
-    targets = [t for name, t in by_name.items() if name in ranks]
+    source = str(file or "the weights")
+    targets = list(targets_named_in(ranks, layer_targets(text_encoder, unet, convs=True), source).values())
     modules = [_module(t, *ranks[t.name], multiplier, args) for t in targets]
-    convs = [ranks[t.name] for t in targets if _is_3x3(t.module)]
-    others = [ranks[t.name] for t in targets if not _is_3x3(t.module)]
-    conv_dim, conv_alpha = _uniform(rank for rank, _ in convs), _uniform(alpha for _, alpha in convs)
+    convs = [ranks[t.name] for t in targets if is_3x3(t.module)]
+    others = [ranks[t.name] for t in targets if not is_3x3(t.module)]
+    conv_dim, conv_alpha = uniform(rank for rank, _ in convs), uniform(alpha for _, alpha in convs)
     built = dict.fromkeys(_BLOCK_LISTS + ("conv_dim", "conv_alpha"))
     if isinstance(conv_dim, int) and isinstance(conv_alpha, float):  # per-module values have no arg to show in
         built |= {"conv_dim": conv_dim, "conv_alpha": conv_alpha}
-    changed = [k for k, v in built.items() if getattr(args, k) not in (None, v)]
-    if changed:
-        logger.warning(f"network_args {', '.join(changed)} ignored: dims and alphas come from the weights")
+    warn_ignored_args(
+        [k for k, v in built.items() if getattr(args, k) not in (None, v)], "dims and alphas come from the weights"
+    )
     args = dataclasses.replace(args, **built)
-    dim, alpha = _uniform(rank for rank, _ in others), _uniform(alpha for _, alpha in others)
+    dim, alpha = uniform(rank for rank, _ in others), uniform(alpha for _, alpha in others)
     return LoRANetwork(__name__, modules, args, dim, alpha, multiplier), weights_sd

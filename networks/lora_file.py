@@ -11,23 +11,23 @@ into their own checkout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from networks.errors import LoRAFileError
+
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 _CHUNK = 1 << 20
-
-
-class LoRAFileError(ValueError):
-    """A LoRA file is missing, unreadable, or not what the caller expected (message names it)."""
 
 
 def _hash_file(path: Path) -> tuple[str, str]:
@@ -61,11 +61,31 @@ def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 
 
-def _new_file_mode() -> int:
-    """What ``open()`` would give a new file: 0o666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def umask() -> int:
+    """The process umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A crash or an error therefore never leaves a half-written output behind. The suite's one atomic
+    write: ``library.fileio`` uses it too (library may import networks, not the reverse).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp creates owner-only files; outputs get the usual mode
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -85,23 +105,15 @@ def save_lora_file(
     path = Path(path)
     tensors = cast_state_dict(state_dict, dtype)
     written: dict[str, str] = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
+        raise LoRAFileError(f"cannot save '{path}': use a .safetensors, .ckpt, .pt or .pth name")
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             written = {k: str(v) for k, v in (metadata or {}).items()}
             written["sshs_model_hash"], written["sshs_legacy_hash"] = sshs_hashes(tensors, written)
             save_file(tensors, str(tmp), metadata=written)
-        elif path.suffix in TORCH_SUFFIXES:
-            torch.save(tensors, tmp)
         else:
-            raise LoRAFileError(f"cannot save '{path}': use a .safetensors, .ckpt, .pt or .pth name")
-        tmp.chmod(_new_file_mode())  # temp files are owner-only; the output gets the usual mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            torch.save(tensors, tmp)
     return written
 
 

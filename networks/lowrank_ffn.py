@@ -27,7 +27,6 @@ Imports only torch and ``networks/`` siblings: kohya users copy network files in
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,11 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.base import Network, NetworkModule, NetworkWeightsError, Target, find_targets
+from networks.base import (
+    Network,
+    NetworkModule,
+    NetworkWeightsError,
+    Target,
+    find_targets,
+    targets_named_in,
+    uniform,
+    warn_ignored_args,
+)
 from networks.lora_file import load_lora_file
 from networks.network_args import MID_BLOCK, NetworkArgs, NetworkArgsError, NetworkError, parse_network_args
-
-logger = logging.getLogger(__name__)
 
 FFN_PARENTS = ("BasicTransformerBlock",)
 WIDTHS_METADATA, INIT_METADATA = "lowrank_ffn_widths", "lowrank_ffn_init"
@@ -284,11 +290,6 @@ def select_targets(unet: nn.Module | None, blocks: Sequence[str] | None) -> list
     return [t for t in targets if block_name(t.block) in blocks]
 
 
-def _uniform(values) -> int | str | None:
-    distinct = set(values)
-    return distinct.pop() if len(distinct) == 1 else ("Dynamic" if distinct else None)
-
-
 def create_network(
     multiplier: float,
     network_dim: int | None,
@@ -314,7 +315,7 @@ def create_network(
         kept = module.weight_scores().topk(module.hidden_width).indices.sort().values
         module.set_units(kept)
         modules.append(module)
-    return LowRankFFNNetwork(__name__, modules, args, _uniform(m.hidden_width for m in modules), None, multiplier)
+    return LowRankFFNNetwork(__name__, modules, args, uniform(m.hidden_width for m in modules), None, multiplier)
 
 
 def widths_in_weights(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -353,22 +354,17 @@ def create_network_from_weights(
     if weights_sd is None:
         weights_sd, metadata = load_lora_file(file)
     widths = widths_in_weights(weights_sd)
-    by_name = {t.name: t for t in ffn_targets(unet)}
-    unknown = [name for name in widths if name not in by_name]
-    if unknown:
-        raise NetworkWeightsError(
-            f"{len(unknown)} modules of '{file or 'the weights'}' match no FFN of this UNet, e.g. '{unknown[0]}'"
-        )
-    targets = [t for name, t in by_name.items() if name in widths]
+    source = str(file or "the weights")
+    targets = list(targets_named_in(widths, ffn_targets(unet), source, "FFN of this UNet").values())
     modules = [NarrowFFNModule(t.name, t.module, widths[t.name], multiplier) for t in targets]
     args = parse_network_args(LowRankFFNArgs, network_args)
-    uniform = _uniform(widths.values())
+    width = uniform(widths.values())
     blocks = tuple(block_name(number) for number in sorted({t.block for t in targets}))
-    built = {"blocks": blocks, "hidden": uniform if isinstance(uniform, int) else None, "ratio": None}
-    changed = [k for k, v in built.items() if getattr(args, k) not in (None, v)]
-    if changed:
-        logger.warning(f"network_args {', '.join(changed)} ignored: blocks and widths come from the weights")
+    built = {"blocks": blocks, "hidden": width if isinstance(width, int) else None, "ratio": None}
+    warn_ignored_args(
+        [k for k, v in built.items() if getattr(args, k) not in (None, v)], "blocks and widths come from the weights"
+    )
     args = replace(args, **built)
-    network = LowRankFFNNetwork(__name__, modules, args, uniform, None, multiplier)
+    network = LowRankFFNNetwork(__name__, modules, args, width, None, multiplier)
     network.init_method = metadata.get(INIT_METADATA, network.init_method)
     return network, weights_sd

@@ -6,7 +6,8 @@ ignored, ``"False"`` is truthy in places). Here a family subclasses :class:`Netw
 ones) and bad values with one-line :class:`NetworkArgsError` errors, and :meth:`NetworkArgs.to_metadata`
 writes the args as built back into ``ss_network_args``.
 
-Imports nothing outside the standard library: kohya users copy ``networks/`` files into their checkout.
+Imports nothing outside the standard library and ``networks.errors``: kohya users copy ``networks/`` files
+into their checkout.
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from networks.errors import NetworkArgsError, NetworkError  # noqa: F401  (NetworkError: its old home)
+
 NUM_BLOCKS = 25  # SD1/2 blocks for block-wise dims and lrs: IN00..IN11, MID, OUT00..OUT11
 MID_BLOCK = 12
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
-
-
-class NetworkError(ValueError):
-    """Base of the errors a network reports about its inputs."""
-
-
-class NetworkArgsError(NetworkError):
-    """A ``--network_args`` key or value is wrong (message names it)."""
 
 
 ArgsT = TypeVar("ArgsT", bound="NetworkArgs")

@@ -61,3 +61,23 @@ def data(tiny_sd, tmp_path):
     shutil.copytree(tiny_sd.train_data_dir, tmp_path / "img")
     shutil.copytree(tiny_sd.reg_data_dir, tmp_path / "reg")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def code_payload(tmp_path_factory):
+    """A torch file whose unpickling would run ``touch marker`` (written by another interpreter): what a
+    malicious checkpoint or state file does. Returns the file and the marker that must never appear."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("payload")
+    marker, file = root / "marker", root / "payload.pt"
+    code = f"""
+import subprocess, torch
+class Payload:
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", {str(marker)!r}],))
+torch.save({{"lora_unet_x.lora_down.weight": Payload()}}, {str(file)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return file, marker

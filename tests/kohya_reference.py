@@ -58,3 +58,39 @@ def kohya_module_names(text_encoder: nn.Module, unet: nn.Module, convs: bool) ->
                 if child.__class__.__name__ in ("Linear", "Conv2d"):
                     names.add(f"{prefix}.{name}.{child_name}".replace(".", "_"))
     return names
+
+
+def sgm_paths_by_diffusers_converter(sgm_unet_state: dict[str, torch.Tensor], unet_config) -> dict[str, str]:
+    """{diffusers UNet parameter key: SGM key}, read off diffusers' own SGM -> diffusers converter.
+
+    Every SGM tensor gets a distinct value; after diffusers converts the state dict, each diffusers key
+    is traced back to the SGM key whose value it holds. Nothing of our naming code is involved.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    tagged = {key: torch.tensor([float(i)]) for i, key in enumerate(sgm_unet_state)}
+    keys = list(sgm_unet_state)
+    converted = convert_ldm_unet_checkpoint(tagged, dict(unet_config))
+    return {key: keys[int(value.item())] for key, value in converted.items()}
+
+
+def kohya_sdxl_module_names(text_encoders, unet, sgm_paths: dict[str, str], convs: bool) -> set[str]:
+    """kohya's SDXL names: ``lora_te1_``/``lora_te2_`` + CLIP paths, ``lora_unet_`` + the layer's SGM path
+    (kohya's SDXL UNet has SGM module paths, so its layer names are the SGM weight keys without ``.weight``)."""
+    names = set()
+    for i, encoder in enumerate(text_encoders):
+        for name, module in encoder.named_modules():
+            if module.__class__.__name__ in TEXT_ENCODER_TARGETS:
+                for child_name, child in module.named_modules():
+                    if child.__class__.__name__ in ("Linear", "Conv2d"):
+                        names.add(f"lora_te{i + 1}.{name}.{child_name}".replace(".", "_"))
+    targets = UNET_TARGETS + (UNET_CONV_TARGETS if convs else ())
+    for name, module in unet.named_modules():
+        if module.__class__.__name__ not in targets:
+            continue
+        for child_name, child in module.named_modules():
+            if child.__class__.__name__ in ("Linear", "Conv2d"):
+                sgm_key = sgm_paths[f"{name}.{child_name}.weight"]
+                path = sgm_key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+                names.add(f"lora_unet.{path}".replace(".", "_"))
+    return names

@@ -1,4 +1,4 @@
-"""Write the tiny SD1/SD2 models (diffusers folders + single files) and a tiny DreamBooth dataset.
+"""Write the tiny SD1/SD2/SDXL models (diffusers folders + single files) and a tiny DreamBooth dataset.
 
 python tools/make_tiny_sd.py --out tiny
 """
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny = write_tiny_sd(args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny SD1: {tiny.sd1_dir} and {tiny.sd1_file}")
     print(f"tiny SD2 (v-prediction): {tiny.sd2_dir} and {tiny.sd2_file}")
+    print(f"tiny SDXL: {tiny.sdxl_dir} and {tiny.sdxl_file}")
     print(f"tokenizers (--tokenizer_cache_dir): {tiny.tokenizer_cache_dir}")
     print(f"dataset (--train_data_dir / --reg_data_dir): {tiny.train_data_dir} {tiny.reg_data_dir}")
 

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 Size = tuple[int, int]
 
 # SD1.x/SD2.x UNets downsample latents (1/8 of the image) three times, so a bucket side must be a
-# multiple of 8 * 8 = 64; kohya's train_network.py asserts the same for these models.
+# multiple of 8 * 8 = 64; SDXL's downsample twice: 32. kohya's trainers assert the same.
 SD_BUCKET_RESO_STEPS_MULTIPLE = 64
+SDXL_BUCKET_RESO_STEPS_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def make_bucket_settings(
     bucket_reso_steps: int,
     bucket_no_upscale: bool,
     where: str,
+    reso_step_multiple: int = SD_BUCKET_RESO_STEPS_MULTIPLE,
 ) -> BucketSettings:
     """Check a dataset's bucket options and round min/max to ``bucket_reso_steps`` as kohya does.
 
@@ -92,8 +94,9 @@ def make_bucket_settings(
             raise ConfigError(f"{where}: resolution {resolution[0]}x{resolution[1]} must be a multiple of 8 (VAE)")
         return BucketSettings(resolution, enable_bucket=False)
     steps = bucket_reso_steps
-    if steps <= 0 or steps % SD_BUCKET_RESO_STEPS_MULTIPLE:
-        raise ConfigError(f"{where}: bucket_reso_steps is {steps}; SD1.x/SD2.x need a multiple of 64")
+    if steps <= 0 or steps % reso_step_multiple:
+        model = "SD1.x/SD2.x need" if reso_step_multiple == SD_BUCKET_RESO_STEPS_MULTIPLE else "SDXL needs"
+        raise ConfigError(f"{where}: bucket_reso_steps is {steps}; {model} a multiple of {reso_step_multiple}")
     if resolution[0] % steps or resolution[1] % steps:
         raise ConfigError(
             f"{where}: resolution {resolution[0]}x{resolution[1]} must be a multiple of bucket_reso_steps {steps} "
@@ -180,6 +183,26 @@ def crop_ltrb(bucket: Size, original_size: Size) -> tuple[float, float, float, f
     left = (bucket[0] - fitted_width) // 2
     top = (bucket[1] - fitted_height) // 2
     return left, top, left + fitted_width, top + fitted_height
+
+
+def sdxl_size_conditioning(
+    image_size: Size, bucket: Size, *, flipped: bool, bucketed: bool
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """kohya's SDXL ``(original_size_hw, crop_top_left, target_size_hw)`` of one training sample.
+
+    The original size is the image's (without bucketing: the resolution it is cropped to, with no
+    crop); the crop is :func:`crop_ltrb`'s fitted-inside-the-bucket rectangle (kohya: "I have no idea
+    how to reflect random crop"), mirrored for a flipped sample (left = target width - right, which
+    kohya applies to a zero crop too); the target is the bucket.
+    """
+    if bucketed:
+        left, top, right, _ = crop_ltrb(bucket, image_size)
+        original = image_size
+    else:
+        left, top, right, original = 0, 0, 0, bucket
+    if flipped:
+        left = bucket[0] - right
+    return (int(original[1]), int(original[0])), (int(top), int(left)), (int(bucket[1]), int(bucket[0]))
 
 
 def crop_offset(excess: int, rng: np.random.Generator | None) -> int:

@@ -1,6 +1,8 @@
 """``--dataset_config`` files and the dataset flags, resolved into dataset blueprints as kohya does.
 
-The file's schema and loading live in :mod:`library.data.dataset_schema`. A value is looked up subset -> dataset ->
+A kohya ``.toml``/``.json`` dataset config has ``[general]``, ``[[datasets]]`` and
+``[[datasets.subsets]]``; each key may appear only at the levels kohya allows (``config_util.py``'s
+voluptuous schema, re-stated as key tables in ``dataset_schema``). A value is looked up subset -> dataset ->
 general -> command line (flag values or their defaults) -> default; only ``None`` falls through.
 Without a dataset config, the same blueprints come from ``--train_data_dir`` (DreamBooth folders
 named ``<repeats>_<class tokens>``), ``--reg_data_dir`` and ``--in_json``.
@@ -16,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.data.buckets import BucketSettings, make_bucket_settings
+from library.data.buckets import SD_BUCKET_RESO_STEPS_MULTIPLE, BucketSettings, make_bucket_settings
 from library.data.captions import CaptionOptions
 from library.data.dataset_schema import load_dataset_config, parse_face_crop_aug_range, parse_resolution
 from library.data.images import check_interpolation
 from library.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
+
 
 # --- blueprints ----------------------------------------------------------------------------------
 
@@ -86,8 +89,12 @@ _DEFAULTS = {
 }
 
 
-def build_blueprints(args: argparse.Namespace) -> list[DatasetBlueprint]:
+def build_blueprints(
+    args: argparse.Namespace, reso_step_multiple: int = SD_BUCKET_RESO_STEPS_MULTIPLE
+) -> list[DatasetBlueprint]:
     """The datasets to train on, from ``args.dataset_config`` or from the dataset flags.
+
+    Bucket steps must be multiples of ``reso_step_multiple`` (64 for SD1.x/SD2.x, 32 for SDXL).
 
     ``args`` carries kohya's dataset flags with kohya's names and defaults; they fill every value
     the config file leaves out.
@@ -105,7 +112,9 @@ def build_blueprints(args: argparse.Namespace) -> list[DatasetBlueprint]:
         suffix = ""
     general = config.get("general", {})
     blueprints = [
-        _dataset_blueprint(dataset, general, flags, f"datasets[{i}]", suffix, from_config=config_path is not None)
+        _dataset_blueprint(
+            dataset, general, flags, f"datasets[{i}]", suffix, config_path is not None, reso_step_multiple
+        )
         for i, dataset in enumerate(config.get("datasets", []))
     ]
     if not blueprints:
@@ -168,7 +177,7 @@ def _lookup(key: str, levels: list[dict]) -> Any:
 
 
 def _dataset_blueprint(
-    dataset: dict, general: dict, flags: dict, location: str, suffix: str, from_config: bool
+    dataset: dict, general: dict, flags: dict, location: str, suffix: str, from_config: bool, reso_step_multiple: int
 ) -> DatasetBlueprint:
     where = location + suffix if from_config else "command line"
     levels = [dataset, general, flags]
@@ -183,7 +192,8 @@ def _dataset_blueprint(
         raise ConfigError(f"{where}: resolution is required (--resolution, or resolution in the dataset config)")
     interpolation = _lookup("resize_interpolation", levels)
     check_interpolation(interpolation, where)
-    buckets = make_bucket_settings(resolution, **{key: _lookup(key, levels) for key in _BUCKET_KEYS}, where=where)
+    bucket_values = {key: _lookup(key, levels) for key in _BUCKET_KEYS}
+    buckets = make_bucket_settings(resolution, **bucket_values, where=where, reso_step_multiple=reso_step_multiple)
     values = {key: _lookup(key, levels) for key in _DATASET_FIELDS}
     if values["batch_size"] < 1:
         raise ConfigError(f"{where}: batch_size must be at least 1, got {values['batch_size']}")

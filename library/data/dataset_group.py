@@ -38,20 +38,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from library.data.bucketed_dataset import BucketedDataset, build_bucketed_dataset
+from library.data.buckets import sdxl_size_conditioning
 from library.data.captions import process_caption
-from library.data.dataset_config import DatasetBlueprint, SubsetBlueprint, check_latents_cacheable
-from library.data.image_sources import ImageRecord, load_record_image
-from library.data.images import (
-    alpha_mask,
-    color_augment,
-    crop_around_face,
-    face_box_from_name,
-    fit_to_bucket,
-    to_tensor,
-)
-from library.data.latent_cache import CacheJob, encode_jobs, is_cache_valid, load_npz, npz_path_for
+from library.data.dataset_config import DatasetBlueprint
+from library.data.image_sources import ImageRecord
+from library.data.latent_cache import NPZ_SUFFIX, CacheJob, encode_jobs, is_cache_valid, npz_path_for
 from library.data.loss_masks import collate_loss_masks, conditioning_mask
 from library.data.metadata import dataset_metadata
+from library.data.samples import cached_sample, image_sample
 from library.errors import DatasetError
 from library.models.text_encoding import tokenize_captions
 
@@ -86,7 +80,10 @@ class DatasetGroup(torch.utils.data.Dataset):
         if not isinstance(seed, int):
             raise TypeError("seed must be an int shared by all processes (draw one when --seed is not given)")
         self.datasets = datasets
-        self.tokenizer = tokenizer
+        # SDXL passes both tokenizers: batches then hold input_ids2 too (kohya's batch keys).
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        self.tokenizer = self.tokenizers[0]
+        self.latent_cache_suffix = NPZ_SUFFIX  # SDXL trainers set SDXL_NPZ_SUFFIX
         self.max_token_length = max_token_length
         self.seed = seed % 2**63
         self.current_epoch = 1
@@ -148,9 +145,9 @@ class DatasetGroup(torch.utils.data.Dataset):
         subset = dataset.subsets[record.subset_index]
         flipped = subset.flip_aug and rng.random() < 0.5
         if record.latents is not None or record.npz_path is not None:
-            sample = _cached_sample(record, flipped)
+            sample = cached_sample(record, flipped)
         else:
-            sample = _image_sample(dataset, record, subset, flipped, rng)
+            sample = image_sample(dataset, record, subset, flipped, rng)
         if record.mask_path is not None:
             interpolation = subset.resize_interpolation or dataset.blueprint.resize_interpolation
             sample["conditioning_mask"] = conditioning_mask(record, interpolation, flipped)
@@ -162,6 +159,9 @@ class DatasetGroup(torch.utils.data.Dataset):
             step=key.step,
             max_train_steps=self.max_train_steps,
         )
+        sample["size_conditioning"] = sdxl_size_conditioning(
+            record.size, record.bucket, flipped=flipped, bucketed=dataset.blueprint.buckets.enable_bucket
+        )
         sample["loss_weight"] = dataset.blueprint.prior_loss_weight if record.is_reg else 1.0
         sample["image_key"] = record.key
         sample["custom_attributes"] = subset.custom_attributes
@@ -171,11 +171,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         captions = [s["caption"] for s in samples]
         batch = {
             "input_ids": tokenize_captions(self.tokenizer, captions, self.max_token_length),
+            **{
+                f"input_ids{i + 1}": tokenize_captions(tokenizer, captions, self.max_token_length)
+                for i, tokenizer in enumerate(self.tokenizers[1:], start=1)
+            },
             "captions": captions,
             "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
             "image_keys": [s["image_key"] for s in samples],
             "custom_attributes": [s["custom_attributes"] for s in samples],
         }
+        for index, key in enumerate(("original_sizes_hw", "crop_top_lefts", "target_sizes_hw")):
+            batch[key] = torch.tensor([s["size_conditioning"][index] for s in samples], dtype=torch.long)
         pixel_key = "latents" if "latents" in samples[0] else "images"
         batch[pixel_key] = torch.stack([s[pixel_key] for s in samples])
         collate_loss_masks(samples, batch, pixel_key)
@@ -198,7 +204,6 @@ class DatasetGroup(torch.utils.data.Dataset):
         encoded by process ``i % num_processes``; call ``accelerator.wait_for_everyone()`` after.
         The VAE must already be on ``device`` in ``dtype``.
         """
-        check_latents_cacheable([dataset.blueprint for dataset in self.datasets])
         memory_jobs, disk_jobs, reused = [], [], 0
         claimed: dict = {}
         for job in self._cache_jobs():
@@ -206,7 +211,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             if not to_disk:
                 memory_jobs.append(job)
                 continue
-            path = npz_path_for(record.path, record.size)
+            path = npz_path_for(record.path, record.size, self.latent_cache_suffix)
             if path in claimed:
                 # The same image in two datasets: share the file, or, at another size, keep this one in memory.
                 if claimed[path] == job.condition:
@@ -251,64 +256,6 @@ class DatasetGroup(torch.utils.data.Dataset):
             num_processes=num_processes,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
-
-
-def _cached_sample(record: ImageRecord, flipped: bool) -> dict:
-    if record.latents is not None:
-        latents = record.latents_flipped if flipped else record.latents
-        mask = record.cached_alpha_mask
-    else:
-        cached = load_npz(record.npz_path)
-        array = cached.latents_flipped if flipped else cached.latents
-        if array is None:
-            raise DatasetError(f"{record.npz_path} has no latents_flipped; delete it to rebuild it for flip_aug")
-        latents = torch.from_numpy(array)
-        mask = torch.from_numpy(cached.alpha_mask) if cached.alpha_mask is not None else None
-    if mask is not None and flipped:
-        mask = torch.flip(mask, dims=[1])
-    return {"latents": latents, "alpha_mask": mask}
-
-
-def _image_sample(
-    dataset: BucketedDataset, record: ImageRecord, subset: SubsetBlueprint, flipped: bool, rng: np.random.Generator
-) -> dict:
-    """Load, crop to the bucket, colour-augment, flip: kohya's order."""
-    image = _crop(dataset, record, subset, load_record_image(record, with_alpha=subset.alpha_mask), rng)
-    if subset.color_aug:
-        image = image.copy()
-        image[..., :3] = color_augment(np.ascontiguousarray(image[..., :3]), rng)
-    if flipped:
-        image = image[:, ::-1]
-    return {"images": to_tensor(image), "alpha_mask": alpha_mask(image) if subset.alpha_mask else None}
-
-
-def _crop(
-    dataset: BucketedDataset, record: ImageRecord, subset: SubsetBlueprint, image: np.ndarray, rng
-) -> np.ndarray:
-    settings = dataset.blueprint.buckets
-    interpolation = subset.resize_interpolation or dataset.blueprint.resize_interpolation
-    if not settings.enable_bucket:
-        face = face_box_from_name(record.path) if subset.face_crop_aug_range else None
-        if face is not None and face[0] > 0:
-            return crop_around_face(
-                image,
-                face,
-                settings.resolution,
-                subset.face_crop_aug_range,
-                random_crop=subset.random_crop,
-                rng=rng,
-                interpolation=interpolation,
-            )
-        width, height = settings.resolution
-        if subset.random_crop and image.shape[0] >= height and image.shape[1] >= width:
-            # kohya's style-training crop: a random window of the unscaled image
-            top = int(rng.integers(0, image.shape[0] - height + 1))
-            left = int(rng.integers(0, image.shape[1] - width + 1))
-            return image[top : top + height, left : left + width]
-    random_crop_rng = rng if subset.random_crop else None
-    return fit_to_bucket(
-        image, record.bucket, record.resized_size, random_crop_rng=random_crop_rng, interpolation=interpolation
-    )
 
 
 class EpochSampler(Sampler):

@@ -1,8 +1,9 @@
-"""The schema of kohya's ``--dataset_config`` files: which key may appear at which level, and loading.
+"""kohya's dataset config schema: which key goes at which level, with which type, parsed one way.
 
-A kohya ``.toml``/``.json`` dataset config has ``[general]``, ``[[datasets]]`` and
-``[[datasets.subsets]]``; each key may appear only at the levels kohya allows (``config_util.py``'s
-voluptuous schema, re-stated here as key tables). Errors name the key by its path in the file.
+``[general]``, ``[[datasets]]`` and ``[[datasets.subsets]]`` accept the keys kohya's
+``config_util.ConfigSanitizer`` accepts, as key tables validated with voluptuous (as kohya does);
+an unknown or misplaced key is named with its path and a suggestion. ``parse_resolution`` and
+``parse_face_crop_aug_range`` are the one way these values are read, for the flags as for the files.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from library.fileio import atomic_path
 logger = logging.getLogger(__name__)
 
 NPZ_SUFFIX = "_sd.npz"
+SDXL_NPZ_SUFFIX = "_sdxl.npz"  # kohya names SDXL caches apart: the SDXL VAE's latents differ from SD1/2's
 LEGACY_NPZ_SUFFIX = ".npz"
 VAE_STRIDE = 8
 LOAD_THREADS = 8
@@ -63,12 +64,12 @@ class CachedLatents:
     alpha_mask: np.ndarray | None
 
 
-def npz_path_for(image_path: Path, original_size: Size) -> Path:
-    """kohya's cache file name; an existing legacy ``<stem>.npz`` wins, as in kohya."""
+def npz_path_for(image_path: Path, original_size: Size, suffix: str = NPZ_SUFFIX) -> Path:
+    """kohya's cache file name (``suffix``: SD1/2's or SDXL's); an existing legacy ``<stem>.npz`` wins, as in kohya."""
     legacy = image_path.with_suffix(LEGACY_NPZ_SUFFIX)
     if legacy.is_file():
         return legacy
-    return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{NPZ_SUFFIX}")
+    return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{suffix}")
 
 
 def is_cache_valid(npz_path: Path, bucket: Size, flip_aug: bool, use_alpha_mask: bool) -> bool:

@@ -56,6 +56,7 @@ class DistillTrainer(TrainerSkeleton):
     """``DistillTrainer(args).train()``, as kohya's trainers; returns the finished task (None for --debug_dataset)."""
 
     log_name = "distill_unet"
+    refuse_zero_steps = False  # zero steps exports the initialised student
 
     def __init__(self, args: argparse.Namespace):
         verify_distill_args(args)

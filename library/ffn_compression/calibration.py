@@ -124,7 +124,9 @@ class FFNRecorder:
     def __init__(self, ffns: Mapping[str, torch.nn.Module], tokens: int, seed: int = 0):
         patched = [name for name, ff in ffns.items() if "forward" in ff.__dict__]
         if patched:
-            raise ValueError(f"calibration needs the original FFNs, but a network replaces {patched[0]}")
+            raise ConfigError(
+                f"calibration needs the original FFNs, but a network replaces {patched[0]}: calibrate the base model"
+            )
         self.ffns = dict(ffns)
         generator = torch.Generator().manual_seed(seed)
         self.reservoirs = {split: {name: TokenReservoir(tokens, generator) for name in self.ffns} for split in SPLITS}

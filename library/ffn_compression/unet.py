@@ -22,7 +22,7 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 
-from library.errors import CheckpointError
+from library.errors import CheckpointError, ConfigError
 from library.fileio import read_state_dict
 from library.models.unet_variants import UNetVariant, register_unet_variant
 from networks.lowrank_ffn import LowRankFFNNetwork, ffn_layers
@@ -59,7 +59,9 @@ def compress_unet(unet: UNet2DConditionModel, network: LowRankFFNNetwork) -> UNe
     paths = {id(module): path for path, module in unet.named_modules()}
     modules = {paths[id(m.original)]: m for m in network.ffn_modules if id(m.original) in paths}
     if len(modules) != len(network.ffn_modules):
-        raise ValueError("the network was built on another UNet than the one to compress")
+        raise ConfigError(
+            "--network_weights: the narrow-FFN network was built on another UNet than the one to compress"
+        )
     narrow_feed_forwards(unet, {path: m.hidden_width for path, m in modules.items()})
     for path, module in modules.items():
         unet.get_submodule(path).net.load_state_dict(module.net.state_dict())

@@ -30,6 +30,8 @@ class ModelFamily:
     # kohya's LoRA key prefixes: one per text encoder (SDXL: lora_te1, lora_te2), then the UNet's.
     kohya_text_encoder_prefixes: tuple[str, ...] = ("lora_te",)
     kohya_unet_prefix: str = "lora_unet"
+    modelspec_implementation: str = "diffusers"  # kohya: Stability's generative-models URL for SDXL
+    default_resolution: int = 512  # modelspec.resolution without --resolution
 
     @property
     def tokenizer_folder(self) -> str:

@@ -1,4 +1,4 @@
-"""Architecture configs of the released SD1.5 and SD2.1 models, for meta-device checks and benchmarks.
+"""Architecture configs of the released SD1.5, SD2.1 and SDXL 1.0 models, for meta-device checks and benchmarks.
 
 They are the diffusers/transformers kwargs of ``runwayml/stable-diffusion-v1-5`` and
 ``stabilityai/stable-diffusion-2-1``, written out so that nothing is fetched.
@@ -52,4 +52,32 @@ OPEN_CLIP_H_TEXT = dict(
     max_position_embeddings=77,
     hidden_act="gelu",
     projection_dim=512,
+)
+
+# stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json and text_encoder_2/config.json).
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+OPEN_CLIP_BIGG_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
 )

@@ -22,7 +22,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
+from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily, family_of
 from library.models.unet_variants import variant_of
 from library.training.noise import make_training_scheduler
@@ -93,6 +95,8 @@ def load_stable_diffusion(
 def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableDiffusionModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
+    if (path / "text_encoder_2").is_dir():
+        raise CheckpointError(f"'{path}' is an SDXL folder: train it with sdxl_train_network.py")
     try:
         unet = _load_unet_folder(path / "unet", dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
@@ -150,19 +154,21 @@ def _read_yaml_beside(path: Path) -> dict | None:
 
 
 def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra) -> StableDiffusionModel:
-    state_dict = conv.normalize_clip_keys(read_state_dict(path))
-    if not conv.is_sd_checkpoint(state_dict):
+    state_dict = ldm_arch.normalize_clip_keys(read_state_dict(path))
+    if not ldm_arch.is_sd_checkpoint(state_dict):
         raise CheckpointError(_not_sd_message(path, state_dict))
-    arch = conv.infer_architecture(state_dict, bool(v_parameterization), _read_yaml_beside(path))
+    if sgm.checkpoint_family(state_dict) == "sdxl":
+        raise CheckpointError(f"'{path}' is an SDXL checkpoint: train it with sdxl_train_network.py")
+    arch = ldm_arch.infer_architecture(state_dict, bool(v_parameterization), _read_yaml_beside(path))
     v2 = _reconcile_v2(v2, arch.v2, path)
     v_parameterization = arch.original_config["model"]["params"]["parameterization"] == "v"
     if v2 and not v_parameterization:
         logger.info("'%s' is loaded as an epsilon-prediction SD2 model; pass --v_parameterization for 768-v", path)
 
-    unet_config = conv.unet_config_from_ldm(arch, state_dict)
+    unet_config = ldm_arch.unet_config_from_ldm(arch, state_dict)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-        vae_config = conv.vae_config_from_ldm(arch, state_dict)
+        vae_config = ldm_arch.vae_config_from_ldm(arch, state_dict)
         vae = AutoencoderKL.from_config(vae_config)
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_config))
     _assign(unet, conv.convert_unet_from_ldm(state_dict, unet_config), path, "UNet")
@@ -237,11 +243,11 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Autoe
         raise CheckpointError(
             f"--vae '{path}' is a bare diffusers VAE state dict: pass the folder with its config.json"
         )
-    if not any(k.startswith(conv.VAE_PREFIX) for k in state_dict):
-        state_dict = {conv.VAE_PREFIX + k: v for k, v in state_dict.items()}
-    if f"{conv.VAE_PREFIX}encoder.conv_in.weight" not in state_dict:
+    if not any(k.startswith(ldm_arch.VAE_PREFIX) for k in state_dict):
+        state_dict = {ldm_arch.VAE_PREFIX + k: v for k, v in state_dict.items()}
+    if f"{ldm_arch.VAE_PREFIX}encoder.conv_in.weight" not in state_dict:
         raise CheckpointError(f"--vae '{path}' holds no VAE weights (no encoder.conv_in.weight)")
-    vae_config = conv.vae_config_from_ldm(conv.vae_only_architecture(state_dict), state_dict)
+    vae_config = ldm_arch.vae_config_from_ldm(ldm_arch.vae_only_architecture(state_dict), state_dict)
     with init_empty_weights():
         vae = AutoencoderKL.from_config(vae_config)
     _assign(vae, conv.convert_vae_from_ldm(state_dict, vae_config), path, "VAE")
@@ -317,8 +323,12 @@ def save_ldm_checkpoint(
     model: StableDiffusionModel, path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> None:
     """Write a single-file checkpoint (``.safetensors`` or ``.ckpt``) that A1111/ComfyUI load."""
+    write_single_file(ldm_state_dict(model, dtype), path)
+
+
+def write_single_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """A single-file checkpoint by its extension: ``.safetensors``, else a ``.ckpt`` with a ``state_dict``."""
     path = Path(path)
-    state = ldm_state_dict(model, dtype)
     if path.suffix == ".safetensors":
         save_state_dict(state, path)
     else:
@@ -344,6 +354,11 @@ def save_diffusers_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    write_pipeline_folder(pipeline, out_dir, dtype)
+
+
+def write_pipeline_folder(pipeline, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """``pipeline.save_pretrained`` in ``dtype``, into a folder that appears only when complete."""
     if dtype is not None:
         pipeline.to(dtype=dtype)
     with atomic_directory(out_dir) as tmp:

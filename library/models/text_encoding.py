@@ -82,7 +82,12 @@ def encode_tokens(
     else:
         states = text_encoder(flat, output_hidden_states=True, return_dict=True).hidden_states
         hidden = text_encoder.text_model.final_layer_norm(states[-clip_skip])
-    hidden = hidden.reshape(batch, chunks, length, -1)
+    return join_chunks(hidden, batch, chunks)
+
+
+def join_chunks(hidden: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
+    """``(B*n_chunks, 77, D)`` hidden states -> ``(B, n_chunks*75 + 2, D)``, as kohya joins them."""
+    hidden = hidden.reshape(batch, chunks, hidden.shape[-2], -1)
     if chunks == 1:
         return hidden[:, 0]
     # <BOS> of the first chunk, every chunk's 75-token body, <EOS> of the last chunk.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from networks.lora_file import LoRAFileError
+from networks.errors import LoRAFileError
 from networks.svd import lora_matrices
 
 DOWN_UP_NAMES = (("lora_down", "lora_up"), ("lora_A", "lora_B"), ("down", "up"))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from library.errors import ConfigError
 from library.resize.lora_pairs import LoRAPair, find_lora_pairs
-from networks.lora_file import LoRAFileError
+from networks.errors import LoRAFileError
 from networks.svd import (
     DYNAMIC_METHODS,
     RankChoice,

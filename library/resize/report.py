@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from library.errors import ConfigError
 from library.resize.rank_reduction import ModuleResize, ModuleSpectrum, ResizeRequest, resized_metadata
 from networks.svd import retention
 
@@ -122,7 +123,7 @@ def sweep_requests(request: ResizeRequest, values: list[float]) -> list[ResizeRe
     if request.dynamic_method:
         return [replace(request, dynamic_param=float(v)) for v in values]
     if any(v != int(v) or v < 1 for v in values):
-        raise ValueError("--sweep values are ranks without --dynamic_method: use whole numbers >= 1")
+        raise ConfigError("--sweep values are ranks without --dynamic_method: use whole numbers >= 1")
     return [replace(request, new_rank=int(v)) for v in values]
 
 

@@ -1,4 +1,4 @@
-"""kohya's command-line flags, ``--config_file`` toml handling and argument checks.
+"""kohya's command-line flags and argument checks.
 
 Every flag of kohya's train_network.py (v0.10.1) parses, with kohya's names, types and defaults
 (including odd ones such as ``--learning_rate 2e-6`` and ``--caption_extension .caption``), so
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from library.cli import apply_console_log_flags
+from library.data.dataset_schema import parse_resolution  # one rule for --resolution and dataset configs
 from library.errors import ConfigError
 from library.training.config_file import read_config_file, write_config_file
 from library.training.refused_flags import add_unsupported_args, refuse_unsupported
@@ -290,22 +291,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def parse_resolution(value: str | tuple | list | None) -> tuple[int, int] | None:
-    """``"512"`` -> (512, 512); ``"768,512"`` -> (768, 512) (width, height), as kohya."""
-    if value is None or isinstance(value, tuple):
-        return value
-    parts = value if isinstance(value, list) else str(value).split(",")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError as err:
-        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}") from err
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2:
-        raise ConfigError(f"--resolution must be 'N' or 'W,H', got {value!r}")
-    return sizes[0], sizes[1]
-
-
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
     """kohya's ``key=value`` lists (``--network_args``): split on the first '='; values stay strings."""
     result = {}
@@ -317,8 +302,13 @@ def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
-def verify_training_args(args: argparse.Namespace) -> None:
-    """Normalise kohya's flag interactions and refuse impossible combinations before anything runs."""
+def verify_training_args(
+    args: argparse.Namespace, reso_step_multiple: int = 64, family_name: str = "SD1.x/SD2.x"
+) -> None:
+    """Normalise kohya's flag interactions and refuse impossible combinations before anything runs.
+
+    Buckets must be multiples of 64 px for SD1.x/SD2.x and of 32 px for SDXL (kohya's checks).
+    """
     if args.caption_extention is not None:
         args.caption_extension = args.caption_extention
     if args.cache_latents_to_disk:
@@ -359,7 +349,10 @@ def verify_training_args(args: argparse.Namespace) -> None:
             and not Path(args.metadata_thumbnail).is_file(),
             f"--metadata_thumbnail '{args.metadata_thumbnail}' is neither a data: URL nor an image file",
         ),
-        (args.bucket_reso_steps % 64 != 0, "--bucket_reso_steps must be a multiple of 64 for SD1.x/SD2.x"),
+        (
+            args.bucket_reso_steps % reso_step_multiple != 0,
+            f"--bucket_reso_steps must be a multiple of {reso_step_multiple} for {family_name}",
+        ),
         (args.gradient_accumulation_steps < 1, "--gradient_accumulation_steps must be >= 1"),
         (
             args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep,

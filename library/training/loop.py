@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -24,12 +23,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from library.errors import ConfigError
+from library.training.divergence import check_finite_weights, loss_is_finite, raise_non_finite_loss
 from library.training.optimizers import is_schedule_free
+from library.training.preflight import check_room_for_checkpoint
 from library.training.saving import model_file_name, rotate, state_dir_name
+from library.training.state import load_training_state, save_training_state
 from library.training.trackers import LossRecorder, log_sample_images, log_to_trackers, lr_logs
 
 logger = logging.getLogger(__name__)
-TRAIN_STATE_FILE = "train_state.json"
 
 
 class TrainingTask(Protocol):
@@ -180,6 +181,7 @@ class TrainingRun:
         self.epoch = 0
         self.step_in_epoch = 0
         self.loss_recorder = LossRecorder()
+        self.last_saved: Path | None = None  # named when a diverged run stops
         accelerator.register_for_checkpointing(*task.checkpoint_objects())
 
     # ---- resume ---------------------------------------------------------------------------
@@ -187,11 +189,9 @@ class TrainingRun:
     def resume(self, state_dir: str) -> None:
         """Restore optimizer, scheduler, RNG, trained weights and counters from a --save_state folder."""
         path = Path(state_dir)
-        if not (path / TRAIN_STATE_FILE).is_file():
-            raise ConfigError(f"--resume '{path}' is not a state folder written by --save_state")
-        self.accelerator.load_state(str(path))
+        objects = self.task.checkpoint_objects()
+        state = load_training_state(self.accelerator, path, self.optimizer, self.lr_scheduler, objects)
         self._optimizer_mode("train")  # states are saved in eval mode (schedule-free optimizers)
-        state = json.loads((path / TRAIN_STATE_FILE).read_text())
         self.global_step = state["current_step"]
         self.epoch = state["current_epoch"]
         self.step_in_epoch = state.get("batches_in_epoch", 0)
@@ -226,21 +226,22 @@ class TrainingRun:
 
     def _save_state(self, name: str) -> None:
         path = self.cadence.output_dir / name
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
-            (path / TRAIN_STATE_FILE).write_text(
-                json.dumps(
-                    {
-                        "current_epoch": self.epoch,
-                        "current_step": self.global_step,
-                        "batches_in_epoch": self.step_in_epoch,
-                    }
-                )
-            )
+        check_finite_weights(self.task.trainable_parameters(), path, self.global_step, self.last_saved)
+        counters = {
+            "current_epoch": self.epoch,
+            "current_step": self.global_step,
+            "batches_in_epoch": self.step_in_epoch,
+        }
+        save_training_state(self.accelerator, path, counters)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.accelerator.is_main_process:
+            s = self.cadence
+            check_room_for_checkpoint(
+                s.output_dir, self.task.trainable_parameters(), s.save_state or s.save_state_on_train_end
+            )
         if self.accelerator.num_processes > 1 and self.seed is not None:
             # Same init on every rank (done before this), different noise per rank from here on.
             torch.manual_seed(self.seed + 1_000_003 * self.accelerator.process_index + self.global_step)
@@ -268,6 +269,8 @@ class TrainingRun:
             with accelerator.accumulate():
                 self.task.on_step_start(self.global_step)
                 loss, extra = self.task.training_step(batch)
+                if not loss_is_finite(loss, accelerator):
+                    raise_non_finite_loss(self.global_step + 1, loss.item(), self.last_saved)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._sync_and_clip()
@@ -327,11 +330,14 @@ class TrainingRun:
     # ---- checkpoints and samples ----------------------------------------------------------
 
     def _save_model(self, name: str, epoch: int) -> None:
+        path = self.cadence.output_dir / name
         self.accelerator.wait_for_everyone()
-        self._optimizer_mode("eval")
+        self._optimizer_mode("eval")  # the values saved: check those
+        check_finite_weights(self.task.trainable_parameters(), path, self.global_step, self.last_saved)
         if self.accelerator.is_main_process:
             self.cadence.output_dir.mkdir(parents=True, exist_ok=True)
-            self.task.save_model(self.cadence.output_dir / name, epoch, self.global_step)
+            self.task.save_model(path, epoch, self.global_step)
+        self.last_saved = path
 
     def _checkpoint(self, *, epoch: int | None = None, step: int | None = None) -> None:
         """An intermediate save (model, then state), each followed by kohya's rotation of older ones."""

@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from library.errors import ConfigError
+
 
 @runtime_checkable
 class TrainableNetwork(Protocol):
@@ -87,7 +89,7 @@ class _ForeignNetwork(torch.nn.Module):
     def apply_max_norm_regularization(self, max_norm_value: float, device):
         hook = getattr(self.inner, "apply_max_norm_regularization", None)
         if hook is None:
-            raise ValueError(f"--scale_weight_norms: network module '{self._module_name}' does not support it")
+            raise ConfigError(f"--scale_weight_norms: network module '{self._module_name}' does not support it")
         return hook(max_norm_value, device)
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
@@ -125,5 +127,8 @@ def as_trainable_network(network: Any, module_name: str, requested: dict[str, st
     if isinstance(network, TrainableNetwork):
         return network
     if not isinstance(network, torch.nn.Module):
-        raise TypeError(f"network module '{module_name}' returned a {type(network).__name__}, not an nn.Module")
+        raise ConfigError(
+            f"--network_module '{module_name}' returned a {type(network).__name__}, not an nn.Module: "
+            "it does not follow kohya's network protocol"
+        )
     return _ForeignNetwork(network, module_name, requested)

@@ -33,6 +33,7 @@ from library.training.networks import (
     import_network_module,
     load_network_weights,
     network_errors_as_config_errors,
+    text_encoder_arg,
 )
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
 from library.training.optimizers import lr_scheduler_class, optimizer_class
@@ -68,19 +69,23 @@ class NetworkTask:
 
     def on_epoch_start(self, epoch: int) -> None:
         self.dataset_group.set_current_epoch(epoch + 1)
-        self.network.on_epoch_start(self.model.text_encoder, self.model.unet)
+        self.network.on_epoch_start(text_encoder_arg(self.model), self.model.unet)
 
     def on_step_start(self, step: int) -> None:
         self.dataset_group.set_current_step(step)
-        self.network.on_step_start(self.model.text_encoder, self.model.unet)
+        self.network.on_step_start(text_encoder_arg(self.model), self.model.unet)
 
-    def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
+    def unet_conditioning(self, batch: dict) -> dict:
+        """The UNet's keyword arguments for a batch (the model family's text conditioning)."""
         # kohya encodes and runs the UNet under autocast: there frozen weights in the mixed-precision
         # dtype meet trained float32 ones, which a foreign network (LyCORIS) does not cast itself
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), self.accelerator.autocast():
             hidden = caption_hidden_states(self.model, batch, self.args)
-        unet, conditioning = self.model.unet, self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
+        return self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
+
+    def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
+        unet, conditioning = self.model.unet, self.unet_conditioning(batch)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with self.accelerator.autocast():
@@ -189,9 +194,9 @@ class NetworkTrainer(TrainerSkeleton):
             multiplier = multipliers[index] if index < len(multipliers) else 1.0
             with network_errors_as_config_errors("--base_weights"):
                 base, weights = module.create_network_from_weights(
-                    multiplier, path, model.vae, model.text_encoder, model.unet, for_inference=True
+                    multiplier, path, model.vae, text_encoder_arg(model), model.unet, for_inference=True
                 )
-            base.merge_to(model.text_encoder, model.unet, weights, torch.float32, "cpu")
+            base.merge_to(text_encoder_arg(model), model.unet, weights, torch.float32, "cpu")
             logger.info("merged --base_weights %s at multiplier %s", path, multiplier)
 
     def _build_network(self, module, model: StableDiffusionModel) -> TrainableNetwork:
@@ -199,16 +204,23 @@ class NetworkTrainer(TrainerSkeleton):
         self._merge_base_weights(module, model)
         network = create_network(args, module, model)
         train_unet = not args.network_train_text_encoder_only
-        network.apply_to(model.text_encoder, model.unet, not args.network_train_unet_only, train_unet)
+        network.apply_to(text_encoder_arg(model), model.unet, not args.network_train_unet_only, train_unet)
         load_network_weights(args, network)
         if args.gradient_checkpointing:
-            enable_gradient_checkpointing(model.unet, None if args.network_train_unet_only else model.text_encoder)
+            enable_gradient_checkpointing(
+                model.unet, *([] if args.network_train_unet_only else self.text_encoders(model))
+            )
             network.enable_gradient_checkpointing()
         return network
 
     def _place_models(self, accelerator: Accelerator, model: StableDiffusionModel, network) -> None:
         """Frozen weights in the mixed-precision dtype (kohya's memory saving), network in fp32 unless full_*."""
-        place_frozen(self.args, accelerator.device, model.unet, model.text_encoder)
+        place_frozen(self.args, accelerator.device, model.unet, *self.text_encoders(model))
         network.to(accelerator.device, dtype=trained_dtype(self.args))
-        network.prepare_grad_etc(model.text_encoder, model.unet)
+        network.prepare_grad_etc(text_encoder_arg(model), model.unet)
         model.unet = compile_for_training(accelerator, model.unet)  # --torch_compile, with the network patched in
+
+    @staticmethod
+    def text_encoders(model) -> list[torch.nn.Module]:
+        encoders = text_encoder_arg(model)
+        return encoders if isinstance(encoders, list) else [encoders]

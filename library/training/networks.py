@@ -15,12 +15,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from library.errors import ConfigError
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import parse_key_values
 from library.training.network_protocol import TrainableNetwork, as_trainable_network
-from networks.lora_file import LoRAFileError
-from networks.network_args import NetworkError
+from networks.errors import NetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,17 @@ def import_network_module(name: str):
 
 @contextlib.contextmanager
 def network_errors_as_config_errors(flag: str) -> Iterator[None]:
-    """Our network modules raise ValueErrors of their own (they cannot import library/); name the flag."""
+    """Our network modules raise ``networks.errors`` of their own (they cannot import library/); name the flag."""
     try:
         yield
-    except (NetworkError, LoRAFileError) as err:
+    except NetworkError as err:  # LoRAFileError included
         raise ConfigError(f"{flag}: {err}") from err
+
+
+def text_encoder_arg(model) -> torch.nn.Module | list[torch.nn.Module]:
+    """What kohya hands networks as ``text_encoder``: the encoder (SD1/SD2) or the list of both (SDXL)."""
+    encoders = getattr(model, "text_encoders", None)
+    return list(encoders) if encoders else model.text_encoder
 
 
 def create_network(args: argparse.Namespace, module, model: StableDiffusionModel) -> TrainableNetwork:
@@ -60,11 +67,11 @@ def create_network(args: argparse.Namespace, module, model: StableDiffusionModel
             if not args.network_weights:
                 raise ConfigError("--dim_from_weights needs --network_weights")
             network, _ = module.create_network_from_weights(
-                1, args.network_weights, model.vae, model.text_encoder, model.unet, **net_kwargs
+                1, args.network_weights, model.vae, text_encoder_arg(model), model.unet, **net_kwargs
             )
         else:
             network = module.create_network(
-                1.0, args.network_dim, args.network_alpha, model.vae, model.text_encoder, model.unet,
+                1.0, args.network_dim, args.network_alpha, model.vae, text_encoder_arg(model), model.unet,
                 neuron_dropout=args.network_dropout, **net_kwargs,
             )  # fmt: skip
     if network is None:

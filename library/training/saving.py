@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from library.models.families import family_of
+from library.models.families import ModelFamily, family_of
 from library.training.args import METADATA_FIELDS
 
 SUITE_VERSION = "0.1.0"
@@ -199,15 +199,22 @@ def training_metadata(
 
 
 def modelspec_metadata(
-    args: argparse.Namespace, *, v2: bool, v_parameterization: bool, started_at: float
+    args: argparse.Namespace,
+    *,
+    v2: bool,
+    v_parameterization: bool,
+    started_at: float,
+    family: ModelFamily | None = None,
 ) -> dict[str, str]:
-    """SAI ModelSpec 1.0.1 keys as kohya writes them for SD1.x/SD2.x LoRAs."""
-    architecture = family_of(v2).modelspec_architecture(v_parameterization)
-    resolution = args.resolution or ((768, 768) if v2 and v_parameterization else (512, 512))
+    """SAI ModelSpec 1.0.1 keys as kohya writes them for LoRAs of ``family`` (by default SD1.x/SD2.x's)."""
+    family = family or family_of(v2)
+    architecture = family.modelspec_architecture(v_parameterization)
+    side = 768 if v2 and v_parameterization else family.default_resolution
+    resolution = args.resolution or (side, side)
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": args.metadata_title or args.output_name or f"LoRA@{started_at}",
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.datetime.fromtimestamp(started_at).replace(microsecond=0).isoformat(),

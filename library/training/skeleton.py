@@ -30,6 +30,7 @@ from library.training.loop import Cadence, Schedule, TrainingRun
 from library.training.model_setup import prepare_latents
 from library.training.network_protocol import TrainableNetwork
 from library.training.optimizers import make_lr_scheduler, make_optimizer
+from library.training.preflight import check_before_model, claim_output
 from library.training.sampling import SamplePrompt, load_sample_prompts, make_sampler
 from library.training.saving import modelspec_metadata, training_metadata
 from library.training.trackers import make_accelerator
@@ -142,7 +143,9 @@ def run_metadata(
         started_at=started_at,
     )
     metadata.update(
-        modelspec_metadata(args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at)
+        modelspec_metadata(
+            args, v2=model.v2, v_parameterization=model.v_parameterization, started_at=started_at, family=model.family
+        )
     )
     return metadata
 
@@ -173,16 +176,26 @@ class TrainerSkeleton:
 
     log_name = "train"  # accelerate's project name for the logs
     checkpoint_extension: str | None = None  # None: --save_model_as
+    bucket_reso_multiple = 64  # bucket sides the UNet can halve down to its smallest level (SDXL: 32)
+    refuse_zero_steps = True  # --max_train_steps 0 would save an untrained network
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
     def train(self):
-        """Check inputs, load and place models, prepare data and optimizer, run; returns the finished task."""
+        """Check inputs, load and place models, prepare data and optimizer, run; returns the finished task.
+
+        The output folder is held for the whole run (one run per output name; docs/reliability.md).
+        """
+        with claim_output(self.args):
+            return self._train()
+
+    def _train(self):
         args = self.args
         started_at = time.time()
         self.check_inputs()  # what fails on user input fails before anything loads
-        blueprints = build_blueprints(args)
+        blueprints = build_blueprints(args, self.bucket_reso_multiple)
+        check_before_model(args, blueprints, needs_steps=self.refuse_zero_steps)
         sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else None
         if sample_prompts:
             make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
@@ -191,11 +204,11 @@ class TrainerSkeleton:
         args.seed = shared_seed(accelerator, args.seed)
         set_seed(args.seed)
         tokens = {"max_token_length": args.max_token_length, "seed": args.seed}
-        group = build_dataset_group(blueprints, model.tokenizer, **tokens)
+        group = build_dataset_group(blueprints, self.tokenizers(model), **tokens)
         if args.debug_dataset:
             print_dataset_preview(group)
             return None
-        validation = build_validation_group(blueprints, model.tokenizer, **tokens)
+        validation = build_validation_group(blueprints, self.tokenizers(model), **tokens)
         inputs = RunInputs(accelerator, model, group, validation, sample_prompts, started_at)
         self.before_latents(inputs)
         prepare_latents(args, accelerator, model, [group, validation])
@@ -224,6 +237,10 @@ class TrainerSkeleton:
     def load_models(self) -> StableDiffusionModel:
         """The model whose tokenizer, VAE and text encoder the run uses (models stay on the CPU)."""
         raise NotImplementedError
+
+    def tokenizers(self, model) -> list:
+        """The tokenizers whose ids batches carry (SDXL: both, as ``input_ids`` and ``input_ids2``)."""
+        return [model.tokenizer]
 
     def before_latents(self, inputs: RunInputs) -> None:
         """Work on the models that must happen before latents are cached (which draws random numbers)."""

@@ -1,6 +1,6 @@
 """The tiny fixtures' tokenizer keeps every listed word whole, whatever words came before it."""
 
-from library.tiny_sd import VOCAB_WORDS, write_tiny_tokenizer
+from library.tiny_parts import VOCAB_WORDS, write_tiny_tokenizer
 
 
 def test_every_vocabulary_word_is_one_token(tmp_path):

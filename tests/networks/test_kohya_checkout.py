@@ -17,8 +17,8 @@ from networks.lora_file import load_lora_file
 
 REPO = Path(__file__).resolve().parents[2]
 NETWORK_FILES = (
-    "__init__.py", "base.py", "network_args.py", "lora_file.py", "lora.py", "lilora.py", "lilora_file.py",
-    "dylora.py", "lora_fa.py", "extract_lora_from_dylora.py",
+    "__init__.py", "base.py", "errors.py", "targets.py", "modules.py", "network_args.py", "sgm_names.py",
+    "lora_file.py", "lora.py", "lilora.py", "lilora_file.py", "dylora.py", "lora_fa.py", "extract_lora_from_dylora.py",
 )  # fmt: skip
 MODULES = {
     "networks.lora": {"conv_dim": "2"},

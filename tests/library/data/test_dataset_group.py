@@ -114,7 +114,9 @@ def test_buckets_and_length_follow_kohya(data, tokenizer):
 def test_a_batch_holds_what_the_trainer_needs(data, tokenizer):
     group = group_from_flags(data, tokenizer, reg_data_dir=str(data.reg_data_dir), prior_loss_weight=0.25)
     batch = group[0]
-    assert set(batch) == {"images", "input_ids", "captions", "loss_weights", "image_keys", "custom_attributes"}
+    sizes = {"original_sizes_hw", "crop_top_lefts", "target_sizes_hw"}  # kohya's SDXL size conditioning
+    assert set(batch) == {"images", "input_ids", "captions", "loss_weights", "image_keys", "custom_attributes"} | sizes
+    assert batch["target_sizes_hw"].tolist() == [[64, 64]] and batch["crop_top_lefts"].shape == (1, 2)
     assert batch["images"].shape == (1, 3, 64, 64) and batch["images"].dtype == torch.float32
     assert batch["input_ids"].shape == (1, 1, 77) and batch["input_ids"].dtype == torch.long
     for batch in epoch_batches(group, 1)[:20]:
@@ -387,3 +389,15 @@ def test_cache_info_writes_and_reads_kohyas_image_info_file(data, tokenizer):
     (data.subject / "toy_04.txt").write_text("changed")
     group = group_from_flags(data, tokenizer, cache_info=True)
     assert {r.path.name: r.caption for r in group.datasets[0].records}["toy_04.png"].startswith("sks toy")
+
+
+def test_a_second_tokenizer_gives_kohyas_input_ids2(data, tokenizer):
+    """SDXL groups tokenize with both tokenizers; kohya's batch key for the second is ``input_ids2``."""
+    from library.data.dataset_group import DatasetGroup
+
+    group = group_from_flags(data, tokenizer)
+    both = DatasetGroup(group.datasets, [tokenizer, tokenizer], seed=group.seed)
+    batch = both[0]
+    assert torch.equal(batch["input_ids2"], batch["input_ids"]) and torch.equal(
+        batch["input_ids"], group[0]["input_ids"]
+    )

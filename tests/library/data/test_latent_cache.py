@@ -167,9 +167,9 @@ def test_same_images_at_two_resolutions_share_no_stale_file(tmp_path, data, toke
 
 
 def test_pixel_augmentations_cannot_be_cached(data, tokenizer):
-    group = make_group(data, tokenizer, color_aug=True)
+    """Checked once, when the flags become blueprints: before any model loads."""
     with pytest.raises(ConfigError, match="color_aug changes the pixels every epoch"):
-        group.cache_latents(PoolingVAE())
+        make_group(data, tokenizer, color_aug=True, cache_latents=True)
 
 
 def test_nan_latents_name_the_image(data, tokenizer):

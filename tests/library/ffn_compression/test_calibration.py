@@ -8,6 +8,7 @@ import torch
 
 from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import build_dataset_group
+from library.errors import ConfigError
 from library.ffn_compression.calibration import (
     Calibration,
     FFNRecorder,
@@ -166,5 +167,5 @@ def test_relative_error_is_zero_at_full_width_and_the_frobenius_ratio_otherwise(
 def test_a_replaced_ffn_cannot_be_calibrated(sd1):
     unet = copy.deepcopy(sd1.unet)
     lowrank_ffn.create_network(1.0, None, None, None, None, unet, blocks="MID", ratio="0.5").apply_to(None, unet)
-    with pytest.raises(ValueError, match="a network replaces lora_unet_mid_block"):
+    with pytest.raises(ConfigError, match="a network replaces lora_unet_mid_block"):
         FFNRecorder(targets(unet, "MID"), tokens=1)

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from library.distill.cost import count_parameters
-from library.errors import CheckpointError
+from library.errors import CheckpointError, ConfigError
 from library.ffn_compression.unet import (
     FFN_WIDTHS_KEY,
     build_compressed_unet,
@@ -121,3 +121,12 @@ def test_stock_folders_load_unchanged(tiny_sd):
     unet = load_compressed_unet(tiny_sd.sd1_dir / "unet", torch.float64)
     reference = UNet2DConditionModel.from_pretrained(tiny_sd.sd1_dir / "unet", torch_dtype=torch.float64)
     assert_close(unet_output(unet), unet_output(reference.eval()))
+
+
+def test_a_network_built_on_another_unet_is_refused_in_one_line(tiny_sd):
+    model = load_stable_diffusion(tiny_sd.sd1_dir)
+    other = load_stable_diffusion(tiny_sd.sd1_dir).unet
+    network = lowrank_ffn.create_network(1.0, None, None, None, None, other, blocks="MID", ratio="0.5")
+    with pytest.raises(ConfigError, match="^--network_weights: the narrow-FFN network was built on another UNet"):
+        compress_unet(model.unet, network)
+    assert not ffn_widths(model.unet)  # nothing narrowed

@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.fileio import read_state_dict
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_H_TEXT, SD15_UNET, SD21_UNET, SD_VAE
 from library.models.stable_diffusion import ldm_state_dict, load_stable_diffusion
@@ -63,18 +64,18 @@ def test_real_sized_key_layout_round_trips_through_diffusers_converters(v2):
     ldm.update(te_ldm)
     if v2:
         ldm.update(conv.sd2_dummy_final_layer(te_ldm))
-    assert len([k for k in ldm if k.startswith(conv.UNET_PREFIX)]) == 686
+    assert len([k for k in ldm if k.startswith(ldm_arch.UNET_PREFIX)]) == 686
     assert set(KNOWN_LDM_UNET_KEYS + KNOWN_LDM_VAE_KEYS) <= set(ldm)
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
 
-    arch = conv.infer_architecture(ldm, v_parameterization=v2)
-    unet_config = conv.unet_config_from_ldm(arch, ldm)
+    arch = ldm_arch.infer_architecture(ldm, v_parameterization=v2)
+    unet_config = ldm_arch.unet_config_from_ldm(arch, ldm)
     for key, value in (SD21_UNET if v2 else SD15_UNET).items():
         expected = list(value) if isinstance(value, tuple) else value
         got = unet_config[key]
         assert (list(got) if isinstance(got, tuple) else got) == expected, key
     assert set(conv.convert_unet_from_ldm(ldm, unet_config)) == set(unet.state_dict())
-    vae_config = conv.vae_config_from_ldm(arch, ldm)
+    vae_config = ldm_arch.vae_config_from_ldm(arch, ldm)
     assert set(conv.convert_vae_from_ldm(ldm, vae_config)) == set(vae.state_dict())
     te_converted = conv.convert_text_encoder_from_ldm(ldm, text, v2)
     assert set(text.state_dict()) <= set(te_converted)
@@ -103,7 +104,7 @@ def test_sd2_extra_state_holds_the_unused_openclip_layer(tiny_sd):
     last = model.text_encoder.config.num_hidden_layers
     assert f"cond_stage_model.model.transformer.resblocks.{last}.attn.in_proj_weight" in model.extra_ldm_state
     assert "cond_stage_model.model.text_projection" in model.extra_ldm_state
-    assert not any(k.startswith(conv.UNET_PREFIX) for k in model.extra_ldm_state)
+    assert not any(k.startswith(ldm_arch.UNET_PREFIX) for k in model.extra_ldm_state)
 
 
 def test_legacy_clip_keys_without_text_model_level_are_accepted():
@@ -112,7 +113,7 @@ def test_legacy_clip_keys_without_text_model_level_are_accepted():
         "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight": torch.zeros(1),
         "model.diffusion_model.out.2.weight": torch.zeros(1),
     }
-    fixed = conv.normalize_clip_keys(sd)
+    fixed = ldm_arch.normalize_clip_keys(sd)
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in fixed
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight" in fixed
     assert "model.diffusion_model.out.2.weight" in fixed

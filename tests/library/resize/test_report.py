@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from library.errors import ConfigError
 from library.resize.rank_reduction import (
     ResizeRequest,
     linear_alpha,
@@ -73,7 +74,7 @@ def test_sweep_rows_predict_real_resizes(tmp_path, lora, request_, values):
 
 def test_sweep_values_are_ranks_without_a_dynamic_method():
     assert [r.new_rank for r in sweep_requests(ResizeRequest(new_conv_rank=3), [8, 2])] == [8, 2]
-    with pytest.raises(ValueError, match="whole numbers"):
+    with pytest.raises(ConfigError, match="--sweep values are ranks .* whole numbers"):
         sweep_requests(ResizeRequest(), [0.5])
 
 

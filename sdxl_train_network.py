@@ -1,0 +1,30 @@
+"""Train a LoRA-style network on SDXL with kohya sd-scripts' flags and config files.
+
+accelerate launch sdxl_train_network.py --config_file my.toml
+python sdxl_train_network.py --pretrained_model_name_or_path sdxl.safetensors --network_module networks.lora ...
+"""
+
+from __future__ import annotations
+
+from library.cli import run_cli
+from library.training.args import parse_or_write_config
+from library.training.sdxl_args import sdxl_train_network_parser
+
+
+def setup_parser():
+    """kohya's entry point name, kept for tools that build sdxl_train_network's parser."""
+    return sdxl_train_network_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_or_write_config(setup_parser(), argv)
+    if args is None:
+        return
+    import library.features  # noqa: F401  (feature packages register what they add)
+    from library.training.sdxl_trainer import SDXLNetworkTrainer  # heavy imports only when training
+
+    SDXLNetworkTrainer(args).train()
+
+
+if __name__ == "__main__":
+    run_cli(main)
