@@ -11,6 +11,8 @@ import argparse
 import logging
 
 from library.cli import run_cli
+from library.errors import ConfigError
+from library.resize.batch import is_batch, resize_batch
 from library.resize.files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
 from library.resize.rank_reduction import ResizeRequest
 from networks.svd import DYNAMIC_METHODS
@@ -28,8 +30,13 @@ def _values(text: str) -> list[float]:
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="LoRA to resize: .safetensors, .ckpt, .pt or .pth")
-    parser.add_argument("--save_to", help="resized LoRA to write: .safetensors, .ckpt, .pt or .pth")
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="LoRA(s) to resize: .safetensors, .ckpt, .pt or .pth files, or a folder",
+    )
+    parser.add_argument("--save_to", help="resized LoRA to write (a folder when --model names several)")
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the output (the cap with --dynamic_method)")
     parser.add_argument(
         "--new_conv_rank", type=int, default=None, help="rank of conv (4-D) modules; default: --new_rank"
@@ -65,6 +72,13 @@ def setup_parser() -> argparse.ArgumentParser:
         metavar="V1,V2,...",
         help="preview size, retention and ranks for each --dynamic_param (or --new_rank) value; writes nothing",
     )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target_size",
+        default=None,
+        help="choose all ranks jointly to fit this file size, keeping the most update energy: 50MB, 48MiB, 1.5GB",
+    )
+    budget.add_argument("--target_ratio", type=float, default=None, help="like --target_size, a share of the input")
     return parser
 
 
@@ -73,12 +87,32 @@ def main(argv: list[str] | None = None) -> None:
     # A sweep supplies the --dynamic_param values itself.
     dynamic_param = args.sweep[0] if args.sweep and args.dynamic_param is None else args.dynamic_param
     request = ResizeRequest(args.new_rank, args.new_conv_rank, args.dynamic_method, dynamic_param, args.keep_alpha)
+    budget = args.target_size is not None or args.target_ratio is not None
+    if budget and (args.dynamic_method or args.sweep):
+        raise ConfigError("--target_size/--target_ratio choose the ranks themselves: drop --dynamic_method/--sweep")
+
+    def resize_one(model, save_to):
+        resize_lora_file(
+            model,
+            save_to,
+            request,
+            args.save_precision,
+            args.device,
+            args.verbose,
+            args.target_size,
+            args.target_ratio,
+        )
+
     if args.sweep is not None:
+        if is_batch(args.model):
+            raise ConfigError("--sweep previews one LoRA: give --model a single file")
         if args.save_to:
             logging.info("--sweep writes nothing: --save_to ignored")
-        preview_sweep(args.model, request, args.sweep, args.save_precision, args.device)
+        preview_sweep(args.model[0], request, args.sweep, args.save_precision, args.device)
+    elif is_batch(args.model):
+        resize_batch(args.model, args.save_to, resize_one)
     else:
-        resize_lora_file(args.model, args.save_to, request, args.save_precision, args.device, args.verbose)
+        resize_one(args.model[0], args.save_to)
 
 
 def cli() -> None:

@@ -107,3 +107,11 @@ def random_lora(
         state_dict[f"{target.name}.lora_up.weight"] = up.to(dtype)
         state_dict[f"{target.name}.alpha"] = torch.tensor(float(module_alpha), dtype=dtype)
     return state_dict
+
+
+def decaying_matrix(rows: int, cols: int, decay: float, seed: int = 0) -> torch.Tensor:
+    """A random float32 matrix, singular values falling roughly like ``i ** -decay`` (a fine-tune's weight change)."""
+    generator = torch.Generator().manual_seed(seed)
+    inner = min(rows, cols)
+    left = torch.randn(rows, inner, generator=generator) * torch.arange(1, inner + 1) ** -decay
+    return left @ torch.randn(inner, cols, generator=generator) / cols**0.5

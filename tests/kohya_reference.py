@@ -46,6 +46,18 @@ def kohya_rank(dense_spectrum: torch.Tensor, method: str | None, param: float | 
     return min(rank, max_rank)
 
 
+def kohya_svd_merge(parts, new_rank: int, clamp_quantile: float = 0.99):
+    """kohya's ``svd_merge_lora.py`` for one module, from its description: float32 dense sum of
+    ``ratio * alpha / dim * up @ down``, full SVD, rank ``min(new_rank, in, out)``, ``up = U S``,
+    ``down = Vh``, both clamped to the quantile of their joined entries. ``parts``: (ratio, up, down, alpha)."""
+    total = sum(ratio * (alpha / down.shape[0]) * dense_delta(up, down).float() for ratio, up, down, alpha in parts)
+    rank = min(new_rank, *total.shape)
+    u, s, vh = torch.linalg.svd(total)
+    up, down = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
+    limit = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+    return up.clamp(-limit, limit), down.clamp(-limit, limit)
+
+
 def kohya_module_names(text_encoder: nn.Module, unet: nn.Module, convs: bool) -> set[str]:
     """kohya's module names for an SD1/2 text encoder (with its ``text_model`` level) and UNet."""
     names = set()

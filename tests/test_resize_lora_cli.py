@@ -14,9 +14,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 import resize_lora
-from library.cli import run_cli
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import exit_status
 from tests.kohya_reference import dense_delta, dense_truncation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +43,7 @@ def lora_file(tmp_path):
 
 
 def run(*args) -> int:
-    """The script's exit status, as ``python resize_lora.py ARGS`` would end."""
-    try:
-        run_cli(lambda: resize_lora.main([str(a) for a in args]))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_status(resize_lora.main, *args)
 
 
 def data_hash(path: Path) -> str:
@@ -159,7 +154,9 @@ def test_sweep_values_must_be_numbers(lora_file, capsys):
         ("no_dynamic_param", r"--dynamic_method sv_ratio needs --dynamic_param"),
         ("same_file", r"--save_to '.*big\.safetensors' is the input --model"),
         ("bad_suffix", r"--save_to '.*out\.bin' must end in \.safetensors"),
-        ("loha", r"module 'lora_unet_x' is a LoHa module"),
+        ("incomplete_loha", r"module 'lora_unet_x' lacks 'lora_unet_x\.hada_w2_a': an incomplete LyCORIS module"),
+        ("glora", r"module 'lora_unet_x' is a GLoRA module"),
+        ("full_diff", r"module 'lora_unet_x' is a LyCORIS full module"),
     ],
 )
 def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, message):
@@ -181,9 +178,16 @@ def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, 
         out = lora_file
     elif case == "bad_suffix":
         out = tmp_path / "out.bin"
-    elif case == "loha":
+    elif case == "incomplete_loha":
         model = tmp_path / "loha.safetensors"
         save_file({"lora_unet_x.hada_w1_a": torch.zeros(8, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 8)}, model)
+    elif case == "glora":
+        model = tmp_path / "glora.safetensors"
+        names = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+        save_file({f"lora_unet_x.{n}": torch.zeros(2, 2) for n in names}, model)
+    elif case == "full_diff":
+        model = tmp_path / "full.safetensors"
+        save_file({"lora_unet_x.diff": torch.zeros(8, 8)}, model)
     listing = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert run("--model", model, "--save_to", out, "--new_rank", 2, *extra) == 2
     error = capsys.readouterr().err.strip()

@@ -37,6 +37,7 @@ class SubsetBlueprint:
     where: str  # for messages: "datasets[0].subsets[1] in config.toml", "--train_data_dir/10_sks dog"
     image_dir: str | None = None
     metadata_file: str | None = None  # fine-tuning subsets
+    conditioning_data_dir: str | None = None  # mask subsets: a loss mask image per image, same stem
     is_reg: bool = False
     class_tokens: str | None = None
     caption_extension: str = ".caption"
@@ -104,7 +105,7 @@ def build_blueprints(
         ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
         if ignored:
             logger.warning("%s ignored because --dataset_config is given", ", ".join(ignored))
-        config = load_dataset_config(config_path)
+        config = load_dataset_config(config_path, masked_loss=bool(getattr(args, "masked_loss", False)))
         suffix = f" in {config_path}"
     else:
         config = {"datasets": [{"subsets": _subsets_from_flags(args)}]}
@@ -120,7 +121,19 @@ def build_blueprints(
         raise ConfigError(f"{config_path}: no [[datasets]]")
     if getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False):
         check_latents_cacheable(blueprints)
+    if getattr(args, "masked_loss", False):
+        check_masks_exist(blueprints)
     return blueprints
+
+
+def check_masks_exist(blueprints: list[DatasetBlueprint]) -> None:
+    """--masked_loss needs a mask source somewhere (kohya would silently train unmasked)."""
+    subsets = [subset for blueprint in blueprints for subset in blueprint.subsets]
+    if not any(subset.alpha_mask or subset.conditioning_data_dir for subset in subsets):
+        raise ConfigError(
+            "--masked_loss: no subset has masks; set alpha_mask = true (or --alpha_mask) or give subsets "
+            "a conditioning_data_dir of mask images in --dataset_config"
+        )
 
 
 def check_latents_cacheable(blueprints: list[DatasetBlueprint]) -> None:
@@ -141,7 +154,16 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         flags["caption_extension"] = args.caption_extention
     flags["resolution"] = parse_resolution(flags.get("resolution"))
     flags["face_crop_aug_range"] = parse_face_crop_aug_range(flags.get("face_crop_aug_range"))
-    for key in ("image_dir", "metadata_file", "is_reg", "class_tokens", "custom_attributes", "where"):
+    # kohya's --conditioning_data_dir flag is for its ControlNet scripts; train_network never reads it.
+    subset_only = (
+        "image_dir",
+        "metadata_file",
+        "conditioning_data_dir",
+        "is_reg",
+        "class_tokens",
+        "custom_attributes",
+    )
+    for key in (*subset_only, "where"):
         flags.pop(key, None)  # subset-only keys never come from flags
     return flags
 
@@ -198,6 +220,10 @@ def _subset_blueprint(subset: dict, parents: list[dict], where: str) -> SubsetBl
     if extension and not extension.startswith("."):
         values["caption_extension"] = "." + extension
     check_interpolation(values["resize_interpolation"], where)
+    if values["conditioning_data_dir"] is not None:
+        for option in ("random_crop", "face_crop_aug_range"):
+            if values[option]:
+                raise ConfigError(f"{where}: {option} would crop the image but not its conditioning_data_dir mask")
     caption = CaptionOptions(**{key: _lookup(key, levels) for key in _CAPTION_FIELDS})
     return SubsetBlueprint(where=where, caption=caption, **values)
 

@@ -43,6 +43,7 @@ from library.data.captions import process_caption
 from library.data.dataset_config import DatasetBlueprint
 from library.data.image_sources import ImageRecord
 from library.data.latent_cache import NPZ_SUFFIX, CacheJob, encode_jobs, is_cache_valid, npz_path_for
+from library.data.loss_masks import collate_loss_masks, conditioning_mask
 from library.data.metadata import dataset_metadata
 from library.data.samples import cached_sample, image_sample
 from library.errors import DatasetError
@@ -147,6 +148,9 @@ class DatasetGroup(torch.utils.data.Dataset):
             sample = cached_sample(record, flipped)
         else:
             sample = image_sample(dataset, record, subset, flipped, rng)
+        if record.mask_path is not None:
+            interpolation = subset.resize_interpolation or dataset.blueprint.resize_interpolation
+            sample["conditioning_mask"] = conditioning_mask(record, interpolation, flipped)
         sample["caption"] = process_caption(
             record.caption,
             subset.caption,
@@ -180,12 +184,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             batch[key] = torch.tensor([s["size_conditioning"][index] for s in samples], dtype=torch.long)
         pixel_key = "latents" if "latents" in samples[0] else "images"
         batch[pixel_key] = torch.stack([s[pixel_key] for s in samples])
-        masks = [s.get("alpha_mask") for s in samples]
-        if any(mask is not None for mask in masks):
-            height, width = batch[pixel_key].shape[-2:]
-            scale = 8 if pixel_key == "latents" else 1
-            ones = torch.ones(height * scale, width * scale)
-            batch["alpha_masks"] = torch.stack([ones if mask is None else mask for mask in masks])
+        collate_loss_masks(samples, batch, pixel_key)
         return batch
 
     def cache_latents(

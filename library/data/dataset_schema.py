@@ -105,11 +105,17 @@ SUBSET_KEYS = {  # all three levels
 DREAMBOOTH_KEYS = {"caption_extension": str, "class_tokens": str, "cache_info": bool}  # all levels, DreamBooth
 DREAMBOOTH_SUBSET_KEYS = {vol.Required("image_dir"): str, "is_reg": bool, "alpha_mask": bool}
 FINE_TUNING_SUBSET_KEYS = {vol.Required("metadata_file"): str, "image_dir": str, "alpha_mask": bool}
+# With --masked_loss, a dataset whose subsets all name conditioning_data_dir takes its loss masks
+# from those images (kohya's ControlNet subsets, which keep only these DreamBooth keys).
+MASK_SUBSET_KEYS = {vol.Required("image_dir"): str, vol.Required("conditioning_data_dir"): str}
+MASK_KEYS = {"caption_extension": str, "cache_info": bool}  # all levels, mask datasets
 
 DREAMBOOTH_SUBSET_SCHEMA = {**SUBSET_KEYS, **DREAMBOOTH_KEYS, **DREAMBOOTH_SUBSET_KEYS}
 FINE_TUNING_SUBSET_SCHEMA = {**SUBSET_KEYS, **FINE_TUNING_SUBSET_KEYS}
 DREAMBOOTH_DATASET_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_KEYS, "subsets": [DREAMBOOTH_SUBSET_SCHEMA]}
 FINE_TUNING_DATASET_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, "subsets": [FINE_TUNING_SUBSET_SCHEMA]}
+MASK_SUBSET_SCHEMA = {**SUBSET_KEYS, **MASK_KEYS, **MASK_SUBSET_KEYS}
+MASK_DATASET_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, **MASK_KEYS, "subsets": [MASK_SUBSET_SCHEMA]}
 GENERAL_SCHEMA = {**DATASET_KEYS, **SUBSET_KEYS, **DREAMBOOTH_KEYS}
 
 _LEVELS = {
@@ -117,14 +123,24 @@ _LEVELS = {
     "[[datasets]]": DREAMBOOTH_DATASET_SCHEMA,
     "DreamBooth [[datasets.subsets]]": DREAMBOOTH_SUBSET_SCHEMA,
     "fine-tuning [[datasets.subsets]]": FINE_TUNING_SUBSET_SCHEMA,
+    "mask [[datasets.subsets]] (with --masked_loss)": MASK_SUBSET_SCHEMA,
 }
-# Keys of kohya features this suite leaves out, with the reason users see.
-_UNSUPPORTED_KEYS = {"conditioning_data_dir": "ControlNet/masked-loss conditioning images are not supported"}
+# Keys of kohya features that need a flag, with the message users see without it.
+_KEYS_NEEDING_FLAGS = {
+    "conditioning_data_dir": "conditioning_data_dir (loss mask images) belongs in [[datasets.subsets]] "
+    "and needs --masked_loss"
+}
 
 
-def _validate_dataset(dataset: Any) -> dict:
-    """A dataset is fine-tuning if all its subsets have ``metadata_file``, DreamBooth if none has."""
+def _validate_dataset(dataset: Any, masked_loss: bool = False) -> dict:
+    """A dataset is fine-tuning if all its subsets have ``metadata_file``, DreamBooth if none has;
+    with ``masked_loss``, a mask dataset if all have ``conditioning_data_dir`` (kohya's rules)."""
     subsets = dataset.get("subsets", []) if isinstance(dataset, dict) else []
+    with_masks = [isinstance(s, dict) and "conditioning_data_dir" in s for s in subsets]
+    if masked_loss and subsets and all(with_masks):
+        return vol.Schema(MASK_DATASET_SCHEMA)(dataset)
+    if masked_loss and any(with_masks):
+        raise vol.Invalid("mixes subsets with and without conditioning_data_dir; put them in separate [[datasets]]")
     with_metadata = [isinstance(s, dict) and "metadata_file" in s for s in subsets]
     if subsets and all(with_metadata):
         return vol.Schema(FINE_TUNING_DATASET_SCHEMA)(dataset)
@@ -136,11 +152,16 @@ def _validate_dataset(dataset: Any) -> dict:
     )
 
 
-DATASET_CONFIG_SCHEMA = vol.Schema({"general": GENERAL_SCHEMA, "datasets": [_validate_dataset]})
+def _config_schema(masked_loss: bool) -> vol.Schema:
+    return vol.Schema(
+        {"general": GENERAL_SCHEMA, "datasets": [lambda dataset: _validate_dataset(dataset, masked_loss)]}
+    )
 
 
-def load_dataset_config(path: str | os.PathLike) -> dict:
+def load_dataset_config(path: str | os.PathLike, *, masked_loss: bool = False) -> dict:
     """Read and validate a kohya dataset config (``.toml`` or ``.json``, by extension).
+
+    ``masked_loss`` (kohya's ``--masked_loss``) admits subsets with ``conditioning_data_dir``.
 
     Raises:
         ConfigError: unreadable file, or a key that is unknown, misplaced or of the wrong type,
@@ -162,7 +183,7 @@ def load_dataset_config(path: str | os.PathLike) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a table with [general] and [[datasets]]")
     try:
-        return DATASET_CONFIG_SCHEMA(raw)
+        return _config_schema(masked_loss)(raw)
     except vol.MultipleInvalid as errors:
         raise ConfigError(f"{path}: {_describe(errors.errors[0])}") from errors
 
@@ -173,8 +194,8 @@ def _describe(error: vol.Invalid) -> str:
     key = error.path[-1] if error.path else None
     message = error.error_message
     if message == "extra keys not allowed":
-        if key in _UNSUPPORTED_KEYS:
-            message = f"{_UNSUPPORTED_KEYS[key]}"
+        if key in _KEYS_NEEDING_FLAGS:
+            message = _KEYS_NEEDING_FLAGS[key]
         else:
             message = _misplaced_key_message(key)
     elif message == "required key not provided":

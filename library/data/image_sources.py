@@ -41,6 +41,7 @@ class ImageRecord:
     latents_flipped: torch.Tensor | None = None
     cached_alpha_mask: torch.Tensor | None = None  # (H, W), stored with in-memory latents
     npz_path: Path | None = None  # set when the latents live in a disk cache
+    mask_path: Path | None = None  # the loss mask image from the subset's conditioning_data_dir
 
 
 @dataclass
@@ -86,7 +87,29 @@ def _load_dreambooth(subset: SubsetBlueprint, subset_index: int) -> SubsetImages
         ImageRecord(path, str(path), caption, subset_index, subset.is_reg, subset.num_repeats, size)
         for path, caption, size in zip(paths, captions, sizes)
     ]
+    if subset.conditioning_data_dir is not None:
+        _pair_mask_images(records, subset)
     return SubsetImages(records, folder.name)
+
+
+def _pair_mask_images(records: list[ImageRecord], subset: SubsetBlueprint) -> None:
+    """Each image's mask is the conditioning_data_dir image with its stem; none may be missing or spare (kohya)."""
+    folder = Path(subset.conditioning_data_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"{subset.where}: conditioning_data_dir is not a folder: {folder}")
+    masks: dict[str, Path] = {}
+    for path in list_images(folder):
+        masks.setdefault(path.stem, path)
+    missing = [record.path.name for record in records if record.path.stem not in masks]
+    if missing:
+        shown = ", ".join(missing[:MISSING_CAPTIONS_SHOWN])
+        raise DatasetError(f"{subset.where}: no mask image in {folder} for {shown}")
+    spare = sorted(set(masks) - {record.path.stem for record in records})
+    if spare:
+        shown = ", ".join(spare[:MISSING_CAPTIONS_SHOWN])
+        raise DatasetError(f"{subset.where}: mask images in {folder} without a training image: {shown}")
+    for record in records:
+        record.mask_path = masks[record.path.stem]
 
 
 def _dreambooth_captions(paths: list[Path], subset: SubsetBlueprint) -> list[str]:

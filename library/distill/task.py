@@ -29,11 +29,13 @@ from library.distill.features import FeatureHooks, FeaturePair
 from library.distill.loss import DistillLoss, DistillWeights, distill_loss
 from library.distill.teacher import FrozenTeacher
 from library.models.stable_diffusion import StableDiffusionModel
+from library.training.masked_loss import loss_mask
 from library.training.model_setup import SAVE_DTYPES
 from library.training.network_protocol import TrainableNetwork
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
+from library.training.text_conditioning import caption_hidden_states
 from library.training.theseus import ReplacementState, TheseusController
 
 
@@ -172,7 +174,7 @@ class DistillTask:
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> DistillLoss:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
         with torch.no_grad():
-            hidden = self.model.encode_prompt(batch["input_ids"], self.args.clip_skip)
+            hidden = caption_hidden_states(self.model, batch, self.args)
         # A Theseus draw runs some stages from the teacher, whose student blocks then record nothing.
         every_block_runs = self.theseus is None or not self.net.training
         dtype = self.student.dtype
@@ -185,7 +187,7 @@ class DistillTask:
                 seen["features"] = features
                 return self.net(noisy.to(dtype), t, **conditioning).sample
 
-        scheduler, weights, mask = self.model.noise_scheduler, batch["loss_weights"], batch.get("alpha_masks")
+        scheduler, weights, mask = self.model.noise_scheduler, batch["loss_weights"], loss_mask(batch)
         task = diffusion_loss(predict, latents, scheduler, self.options, weights, mask=mask, timesteps=timesteps)
         teacher = seen["teacher"]
         return distill_loss(

@@ -32,14 +32,22 @@ def tokenize_captions(
     chunks = num_chunks(max_token_length)
     total = CHUNK_BODY * chunks + 2
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
-    if chunks == 1:
-        return ids.unsqueeze(1)
-    pieces = []
-    for index in range(chunks):
-        body = ids[:, 1 + index * CHUNK_BODY : 1 + (index + 1) * CHUNK_BODY]
-        pieces.append(torch.cat([ids[:, :1], body, ids[:, -1:]], dim=1))
-    chunked = torch.stack(pieces, dim=1)
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+    return chunk_token_ids(ids, tokenizer, chunks)
+
+
+def split_into_chunks(values: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(B, chunks*75 + 2)`` -> ``(B, chunks, 77)``: each 75-value body between the first and last value."""
+    pieces = [
+        torch.cat([values[:, :1], values[:, 1 + i * CHUNK_BODY : 1 + (i + 1) * CHUNK_BODY], values[:, -1:]], dim=1)
+        for i in range(chunks)
+    ]
+    return torch.stack(pieces, dim=1)
+
+
+def chunk_token_ids(ids: torch.Tensor, tokenizer: CLIPTokenizer, chunks: int) -> torch.LongTensor:
+    """Padded ids ``(B, chunks*75 + 2)`` as ``(B, chunks, 77)`` chunks that each start and end as CLIP expects."""
+    chunked = split_into_chunks(ids, chunks)
+    if chunks > 1 and tokenizer.pad_token_id != tokenizer.eos_token_id:
         _mark_chunk_ends(chunked, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return chunked
 

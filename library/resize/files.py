@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from library.errors import ConfigError
+from library.resize.budget import budget_summary, budget_table, parse_size, plan_budget
 from library.resize.lora_pairs import find_lora_pairs
+from library.resize.lycoris import lycoris_to_lora
 from library.resize.rank_reduction import (
     ResizeRequest,
     ResizeResult,
@@ -76,6 +78,15 @@ def _note_alphas(result: ResizeResult, request: ResizeRequest) -> None:
         )
 
 
+def budget_bytes(model: str | os.PathLike, target_size: str | None, target_ratio: float | None) -> tuple[int, str]:
+    """(bytes, label) of ``--target_size`` or ``--target_ratio`` (a share of the input file's size)."""
+    if target_size is not None:
+        return parse_size(target_size), target_size
+    if not 0 < target_ratio <= 1:
+        raise ConfigError(f"--target_ratio must be in (0, 1], got {target_ratio}")
+    return int(Path(model).stat().st_size * target_ratio), f"{target_ratio:g} of the input"
+
+
 def resize_lora_file(
     model: str | os.PathLike,
     save_to: str | os.PathLike,
@@ -83,15 +94,28 @@ def resize_lora_file(
     save_precision: str | None = None,
     device: str | None = None,
     verbose: bool = False,
+    target_size: str | None = None,
+    target_ratio: float | None = None,
 ) -> ResizeResult | None:
     """Resize ``model`` into ``save_to`` and print kohya's summary (and the per-module table if ``verbose``).
 
-    Returns None when the ranks asked for change nothing: the output is then a copy of the input.
+    With ``target_size``/``target_ratio`` the ranks are chosen jointly to fit that file size
+    (:mod:`library.resize.budget`). Returns None when the ranks asked for change nothing: the output
+    is then a copy of the input.
     """
     dtype = save_dtype(save_precision)
     save_to = check_output_path(model, save_to)
+    budget = None if target_size is None and target_ratio is None else budget_bytes(model, target_size, target_ratio)
+    if budget is not None and save_to.suffix != ".safetensors":
+        raise ConfigError(f"--target_size/--target_ratio size .safetensors files: --save_to '{save_to}' is not one")
     state_dict, metadata = load_lora_file(model)
+    state_dict = lycoris_to_lora(state_dict, str(model))
     _note_precision(state_dict, save_precision)
+    choice = None
+    if budget is not None:
+        request, choice, spectra = plan_budget(
+            state_dict, metadata, request, budget[0], budget[1], dtype, str(model), device or "cpu"
+        )
     if is_no_op(state_dict, request, str(model)):
         logger.warning(
             "--new_rank %d / --new_conv_rank %d is not below any module's rank: '%s' is a copy of the input",
@@ -110,8 +134,10 @@ def resize_lora_file(
     if capped:
         logger.info("%d modules kept their input rank: kohya's rule would add singular values that are zero", capped)
     if verbose:
-        print(module_table(result.modules))
+        print(budget_table(spectra, choice) if choice else module_table(result.modules))
     print(summary(result.modules, save_to.stat().st_size))
+    if choice is not None:
+        print(budget_summary(choice, budget[1], save_to.stat().st_size))
     logger.info("saved '%s'", save_to)
     return result
 
@@ -133,6 +159,7 @@ def preview_sweep(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     state_dict, metadata = load_lora_file(model)
+    state_dict = lycoris_to_lora(state_dict, str(model))
     owned = {key for pair in find_lora_pairs(state_dict, str(model)) for key in pair.keys}
     others = {k: (v.dtype if not v.is_floating_point() else dtype, tuple(v.shape)) for k, v in state_dict.items()}
     others = {k: spec for k, spec in others.items() if k not in owned}

@@ -68,8 +68,8 @@ def _refuse_lycoris(state_dict: dict[str, torch.Tensor], source: str) -> None:
             if key.endswith(ending):
                 module = key[: -len(ending)]
                 raise LoRAFileError(
-                    f"{source}: module '{module}' is a {module_type} module ({reason}); resize handles LoRA/LoCon "
-                    "modules only, and no plain LoRA reproduces it exactly"
+                    f"{source}: module '{module}' is a {module_type} module ({reason}); only LoRA, LoCon, LoHa and "
+                    "LoKr modules are read, since no plain LoRA reproduces this one exactly"
                 )
 
 

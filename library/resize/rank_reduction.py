@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,6 +51,9 @@ class ResizeRequest:
     dynamic_method: str | None = None
     dynamic_param: float | None = None
     keep_alpha: bool = False  # write the input alphas, fold the rank change into the factors
+    conv_rank_3x3_only: bool = False  # svd_merge_lora.py's cap: --new_conv_rank for 3x3 convs, not 1x1
+    module_ranks: Mapping[str, int] | None = None  # ranks chosen for a size budget (library.resize.budget)
+    budget_label: str = ""  # what the budget was, for the metadata comment
 
     def __post_init__(self) -> None:
         if self.new_rank < 1 or (self.new_conv_rank is not None and self.new_conv_rank < 1):
@@ -66,8 +69,13 @@ class ResizeRequest:
     def conv_rank(self) -> int:
         return self.new_rank if self.new_conv_rank is None else self.new_conv_rank
 
-    def max_rank(self, is_conv: bool) -> int:
-        """kohya's cap: ``--new_conv_rank`` for every 4-D (conv) module, 1x1 included; ``--new_rank`` otherwise."""
+    def max_rank(self, is_conv: bool, kernel: tuple[int, ...] = ()) -> int:
+        """kohya's cap: ``--new_conv_rank`` for every 4-D (conv) module, 1x1 included; ``--new_rank`` otherwise.
+
+        With ``conv_rank_3x3_only`` (kohya's ``svd_merge_lora.py``) a 1x1 ``kernel`` gets ``--new_rank``.
+        """
+        if is_conv and self.conv_rank_3x3_only and tuple(kernel) == (1, 1):
+            return self.new_rank
         return self.conv_rank if is_conv else self.new_rank
 
 
@@ -97,9 +105,12 @@ class ModuleSpectrum:
         return min(self.out_features, self.in_features)
 
     def choose(self, request: ResizeRequest) -> RankChoice:
+        if request.module_ranks is not None:
+            rank = request.module_ranks[self.name]
+            return RankChoice(rank, rank)
         return select_rank(
             self.spectrum,
-            request.max_rank(self.is_conv),
+            request.max_rank(self.is_conv, self.down_tail[1:]),
             self.full_length,
             request.dynamic_method,
             request.dynamic_param,
@@ -271,10 +282,10 @@ def resize_state_dict(
 
 def is_no_op(state_dict: dict[str, torch.Tensor], request: ResizeRequest, source: str = "LoRA") -> bool:
     """A fixed ``--new_rank``/``--new_conv_rank`` at or above every module's rank would change nothing."""
-    if request.dynamic_method is not None:
+    if request.dynamic_method is not None or request.module_ranks is not None:
         return False
     downs = [state_dict[pair.down_key] for pair in find_lora_pairs(state_dict, source)]
-    return all(request.max_rank(down.dim() == 4) >= down.shape[0] for down in downs)
+    return all(request.max_rank(down.dim() == 4, tuple(down.shape[2:])) >= down.shape[0] for down in downs)
 
 
 def cast_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +303,11 @@ def resized_metadata(
     """
     updated = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     comment = metadata.get("ss_training_comment", "")
-    if request.dynamic_method:
+    if request.module_ranks is not None:
+        what = f"Resized to fit {request.budget_label} from {max_old_rank}"
+        alpha = str(network_alpha) if request.keep_alpha and network_alpha is not None else "Dynamic"
+        updated.update(ss_network_dim="Dynamic", ss_network_alpha=alpha)
+    elif request.dynamic_method:
         param = float(request.dynamic_param)
         what = f"Dynamic resize with {request.dynamic_method}: {param} from {max_old_rank}"
         alpha = str(network_alpha) if request.keep_alpha and network_alpha is not None else "Dynamic"

@@ -127,6 +127,23 @@ def sweep_requests(request: ResizeRequest, values: list[float]) -> list[ResizeRe
     return [replace(request, new_rank=int(v)) for v in values]
 
 
+def output_size(
+    spectra: list[ModuleSpectrum],
+    ranks: list[int],
+    other_tensors: dict[str, TensorSpec],
+    metadata: dict[str, str],
+    save_dtype: torch.dtype,
+) -> int:
+    """Exact size of the resized safetensors file with these ranks (``metadata`` as written, hashes included)."""
+    tensors = dict(other_tensors)
+    for module, rank in zip(spectra, ranks):
+        tensors[module.pair.down_key] = (save_dtype, (rank, *module.down_tail))
+        tensors[module.pair.up_key] = (save_dtype, (module.out_features, rank) + ((1, 1) if module.is_conv else ()))
+        if module.scale is not None:
+            tensors[module.pair.alpha_key] = (save_dtype, ())
+    return safetensors_size(tensors, metadata | _HASH_METADATA)
+
+
 def sweep_row(
     spectra: list[ModuleSpectrum],
     request: ResizeRequest,
@@ -136,20 +153,13 @@ def sweep_row(
     save_dtype: torch.dtype,
 ) -> SweepRow:
     """Ranks, retention and file size ``request`` would give, from the spectra alone."""
-    tensors = dict(other_tensors)
-    ranks, fro = [], []
-    for module in spectra:
-        rank = module.choose(request).rank
-        ranks.append(rank)
-        fro.append(retention(module.spectrum, rank).fro_retained)
-        tensors[module.pair.down_key] = (save_dtype, (rank, *module.down_tail))
-        tensors[module.pair.up_key] = (save_dtype, (module.out_features, rank) + ((1, 1) if module.is_conv else ()))
-        if module.scale is not None:
-            tensors[module.pair.alpha_key] = (save_dtype, ())
+    ranks = [module.choose(request).rank for module in spectra]
+    fro = [retention(module.spectrum, rank).fro_retained for module, rank in zip(spectra, ranks)]
     max_old = max(m.old_rank for m in spectra)
-    written = resized_metadata(metadata, request, max_old, 1.0) | _HASH_METADATA
+    written = resized_metadata(metadata, request, max_old, 1.0)
     fro = [f for f in fro if not math.isnan(f)] or [float("nan")]
-    return SweepRow(value, safetensors_size(tensors, written), statistics.fmean(fro), min(fro), ranks)
+    size = output_size(spectra, ranks, other_tensors, written, save_dtype)
+    return SweepRow(value, size, statistics.fmean(fro), min(fro), ranks)
 
 
 def sweep_table(rows: list[SweepRow], label: str, input_size: int) -> str:

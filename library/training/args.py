@@ -84,6 +84,14 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         help="image resizing (default: area when shrinking, lanczos when enlarging)",
     )
     g.add_argument("--alpha_mask", action="store_true", help="weight the loss by the images' alpha channel")
+    g.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="weight the loss by mask images (conditioning_data_dir in --dataset_config subsets) or alpha masks",
+    )
+    g.add_argument(
+        "--weighted_captions", action="store_true", help="(word:1.3), (word) and [word] weight caption tokens"
+    )
     g.add_argument("--cache_info", action="store_true", help="keep image sizes and captions in metadata_cache.json")
     g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")

@@ -55,6 +55,20 @@ def place_frozen(args: argparse.Namespace, device: torch.device, *modules: torch
         module.to(device, dtype=weight_dtype(args))
 
 
+def enable_gradient_checkpointing(unet: torch.nn.Module, *text_encoders: torch.nn.Module) -> None:
+    """Checkpoint the UNet's blocks, and the layers of the text encoders given (those whose network trains).
+
+    The text encoder's checkpoints are non-reentrant: they pass gradients to a network's weights
+    inside a layer although the layer's inputs (the token embeddings) need none. transformers'
+    default reentrant ones do not, which silently left a text encoder's LoRA untrained; kohya makes
+    the embeddings require grad instead. diffusers' UNet checkpoints are non-reentrant already.
+    """
+    unet.enable_gradient_checkpointing()
+    for text_encoder in text_encoders:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        text_encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+
+
 def enable_xformers(*unets: torch.nn.Module) -> None:
     try:
         for unet in unets:

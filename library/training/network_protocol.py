@@ -16,6 +16,7 @@ A network module (``networks.lora``, ...) provides two functions, with kohya's s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,7 +93,20 @@ class _ForeignNetwork(torch.nn.Module):
         return hook(max_norm_value, device)
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
-        result = self.inner.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
+        """kohya's call: the --text_encoder_lr list only to networks with
+        ``prepare_optimizer_params_with_multiple_te_lrs``, its first value to the others (LyCORIS),
+        and no default lr to networks whose method takes two arguments."""
+        multiple = getattr(self.inner, "prepare_optimizer_params_with_multiple_te_lrs", None)
+        if multiple is not None:
+            result = multiple(text_encoder_lr, unet_lr, default_lr)
+        else:
+            if isinstance(text_encoder_lr, (list, tuple)):
+                text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+            method = self.inner.prepare_optimizer_params
+            parameters = inspect.signature(method).parameters.values()
+            takes_default = len(parameters) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+            args = (text_encoder_lr, unet_lr, default_lr) if takes_default else (text_encoder_lr, unet_lr)
+            result = method(*args)
         if isinstance(result, tuple):
             return result
         return result, [f"group{i}" for i in range(len(result))]

@@ -18,8 +18,10 @@ from accelerate import Accelerator
 from library.data.dataset_group import DatasetGroup, batch_latents
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.args import verify_training_args
+from library.training.masked_loss import loss_mask
 from library.training.model_setup import (
     SAVE_DTYPES,
+    enable_gradient_checkpointing,
     enable_xformers,
     load_training_model,
     place_frozen,
@@ -38,6 +40,7 @@ from library.training.optimizers import lr_scheduler_class, optimizer_class
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
 from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
+from library.training.text_conditioning import caption_hidden_states
 from library.training.trackers import compile_for_training
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,10 @@ class NetworkTask:
 
     def unet_conditioning(self, batch: dict) -> dict:
         """The UNet's keyword arguments for a batch (the model family's text conditioning)."""
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            hidden = self.model.encode_prompt(batch["input_ids"], self.args.clip_skip)
+        # kohya encodes and runs the UNet under autocast: there frozen weights in the mixed-precision
+        # dtype meet trained float32 ones, which a foreign network (LyCORIS) does not cast itself
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), self.accelerator.autocast():
+            hidden = caption_hidden_states(self.model, batch, self.args)
         return self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
 
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,10 +88,11 @@ class NetworkTask:
         unet, conditioning = self.model.unet, self.unet_conditioning(batch)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(noisy.to(unet.dtype), t, **conditioning).sample
+            with self.accelerator.autocast():
+                return unet(noisy.to(unet.dtype), t, **conditioning).sample
 
         scheduler = self.model.noise_scheduler
-        weights, mask = batch["loss_weights"], batch.get("alpha_masks")
+        weights, mask = batch["loss_weights"], loss_mask(batch)
         return diffusion_loss(predict, latents, scheduler, self.options, weights, mask=mask, timesteps=timesteps).loss
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -131,7 +137,10 @@ class NetworkTask:
         if not self.sample_prompts:
             return []
         unet = getattr(self.model.unet, "_orig_mod", self.model.unet)  # not the --torch_compile one: new shapes
-        return render_samples(self.args, self.accelerator.device, self.model, unet, self.sample_prompts, epoch, step)
+        with self.accelerator.autocast():  # as kohya samples; a foreign network's weights stay float32
+            return render_samples(
+                self.args, self.accelerator.device, self.model, unet, self.sample_prompts, epoch, step
+            )
 
 
 class NetworkTrainer(TrainerSkeleton):
@@ -198,11 +207,9 @@ class NetworkTrainer(TrainerSkeleton):
         network.apply_to(text_encoder_arg(model), model.unet, not args.network_train_unet_only, train_unet)
         load_network_weights(args, network)
         if args.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if not args.network_train_unet_only:
-                for encoder in self.text_encoders(model):
-                    encoder.gradient_checkpointing_enable()
-                    encoder.train()  # transformers checkpoints only in training mode (CLIP has no dropout)
+            enable_gradient_checkpointing(
+                model.unet, *([] if args.network_train_unet_only else self.text_encoders(model))
+            )
             network.enable_gradient_checkpointing()
         return network
 

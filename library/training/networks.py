@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -79,6 +80,7 @@ def create_network(args: argparse.Namespace, module, model: StableDiffusionModel
         "ss_network_module": args.network_module,
         "ss_network_dim": str(args.network_dim),
         "ss_network_alpha": str(args.network_alpha),
+        "ss_network_args": json.dumps(net_kwargs),  # kohya: the --network_args dict, values as given
     }
     return as_trainable_network(network, args.network_module, requested)
 

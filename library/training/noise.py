@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.training.masked_loss import apply_loss_mask
+
 
 @dataclass(frozen=True)
 class NoiseOptions:
@@ -132,8 +134,8 @@ def per_sample_loss(
 ) -> torch.Tensor:
     """Element-wise loss averaged over C,H,W -> shape (B,), in float32.
 
-    ``mask`` (B,H,W in pixels, e.g. kohya's alpha masks) is area-resized to the latent size and
-    weights the loss before averaging, as kohya's ``apply_masked_loss``.
+    ``mask`` (B,H,W in pixels, :func:`library.training.masked_loss.loss_mask`) weights the loss
+    before averaging, as kohya's ``apply_masked_loss``.
     """
     prediction, target = prediction.float(), target.float()
     if options.loss_type == "l2":
@@ -145,7 +147,7 @@ def per_sample_loss(
         pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
         loss = 2 * c * pseudo if options.loss_type == "huber" else 2 * pseudo
     if mask is not None:
-        loss = loss * F.interpolate(mask[:, None].to(loss), size=loss.shape[2:], mode="area")
+        loss = apply_loss_mask(loss, mask)
     return loss.mean(dim=(1, 2, 3))
 
 

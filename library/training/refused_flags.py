@@ -40,9 +40,7 @@ UNSUPPORTED_KOHYA_FLAGS: dict[str, tuple[str, dict]] = {
     "dataset_class": ("custom dataset classes", _TEXT),
     "fused_backward_pass": ("fused backward passes (kohya: Adafactor on SDXL and newer models)", _FLAG),
     "cpu_offload_checkpointing": ("checkpoint offloading (kohya: DiT models only)", _FLAG),
-    "masked_loss": ("masked loss", _FLAG),
-    "conditioning_data_dir": ("masked loss", _TEXT),
-    "weighted_captions": ("weighted captions", _FLAG),
+    "conditioning_data_dir": ("kohya's ControlNet flag (masks: conditioning_data_dir in a dataset subset)", _TEXT),
 }
 
 

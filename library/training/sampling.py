@@ -3,7 +3,8 @@
 A prompt file is ``.txt`` (one prompt per line, ``#`` comments, options ``--n`` negative prompt,
 ``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss`` sampler), ``.toml``
 (``[prompt]`` defaults with ``[[prompt.subset]]`` entries) or ``.json`` (a list of strings or
-dicts), as in kohya's sd-scripts.
+dicts), as in kohya's sd-scripts. Prompts take kohya's ``(word:1.2)``/``[word]`` weighting
+(:func:`library.models.prompt_weighting.encode_sample_prompts`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from library.errors import ConfigError
+from library.models.prompt_weighting import encode_sample_prompts
 from library.models.stable_diffusion import StableDiffusionModel
-from library.models.text_encoding import tokenize_captions
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,11 @@ def render_samples(
     model.vae.to(device, torch.float32)
     components = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": unet}
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenize_captions(model.tokenizer, texts, args.max_token_length)
-        return model.encode_prompt(ids, args.clip_skip).to(unet.dtype)
+    def encode_chunk(ids: torch.Tensor) -> torch.Tensor:
+        return model.encode_prompt(ids[:, None], args.clip_skip)
+
+    def encode(texts: list[str]) -> torch.Tensor:  # kohya's (word:1.2) weighting, up to 225 tokens
+        return encode_sample_prompts(model.tokenizer, encode_chunk, texts).to(unet.dtype)
 
     try:
         paths = generate_samples(

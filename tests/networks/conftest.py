@@ -8,6 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_H_TEXT, SD15_UNET, SD21_UNET
 from library.models.stable_diffusion import load_stable_diffusion
+from tests.lora_fixtures import tiny_targets, write_lora  # noqa: F401  (the LoRA toolbox's files)
 
 
 @pytest.fixture(scope="module")

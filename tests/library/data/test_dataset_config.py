@@ -5,7 +5,8 @@ import logging
 
 import pytest
 
-from library.data.dataset_config import build_blueprints, load_dataset_config, parse_resolution
+from library.data.dataset_config import build_blueprints
+from library.data.dataset_schema import load_dataset_config, parse_resolution
 from library.errors import ConfigError, DatasetError
 from tests.library.dataset_helpers import dataset_args
 
@@ -49,7 +50,7 @@ def blueprints_from(tmp_path, toml_text, **flags):
         ("[general\nflip_aug = true\n", r"not valid TOML"),
         (
             "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nconditioning_data_dir = 'c'\n",
-            r"conditioning_data_dir: ControlNet/masked-loss conditioning images are not supported",
+            r"subsets\[0\]\.conditioning_data_dir: conditioning_data_dir \(loss mask images\) .* needs --masked_loss",
         ),
     ],
 )

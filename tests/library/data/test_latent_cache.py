@@ -192,3 +192,28 @@ def test_real_vae_cache_with_progress_and_scaled_latents(tiny_sd, data, tokenize
     assert batch["latents"].dtype == torch.float32 and torch.isfinite(batch["latents"]).all()
     assert torch.allclose(batch_latents(batch, vae), batch["latents"] * 0.18215)
     assert Path(data.subject / "toy_00_0064x0064_sd.npz").is_file()
+
+
+def test_alpha_masks_are_cached_in_the_npz_and_flip_with_the_latents(data, tokenizer):
+    rgba = Image.open(data.subject / "toy_04.png").convert("RGBA")  # 128x64: cropped to its centre
+    alpha = np.zeros((64, 128), dtype=np.uint8)
+    alpha[:, 40:] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(data.subject / "toy_04.png")
+    group = make_group(data, tokenizer, alpha_mask=True, flip_aug=True, cache_latents_to_disk=True)
+    group.cache_latents(PoolingVAE(), to_disk=True)
+    expected = alpha[:, 32:96].astype(np.float32) / 255  # kohya's alpha_mask key: (H, W) float32 in [0, 1]
+    with np.load(data.subject / "toy_04_0128x0064_sd.npz") as npz:
+        np.testing.assert_array_equal(npz["alpha_mask"], expected)
+    image = pixels(_bucket_image(data.subject / "toy_04.png"))
+    seen = set()
+    for epoch in range(1, 4):
+        for batch in all_batches(group, epoch):
+            if Path(batch["image_keys"][0]).stem != "toy_04":
+                assert batch["alpha_masks"].eq(1).all()
+                continue
+            flipped = not torch.allclose(batch["latents"], pooled_latents(image), atol=1e-6)
+            seen.add(flipped)
+            mask = expected[:, ::-1] if flipped else expected
+            np.testing.assert_array_equal(batch["alpha_masks"][0].numpy(), mask)
+    assert seen == {False, True}
