@@ -2,7 +2,8 @@
 
 Baking a LoRA into a checkpoint and extracting one from two checkpoints only touch weight tensors,
 so the checkpoint is read as tensors: a single LDM file is renamed to diffusers/transformers keys
-with ``library.models.ldm_conversion`` (the names kohya's LoRA keys are made from), a diffusers
+with ``library.models.ldm_conversion`` and ``ldm_architecture`` (the names kohya's LoRA keys are made
+from), a diffusers
 folder is read file by file. Writing back replaces only the tensors that changed, so everything
 else (VAE, EMA weights, SD2's unused OpenCLIP layer, the folder's configs and tokenizer) is kept
 bit for bit, in the checkpoint's own dtype unless ``--save_precision`` says otherwise.
@@ -24,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import CheckpointError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 
 TEXT_ENCODER_PREFIX, UNET_PREFIX = "lora_te", "lora_unet"
@@ -75,15 +77,15 @@ class SDWeights:
 def _refuse_other_families(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise CheckpointError(f"'{path}' is an SDXL checkpoint: only SD1.x/SD2.x checkpoints are supported so far")
-    if not conv.is_sd_checkpoint(state_dict):
+    if not ldm_arch.is_sd_checkpoint(state_dict):
         raise CheckpointError(f"'{path}' is not an SD1.x/SD2.x checkpoint (no model.diffusion_model.* keys)")
 
 
 def _read_single_file(path: Path) -> SDWeights:
-    state_dict = conv.normalize_clip_keys(read_state_dict(path))
+    state_dict = ldm_arch.normalize_clip_keys(read_state_dict(path))
     _refuse_other_families(state_dict, path)
-    arch = conv.infer_architecture(state_dict, False)
-    unet_config = conv.unet_config_from_ldm(arch, state_dict)
+    arch = ldm_arch.infer_architecture(state_dict, False)
+    unet_config = ldm_arch.unet_config_from_ldm(arch, state_dict)
     unet = conv.convert_unet_from_ldm(state_dict, unet_config)
     with init_empty_weights():
         text_config = CLIPTextConfig(**arch.text_config)
