@@ -60,8 +60,15 @@ def test_core_never_imports_a_feature_package(package):
     assert {name: imports for name, imports in offending.items() if imports} == {}
 
 
-# kohya's documented ``python networks/resize_lora.py`` command: a script that runs ours, not a network module.
-NETWORK_SCRIPTS = ("networks.resize_lora",)
+# Scripts at kohya's paths (``python networks/resize_lora.py``, ``networks/merge_lora.py``, ...) that run our
+# library: tools, not network modules, so kohya users never copy them into a checkout.
+NETWORK_SCRIPTS = (
+    "networks.resize_lora",
+    "networks.merge_lora",
+    "networks.svd_merge_lora",
+    "networks.extract_lora_from_models",
+    "networks.check_lora_weights",
+)
 
 
 def test_network_modules_import_nothing_from_library():

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import CheckpointError
 from library.fileio import atomic_directory, atomic_path, read_state_dict, save_state_dict
+from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 
 TEXT_ENCODER_PREFIX, UNET_PREFIX = "lora_te", "lora_unet"
@@ -75,15 +76,15 @@ class SDWeights:
 def _refuse_other_families(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     if any(k.startswith("conditioner.embedders.") for k in state_dict):
         raise CheckpointError(f"'{path}' is an SDXL checkpoint: only SD1.x/SD2.x checkpoints are supported so far")
-    if not conv.is_sd_checkpoint(state_dict):
+    if not ldm_arch.is_sd_checkpoint(state_dict):
         raise CheckpointError(f"'{path}' is not an SD1.x/SD2.x checkpoint (no model.diffusion_model.* keys)")
 
 
 def _read_single_file(path: Path) -> SDWeights:
-    state_dict = conv.normalize_clip_keys(read_state_dict(path))
+    state_dict = ldm_arch.normalize_clip_keys(read_state_dict(path))
     _refuse_other_families(state_dict, path)
-    arch = conv.infer_architecture(state_dict, False)
-    unet_config = conv.unet_config_from_ldm(arch, state_dict)
+    arch = ldm_arch.infer_architecture(state_dict, False)
+    unet_config = ldm_arch.unet_config_from_ldm(arch, state_dict)
     unet = conv.convert_unet_from_ldm(state_dict, unet_config)
     with init_empty_weights():
         text_config = CLIPTextConfig(**arch.text_config)
