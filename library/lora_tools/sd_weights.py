@@ -2,8 +2,8 @@
 
 Baking a LoRA into a checkpoint and extracting one from two checkpoints only touch weight tensors,
 so the checkpoint is read as tensors: a single LDM file is renamed to diffusers/transformers keys
-with ``library.models.ldm_conversion`` and ``ldm_architecture`` (the names kohya's LoRA keys are made
-from), a diffusers folder is read file by file. Writing back replaces only the tensors that changed, so everything
+with ``library.models.ldm_conversion`` (the names kohya's LoRA keys are made from), a diffusers
+folder is read file by file. Writing back replaces only the tensors that changed, so everything
 else (VAE, EMA weights, SD2's unused OpenCLIP layer, the folder's configs and tokenizer) is kept
 bit for bit, in the checkpoint's own dtype unless ``--save_precision`` says otherwise.
 """
