@@ -31,11 +31,10 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.models.families import SD1
+    from library.models.families import SD1, make_training_scheduler
     from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET, SD_VAE
     from library.models.stable_diffusion import StableDiffusionModel, save_ldm_checkpoint
     from library.tiny_sd import write_tiny_tokenizer
-    from library.training.noise import make_training_scheduler
 
     checkpoint = work / "sd15_random.safetensors"
     tokenizers = work / "tokenizers"

@@ -20,12 +20,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from library.models.families import family_of
+from library.models.families import family_of, make_training_scheduler
 from library.models.ldm_architecture import CLIP_HEAD_CHANNELS, VAE_SCALE_FACTOR
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 from library.tiny_parts import roughen, tiny_vae_config, write_tiny_tokenizer
 from library.tiny_sdxl import write_tiny_sdxl
-from library.training.noise import make_training_scheduler
 
 TEXT_WIDTH = 64
 COLORS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40)}

@@ -16,11 +16,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from library.models.families import make_training_scheduler
 from library.models.ldm_architecture import CLIP_HEAD_CHANNELS
 from library.models.sdxl import SDXL, SDXLModel, save_sdxl_diffusers_folder, save_sgm_checkpoint
 from library.models.sgm_conversion import SDXL_VAE_SCALE_FACTOR
 from library.tiny_parts import roughen, tiny_vae_config, write_tiny_tokenizer
-from library.training.noise import make_training_scheduler
 
 TE1_WIDTH, TE2_WIDTH = 64, 128  # SDXL: 768 (CLIP-L) and 1280 (bigG); the UNet's context is their concatenation
 ADDITION_TIME_EMBED_DIM = 8  # SDXL: 256 per size/crop number

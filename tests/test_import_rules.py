@@ -60,6 +60,21 @@ def test_core_never_imports_a_feature_package(package):
     assert {name: imports for name, imports in offending.items() if imports} == {}
 
 
+# Within core, dependencies point down: training -> data -> models.
+LOWER_CORE = {"library.models": ("library.data", "library.training"), "library.data": ("library.training",)}
+
+
+@pytest.mark.parametrize("package", sorted(LOWER_CORE))
+def test_lower_core_packages_never_import_the_ones_above(package):
+    modules = project_modules()
+    offending = {
+        name: sorted(i for i in project_imports(path, modules) if is_within(i, LOWER_CORE[package]))
+        for name, path in modules.items()
+        if is_within(name, (package,))
+    }
+    assert {name: imports for name, imports in offending.items() if imports} == {}
+
+
 # Scripts at kohya's paths (``python networks/resize_lora.py``, ``networks/merge_lora.py``, ...) that run our
 # library: tools, not network modules, so kohya users never copy them into a checkout.
 NETWORK_SCRIPTS = (

@@ -4,7 +4,8 @@ A family knows its checkpoints' single-file text-encoder layout, the tokenizer i
 prompt becomes the UNet's conditioning (one text encoder here; SDXL adds a second one and pooled
 embeddings), its kohya names (``ss_base_model_version``, ModelSpec architecture, LoRA key
 prefixes) and how its checkpoints are saved. Trainers ask the loaded model's ``family`` instead of
-testing ``v2``, so a new family adds one object here, not a branch in every trainer.
+testing ``v2``, so a new family adds one object here, not a branch in every trainer. The DDPM
+training schedule SD1 and SD2 share (``make_training_scheduler``) is here too.
 """
 
 from __future__ import annotations
@@ -13,9 +14,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 
 from library.models import ldm_conversion as conv
 from library.models.text_encoding import encode_tokens
+
+
+def make_training_scheduler(v_parameterization: bool, zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """kohya's DDPM schedule; ``zero_terminal_snr`` rescales betas (Lin et al. 2023, diffusers' rescale)."""
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
 
 
 @dataclass(frozen=True)

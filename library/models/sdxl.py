@@ -30,9 +30,8 @@ from library.fileio import read_state_dict
 from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
-from library.models.families import ModelFamily
+from library.models.families import ModelFamily, make_training_scheduler
 from library.models.stable_diffusion import write_pipeline_folder, write_single_file
-from library.training.noise import make_training_scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from library.fileio import atomic_directory, atomic_path, read_state_dict, save_
 from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
-from library.models.families import ModelFamily, family_of
+from library.models.families import ModelFamily, family_of, make_training_scheduler
 from library.models.unet_variants import variant_of
-from library.training.noise import make_training_scheduler
 
 logger = logging.getLogger(__name__)
 

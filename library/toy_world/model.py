@@ -16,12 +16,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from library.models.families import SD1
+from library.models.families import SD1, make_training_scheduler
 from library.models.stable_diffusion import StableDiffusionModel
 from library.tiny_parts import tiny_vae_config, write_tiny_tokenizer
 from library.tiny_sd import TEXT_WIDTH, tiny_text_config
 from library.toy_world.generator import COLOURS, SHAPES, SIZE
-from library.training.noise import make_training_scheduler
 
 TOY_WORDS = ("a", "sks", "toy", "shape", *COLOURS, *SHAPES)
 LATENT_SIZE = SIZE // 8

@@ -1,4 +1,4 @@
-"""kohya's command-line flags and argument checks.
+"""kohya's command-line flags, ``--config_file`` toml handling and argument checks.
 
 Every flag of kohya's train_network.py (v0.10.1) parses, with kohya's names, types and defaults
 (including odd ones such as ``--learning_rate 2e-6`` and ``--caption_extension .caption``), so

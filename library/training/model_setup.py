@@ -14,8 +14,8 @@ from accelerate import Accelerator
 
 from library.data.dataset_group import DatasetGroup
 from library.errors import ConfigError
+from library.models.families import make_training_scheduler
 from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion, load_vae
-from library.training.noise import make_training_scheduler
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

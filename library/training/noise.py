@@ -49,19 +49,6 @@ class NoiseOptions:
         return cls(**values)
 
 
-def make_training_scheduler(v_parameterization: bool, zero_terminal_snr: bool = False) -> DDPMScheduler:
-    """kohya's DDPM schedule; ``zero_terminal_snr`` rescales betas (Lin et al. 2023, diffusers' rescale)."""
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-        rescale_betas_zero_snr=zero_terminal_snr,
-    )
-
-
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]

@@ -22,6 +22,7 @@ from library.data.text_encoder_cache import (
     cache_text_encoder_outputs,
     check_text_encoder_outputs_cacheable,
 )
+from library.models.families import make_training_scheduler
 from library.models.sdxl import SDXLModel, load_sdxl
 from library.models.sdxl_conditioning import encode_sdxl_prompt, sdxl_unet_conditioning, size_time_ids
 from library.models.sgm_conversion import SDXL_VAE_SCALE_FACTOR
@@ -29,7 +30,6 @@ from library.models.stable_diffusion import load_vae
 from library.models.text_encoding import tokenize_captions
 from library.training.model_setup import enable_xformers, weight_dtype
 from library.training.network_trainer import NetworkTask, NetworkTrainer
-from library.training.noise import make_training_scheduler
 from library.training.sdxl_args import verify_sdxl_training_args
 from library.training.skeleton import RunInputs, TaskPlan, TrainerSkeleton
 

@@ -2,8 +2,9 @@
 
 import torch
 
+from library.models.families import make_training_scheduler
 from library.training.masked_loss import apply_loss_mask, loss_mask
-from library.training.noise import NoiseOptions, make_training_scheduler, per_sample_loss
+from library.training.noise import NoiseOptions, per_sample_loss
 
 
 def block_average(mask: torch.Tensor, factor: int) -> torch.Tensor:

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from library.models.families import make_training_scheduler
 from library.training.noise import (
     NoiseOptions,
     diffusion_loss,
     make_noise,
-    make_training_scheduler,
     noisy_latents,
     per_sample_loss,
     prediction_target,
