@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import pickletools
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -18,15 +19,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from library.errors import CheckpointError
-from networks.lora_file import atomic_path, umask
+from networks.lora_file import atomic_path, fsync_directory, fsync_file, umask
 
 logger = logging.getLogger(__name__)
 TORCH_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder under ``folder`` to the disk, before it is renamed into place."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_directory(root)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a folder; refuses to replace a non-empty folder."""
+    """Like :func:`atomic_path` for a folder (durable too); refuses to replace a non-empty folder."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise CheckpointError(f"output folder '{path}' already exists and is not empty")
@@ -35,13 +44,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp creates an owner-only folder
+        fsync_tree(tmp)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 

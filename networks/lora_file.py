@@ -3,7 +3,8 @@
 * ``.safetensors`` with string metadata and the ``sshs_model_hash`` / ``sshs_legacy_hash`` that
   A1111's additional-networks extension shows; ``.ckpt``/``.pt``/``.pth`` as a plain torch
   state dict (no metadata), like kohya.
-* Writes go to a temporary file renamed into place, so a crash never leaves half a file.
+* Writes go to a temporary file that is flushed to disk and then renamed into place, so neither a
+  crash nor a power cut leaves half a file or loses the previous one.
 
 This module imports only torch and safetensors: it is part of ``networks/``, which kohya users copy
 into their own checkout.
@@ -68,12 +69,40 @@ def umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk (a rename alone may reach the disk before the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash or an error therefore never leaves a half-written output behind. The suite's one atomic
-    write: ``library.fileio`` uses it too (library may import networks, not the reverse).
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a folder's entries, so a rename into it survives a power cut (a no-op where folders
+    cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A crash or an error therefore never leaves a half-written output behind, and the old file stays
+    until the new one is complete. ``durable`` also flushes the data before the rename and the
+    folder after it, so a power cut cannot leave an empty file where the previous good one was
+    (ext4 and XFS may otherwise write the rename first); caches that are cheap to rebuild skip it.
+    The suite's one atomic write: ``library.fileio`` uses it too (library may import networks, not
+    the reverse).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +112,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp creates owner-only files; outputs get the usual mode
+        if durable:
+            fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            fsync_directory(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 

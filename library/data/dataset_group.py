@@ -42,7 +42,14 @@ from library.data.buckets import sdxl_size_conditioning
 from library.data.captions import process_caption
 from library.data.dataset_config import DatasetBlueprint
 from library.data.image_sources import ImageRecord
-from library.data.latent_cache import NPZ_SUFFIX, CacheJob, encode_jobs, is_cache_valid, npz_path_for
+from library.data.latent_cache import (
+    NPZ_SUFFIX,
+    CacheJob,
+    encode_jobs,
+    is_cache_valid,
+    npz_path_for,
+    remove_stale_temporaries,
+)
 from library.data.loss_masks import collate_loss_masks, conditioning_mask
 from library.data.metadata import dataset_metadata
 from library.data.samples import cached_sample, image_sample
@@ -227,6 +234,8 @@ class DatasetGroup(torch.utils.data.Dataset):
                 reused += 1
             else:
                 disk_jobs.append(job)
+        if process_index == 0:
+            remove_stale_temporaries({path.parent for path in claimed})
         options = dict(batch_size=vae_batch_size, device=device, dtype=dtype, seed=self.seed + process_index)
         encode_jobs(disk_jobs, vae, to_disk=True, show_progress=process_index == 0, **options)
         encode_jobs(memory_jobs, vae, to_disk=False, show_progress=process_index == 0, **options)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -38,6 +39,9 @@ LEGACY_NPZ_SUFFIX = ".npz"
 VAE_STRIDE = 8
 LOAD_THREADS = 8
 MIN_BATCHES_AHEAD = 2
+# A write's temporary file older than this belongs to a run that was killed mid-write (one npz takes
+# milliseconds); younger ones may belong to another process caching into the same folder right now.
+STALE_TEMPORARY_AGE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,24 @@ def save_npz(npz_path: Path, arrays: dict[str, np.ndarray]) -> None:
                 arrays = {**{key: old[key] for key in old.files}, **arrays}
         except (OSError, ValueError):
             pass
-    with atomic_path(npz_path) as tmp, open(tmp, "wb") as file:
+    # Not flushed to disk one by one (thousands of files): a cache lost to a power cut is unreadable
+    # or missing, and is_cache_valid() has it rebuilt.
+    with atomic_path(npz_path, durable=False) as tmp, open(tmp, "wb") as file:
         np.savez(file, **arrays)
+
+
+def remove_stale_temporaries(folders: Iterable[Path], max_age_s: float = STALE_TEMPORARY_AGE_S) -> int:
+    """Delete the ``.<name>.npz.<random>.tmp`` files that killed caching runs left in ``folders``."""
+    removed, now = 0, time.time()
+    for folder in folders:
+        for tmp in folder.glob(".*.npz.*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > max_age_s:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                pass  # another process removed or renamed it first
+    return removed
 
 
 def encode_jobs(

@@ -19,6 +19,7 @@ import torch
 from library.data.captions import process_caption
 from library.data.dataset_config import DatasetBlueprint
 from library.data.dataset_group import DatasetGroup
+from library.data.latent_cache import save_npz
 from library.errors import ConfigError
 
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
@@ -99,7 +100,7 @@ def cache_text_encoder_outputs(
             cache[key] = tuple(t[index].clone() for t in outputs)
             if to_disk:
                 arrays = dict(zip(TE_OUTPUT_KEYS, (t.numpy() for t in cache[key])))
-                np.savez(te_outputs_npz_path(jobs[key][0]), **arrays)
+                save_npz(te_outputs_npz_path(jobs[key][0]), arrays)
     return cache
 
 

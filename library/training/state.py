@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 
 from library.errors import CheckpointError
+from library.fileio import fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def save_training_state(accelerator: Accelerator, path: Path, counters: dict[str
     if accelerator.is_main_process:
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps({**counters, "num_processes": accelerator.num_processes}))
         write_manifest(tmp)
+        fsync_tree(tmp)  # on disk before the rename, so a power cut keeps a complete older state
         replace_folder(tmp, path)
     accelerator.wait_for_everyone()
 

@@ -1,6 +1,7 @@
 """Reading torch checkpoints never runs code from the file; genuine Lightning-era files still load."""
 
 import importlib.util
+import os
 import pickle
 import subprocess
 import sys
@@ -152,3 +153,24 @@ def test_plain_pickle_is_refused_as_one_line(tmp_path):
         pickle.dump({"w": 1}, f)  # not a torch file: refused by torch's magic-number check, as one line
     with pytest.raises(CheckpointError, match="w.pt"):
         read_state_dict(path)
+
+
+def test_atomic_directory_flushes_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    import networks.lora_file as lora_file
+    from library.fileio import atomic_directory
+
+    flushed, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(lora_file.os, "fsync", fsync)
+    with atomic_directory(tmp_path / "model") as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "weights.bin").write_bytes(b"w")
+        (tmp / "model_index.json").write_text("{}")
+        temporary_name = tmp.name
+    assert {"weights.bin", "model_index.json", "unet", temporary_name} <= set(flushed)
+    assert flushed[-1] == tmp_path.name  # the parent, after the rename
+    assert (tmp_path / "model" / "unet" / "weights.bin").read_bytes() == b"w"

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,43 @@ def test_saved_file_gets_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o644
+
+
+def _record_flushes(monkeypatch):
+    """Log every fsync and rename in order, naming the file or folder each one touched."""
+    import networks.lora_file as lora_file
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lora_file.os, "fsync", fsync)
+    monkeypatch.setattr(lora_file.os, "replace", replace)
+    return events
+
+
+def test_saves_reach_the_disk_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = _record_flushes(monkeypatch)
+    target = tmp_path / "out.safetensors"
+    save_lora_file(target, _lora_sd(width=8))
+    (kind, flushed), (_, renamed_to), (_, folder) = events
+    assert kind == "fsync" and Path(flushed).name.startswith(".out.safetensors.")  # the data, under its temporary name
+    assert renamed_to == str(target)
+    assert folder == str(tmp_path)
+
+
+def test_caches_may_skip_the_flush(tmp_path, monkeypatch):
+    from networks.lora_file import atomic_path
+
+    events = _record_flushes(monkeypatch)
+    with atomic_path(tmp_path / "cache.npz", durable=False) as tmp:
+        tmp.write_bytes(b"x")
+    assert [kind for kind, _ in events] == ["replace"]
+    assert (tmp_path / "cache.npz").read_bytes() == b"x"

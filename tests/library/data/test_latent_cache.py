@@ -217,3 +217,23 @@ def test_alpha_masks_are_cached_in_the_npz_and_flip_with_the_latents(data, token
             mask = expected[:, ::-1] if flipped else expected
             np.testing.assert_array_equal(batch["alpha_masks"][0].numpy(), mask)
     assert seen == {False, True}
+
+
+def test_temporaries_of_killed_runs_are_removed_and_fresh_ones_kept(data, tokenizer):
+    import os
+    import time
+
+    from library.data.latent_cache import STALE_TEMPORARY_AGE_S
+
+    stale = data.subject / ".toy_00_0064x0064_sd.npz.abc123.tmp"
+    fresh = data.subject / ".toy_01_0064x0064_sd.npz.def456.tmp"  # another process may be writing it now
+    unrelated = data.subject / ".notes.txt.tmp"
+    for path in (stale, fresh, unrelated):
+        path.write_bytes(b"partial")
+    old = time.time() - STALE_TEMPORARY_AGE_S - 5
+    os.utime(stale, (old, old))
+    os.utime(unrelated, (old, old))
+    make_group(data, tokenizer).cache_latents(PoolingVAE(), to_disk=True)
+    assert not stale.exists()
+    assert fresh.exists() and unrelated.exists()
+    assert len(npz_files(data.subject)) == 6

@@ -138,3 +138,22 @@ def test_a_second_save_replaces_the_first_whole(tmp_path):
     save_training_state(accelerator, path, {**COUNTERS, "current_step": 9})
     assert json.loads((path / "train_state.json").read_text())["current_step"] == 9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-state"]
+
+
+def test_every_file_of_a_state_is_on_disk_before_the_rename(tmp_path, monkeypatch):
+    flushed, renames = [], []
+    real_replace = state_module.replace_folder
+
+    def fsync_tree(folder):
+        flushed.append(sorted(p.name for p in folder.iterdir()))
+
+    def replace_folder(new, path):
+        renames.append(len(flushed))
+        real_replace(new, path)
+
+    monkeypatch.setattr(state_module, "fsync_tree", fsync_tree)
+    monkeypatch.setattr(state_module, "replace_folder", replace_folder)
+    path, *_ = _save(tmp_path)
+    assert renames == [1]  # flushed once, before the rename
+    assert flushed[0] == sorted(p.name for p in path.iterdir())  # the complete folder, manifest included
+    assert MANIFEST_FILE in flushed[0]
