@@ -58,7 +58,7 @@ def test_a_concept_set_in_kohyas_dreambooth_folders(tmp_path):
     # kohya's folder rules read them as they are: 20 repeats of the instance subset, one class subset
     blueprints = build_blueprints(
         dataset_args(
-            train_data_dir=str(instance.parent), reg_data_dir=str(reg.parent), caption_extension=".txt", resolution="64"
+            train_data_dir=str(instance.parent), reg_data_dir=str(reg.parent), caption_extension=".txt", resolution=64
         )
     )
     subsets = blueprints[0].subsets
