@@ -92,6 +92,12 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--eval_images", type=int, default=720, help="images for the VAE reconstruction check")
     parser.add_argument("--eval_samples", type=int, default=2, help="samples per combination for the final check")
+    parser.add_argument(
+        "--save_precision",
+        choices=["float", "fp16"],
+        default="float",
+        help="dtype of the written model (fp16 halves the committed files; the report scores the float model)",
+    )
     _plan_args(parser)
     args = parser.parse_args(argv)
     plan = PretrainPlan(**{spec.name: getattr(args, spec.name) for spec in fields(PretrainPlan)})
@@ -134,8 +140,9 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
             summary[f"samples_{name}"] = {**samples.rates(), "confusion": _pairs(samples.confusion)}
             report(f"samples of {name} prompts: {samples.rates()}")
     summary["seconds"] = time.perf_counter() - started
-    save_diffusers_folder(model, out / "toy_sd1")
-    save_ldm_checkpoint(model, out / "toy_sd1.safetensors")
+    dtype = torch.float16 if args.save_precision == "fp16" else None
+    save_diffusers_folder(model, out / "toy_sd1", dtype)
+    save_ldm_checkpoint(model, out / "toy_sd1.safetensors", dtype)
     (out / "pretrain_report.json").write_text(json.dumps(summary, indent=1) + "\n")
     report(f"wrote {out / 'toy_sd1'} and {out / 'toy_sd1.safetensors'} in {summary['seconds']:.0f} s")
     return out
