@@ -98,3 +98,28 @@ def test_bad_concepts_are_refused_before_anything_is_written(tmp_path, flags, me
     with pytest.raises(ConfigError, match=message):
         make_toy_world.main(["--out", str(tmp_path / "d"), *flags])
     assert not (tmp_path / "d").exists()
+
+
+def test_a_second_vae_stage_continues_the_first(tmp_path):
+    from diffusers import AutoencoderKL
+
+    flags = ["--vae_batch", "2", "--unet_steps", "0", "--eval_images", "0", "--threads", "1"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "first"), "--vae_steps", "2", *flags])
+    pretrain_toy_world.main(
+        ["--out", str(tmp_path / "second"), "--vae_steps", "1", "--vae_continue_from", str(tmp_path / "first" / "vae")]
+        + flags
+    )
+    first = AutoencoderKL.from_pretrained(tmp_path / "first" / "vae")
+    second = AutoencoderKL.from_pretrained(tmp_path / "second" / "vae")
+    report = json.loads((tmp_path / "second" / "pretrain_report.json").read_text())
+    assert report["vae_continued_from"] == str(tmp_path / "first" / "vae") and report["vae"]["steps"] == 1
+    log_variance = slice(first.config.latent_channels, None)
+    # one more step moves the weights a little; the initial log-variance shift (-6) is not applied again
+    shift = (second.quant_conv.bias[log_variance] - first.quant_conv.bias[log_variance]).abs().max()
+    assert 0 < shift < 1
+    with pytest.raises(ConfigError, match="give one of them"):
+        pretrain_toy_world.main(
+            ["--out", str(tmp_path / "x"), "--vae_from", str(tmp_path / "first" / "vae")]
+            + ["--vae_continue_from", str(tmp_path / "first" / "vae")]
+        )
+    assert not (tmp_path / "x").exists()
