@@ -43,7 +43,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--student",
         type=str,
-        help=f"student preset built from the loaded model's UNet: {', '.join(STUDENTS)} (BK-SDM's)",
+        help=f"student preset built from the loaded model's UNet: {', '.join(STUDENTS)} "
+        "(BK-SDM's for SD1.x/SD2.x, Segmind's SSD-1B/Vega for SDXL)",
     )
     g.add_argument(
         "--student_config",
@@ -87,11 +88,12 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
 
 
 def distill_unet_parser() -> argparse.ArgumentParser:
-    """kohya's training flags (SD1.x/SD2.x) and the distillation ones."""
+    """kohya's training flags and the distillation ones."""
     # "resolve" lets the distillation group redefine --save_model_as with kohya fine_tune.py's formats.
     parser = argparse.ArgumentParser(
         prog="distill_unet.py",
-        description="Distil an SD1.x/SD2.x UNet into a smaller student (BK-SDM) or a network",
+        description="Distil an SD1.x/SD2.x UNet into a smaller student (BK-SDM) or a network, or an SDXL UNet "
+        "into SSD-1B/Vega",
         allow_abbrev=False,
         conflict_handler="resolve",
     )
