@@ -126,9 +126,12 @@ def output_format(save_model_as: str | None, network: bool) -> OutputFormat:
     return OutputFormat(folder=True, extension=save_model_as if save_model_as in FILE_FORMATS else "")
 
 
-def verify_distill_args(args: argparse.Namespace) -> None:
-    """kohya's checks, then the distillation flags' (raises :class:`ConfigError`)."""
-    verify_training_args(args)
+def verify_distill_args(args: argparse.Namespace, sdxl: bool = False) -> None:
+    """kohya's checks (SDXL: buckets in 32 px steps), then the distillation flags' (raises :class:`ConfigError`)."""
+    if sdxl:
+        verify_training_args(args, reso_step_multiple=32, family_name="SDXL")
+    else:
+        verify_training_args(args)
     for name, reason in _REFUSED.items():
         if getattr(args, name):
             raise ConfigError(f"--{name} cannot be used with distill_unet.py: {reason}")

@@ -64,8 +64,8 @@ class DistillTrainer(TrainerSkeleton):
     refuse_zero_steps = False  # zero steps exports the initialised student
 
     def __init__(self, args: argparse.Namespace):
-        verify_distill_args(args)
-        self.sdxl = is_sdxl_model_path(args.pretrained_model_name_or_path)
+        self.sdxl = bool(args.pretrained_model_name_or_path) and is_sdxl_model_path(args.pretrained_model_name_or_path)
+        verify_distill_args(args, self.sdxl)
         check_sdxl_distill_args(args, self.sdxl)  # a student or flag of the other family fails before loading
         if self.sdxl:
             self.bucket_reso_multiple = SDXL_BUCKET_RESO_STEPS_MULTIPLE
