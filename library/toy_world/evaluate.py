@@ -17,7 +17,7 @@ from PIL import Image
 from library.models.stable_diffusion import StableDiffusionModel
 from library.models.text_encoding import encode_tokens, tokenize_captions
 from library.toy_world.classifier import classify
-from library.toy_world.generator import caption, sample_images
+from library.toy_world.generator import SIZE, caption, sample_images
 from library.toy_world.pretrain import EVAL_IMAGES_FROM, images_to_tensor, tensor_to_images
 from library.training.sampling import make_sampler
 
@@ -74,8 +74,13 @@ def generate(
     guidance: float = 4.0,
     sampler: str = "euler",  # kohya's (and so our) DDIM clips x0 to [-1, 1], which cuts unit-std latents
     unet: torch.nn.Module | None = None,
+    size: int = SIZE,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), in one batch; the same seeds give the same starting noise."""
+    """One image per (prompt, seed), in one batch; the same seeds give the same starting noise.
+
+    ``size`` is explicit: a VAE loaded from a single file carries SD's ``sample_size`` of 512, and
+    sampling the 64 px toy model at 512 px is 80x slower and off its training distribution.
+    """
     pipeline = StableDiffusionPipeline(
         vae=model.vae,
         text_encoder=model.text_encoder,
@@ -88,7 +93,6 @@ def generate(
     )
     pipeline.set_progress_bar_config(disable=True)
     embeds = encode_tokens(model.text_encoder, tokenize_captions(model.tokenizer, prompts + [""]))
-    size = model.vae.config.sample_size
     return pipeline(
         prompt_embeds=embeds[:-1],
         negative_prompt_embeds=embeds[-1:].expand(len(prompts), -1, -1),

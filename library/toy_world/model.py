@@ -27,7 +27,7 @@ LATENT_SIZE = SIZE // 8
 # With 32 channels at full resolution each GroupNorm group holds one channel, which normalises away
 # a channel's image-wide level: on two-colour images the decoder then learns shapes long before
 # colours (docs/quality.md). 64 channels give two per group and keep colour in their ratio.
-VAE_CHANNELS = (32, 32, 64, 64)
+VAE_CHANNELS = (64, 64, 64, 64)
 
 
 def toy_unet_config() -> dict:

@@ -38,3 +38,23 @@ def test_accuracy_counts_colour_shape_and_confusions():
     accuracy.add("green", "square", image)  # the right colour, the wrong shape
     assert accuracy.rates() == {"colour": 1.0, "shape": 2 / 3, "both": 2 / 3}
     assert accuracy.confusion == {("square", "cross"): 1}
+
+
+def test_a_model_loaded_from_its_single_file_samples_the_same_images(model, tmp_path):
+    """Single files carry SD's VAE sample_size (512): sampling must not take the size from it."""
+    import torch
+
+    from library.models.stable_diffusion import load_stable_diffusion, save_ldm_checkpoint
+
+    tokenizers = tmp_path / "tokenizers"
+    write_toy_tokenizer(tokenizer_cache_folder(tokenizers))
+    save_ldm_checkpoint(model, tmp_path / "toy.safetensors")
+    loaded = load_stable_diffusion(tmp_path / "toy.safetensors", tokenizer_cache_dir=tokenizers)
+    assert loaded.vae.config.sample_size != 64  # the trap this test guards against
+    for module in (loaded.text_encoder, loaded.vae, loaded.unet):
+        module.to(torch.float32)
+    expected = generate(model, ["a red star"], [1], steps=2)
+    found = generate(loaded, ["a red star"], [1], steps=2)
+    assert found[0].size == (64, 64)
+    difference = np.abs(np.asarray(found[0], dtype=int) - np.asarray(expected[0], dtype=int))
+    assert difference.max() <= 1  # rounding of the saved weights, nothing else
