@@ -35,6 +35,7 @@ from library.ffn_compression.unet import compress_unet
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder
 from library.training.args import parse_args, parse_key_values, train_network_parser, verify_training_args
 from library.training.model_setup import SAVE_DTYPES, load_training_model, place_frozen, vae_dtype
+from library.training.preflight import check_images, claim_output
 from library.training.sampling import load_sample_prompts
 from networks import lowrank_ffn
 from networks.network_args import parse_network_args
@@ -95,7 +96,18 @@ def run_stage(args: argparse.Namespace) -> Path:
         "theseus": run_theseus,
         "export": run_export,
     }
-    return stages[args.stage](args)
+    if args.stage == "theseus":
+        return run_theseus(args)  # train_network.py's trainer claims its own output
+    # Held like train_network.py's output: a second stage writing the same name is refused, and a
+    # killed stage's temporary files are removed at the next start.
+    with claim_output(args, stage_output_name(args)):
+        return stages[args.stage](args)
+
+
+def stage_output_name(args: argparse.Namespace) -> str:
+    """The name a stage writes under when ``--output_name`` is not given."""
+    names = {"calibrate": "ffn", "init": f"ffn_{args.init}", "blockwise": "blockwise", "export": "compressed"}
+    return names[args.stage]
 
 
 def _device() -> torch.device:
@@ -154,6 +166,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     if not prompts and not has_images:
         raise ConfigError("calibrate needs --calib_prompts and/or images (--train_data_dir or --dataset_config)")
     blueprints = build_blueprints(args) if has_images else None
+    if blueprints:
+        check_images(blueprints, skip_cached=False)  # a broken image is one line before the model loads
     out = Path(args.calib_file) if args.calib_file else _output(args, "ffn", "-calibration.safetensors")
     seed = args.seed or 0
     model = _load_model(args)
@@ -226,6 +240,8 @@ def run_export(args: argparse.Namespace) -> Path:
     """Write the model with the narrow FFNs built in, as a diffusers folder (``load_compressed_unet`` reads it)."""
     _require_network_weights(args)
     out = _output(args, "compressed", "")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export: '{out}' already exists; pick another --output_name or remove it")
     model = load_training_model(args)
     network = _network_from_weights(args, model)
     original = count_parameters(model.unet)

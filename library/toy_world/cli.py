@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 
 from library.errors import ConfigError
 from library.models.stable_diffusion import save_diffusers_folder, save_ldm_checkpoint
+from library.toy_world.concept import Concept, write_concept_set
 from library.toy_world.evaluate import reconstruction_report, sample_report
 from library.toy_world.generator import COLOURS, SHAPES, combination_split, write_dataset
 from library.toy_world.model import VAE_CHANNELS, build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
@@ -37,9 +38,25 @@ def make_dataset_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of every image")
     parser.add_argument("--per_combination", type=int, default=10, help="images per colour/shape combination")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--concept",
+        help="also write a DreamBooth set in <out>/concept: 'COLOUR SHAPE', a held-out one, e.g. 'purple triangle'",
+    )
+    parser.add_argument("--concept_token", default="sks", help="the rare token the concept is bound to")
+    parser.add_argument("--concept_images", type=int, default=6, help="instance images of the concept")
+    parser.add_argument("--concept_repeats", type=int, default=20, help="kohya repeats of the instance folder")
+    parser.add_argument("--reg_per_colour", type=int, default=4, help="class images per known colour of the shape")
     args = parser.parse_args(argv)
-    if args.per_combination < 1:
-        raise ConfigError(f"--per_combination must be 1 or more, got {args.per_combination}")
+    for flag in ("per_combination", "concept_images", "concept_repeats", "reg_per_colour"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be 1 or more, got {getattr(args, flag)}")
+    concept = None
+    if args.concept is not None:
+        words = args.concept.split()
+        if len(words) != 2:
+            raise ConfigError(f"--concept '{args.concept}': give a colour and a shape, e.g. 'purple triangle'")
+        concept = Concept(words[0], words[1], args.concept_token)
+        concept.check(args.seed)
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
     pretraining, held_out = combination_split(args.seed)
@@ -49,6 +66,11 @@ def make_dataset_main(argv: list[str] | None = None) -> Path:
     split = {"seed": args.seed, "colours": COLOURS, "shapes": SHAPES, "pretraining": pretraining, "held_out": held_out}
     (out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
     print(f"{len(train)} pretraining images in {out / 'img'}, {len(held)} held-out images in {out / 'held_out'}")
+    if concept is not None:
+        instance, reg = write_concept_set(
+            out / "concept", concept, args.concept_images, args.concept_repeats, args.reg_per_colour, args.seed
+        )
+        print(f"concept '{concept.prompt}' ({concept.colour} {concept.shape}): {instance} and class images in {reg}")
     return out
 
 

@@ -8,6 +8,7 @@ and kohya's ``--cache_text_encoder_outputs``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -34,6 +35,25 @@ from library.training.sdxl_args import verify_sdxl_training_args
 from library.training.skeleton import RunInputs, TaskPlan, TrainerSkeleton
 
 logger = logging.getLogger(__name__)
+
+
+def load_sdxl_training_model(args: argparse.Namespace, path: str | None = None) -> SDXLModel:
+    """``--pretrained_model_name_or_path`` (or ``path``) as SDXL, with ``--vae`` and the training schedule."""
+    model = load_sdxl(path or args.pretrained_model_name_or_path, tokenizer_cache_dir=args.tokenizer_cache_dir)
+    model.noise_scheduler = make_training_scheduler(False, args.zero_terminal_snr)
+    if args.vae:
+        model.vae = load_vae(args.vae)
+        if Path(args.vae).is_file():  # a single file carries no config: SDXL's VAE scale
+            model.vae.register_to_config(scaling_factor=SDXL_VAE_SCALE_FACTOR)
+    return model
+
+
+def sdxl_batch_conditioning(model: SDXLModel, batch: dict, device, dtype: torch.dtype) -> dict:
+    """The UNet's keyword arguments for a batch, encoded by both text encoders (no cached outputs)."""
+    encoders = (model.text_encoder, model.text_encoder_2)
+    hidden, pooled = encode_sdxl_prompt(*encoders, batch["input_ids"], batch["input_ids2"])
+    time_ids = size_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"], device)
+    return sdxl_unet_conditioning(hidden.to(dtype), pooled.to(dtype), time_ids.to(dtype))
 
 
 class SDXLNetworkTask(NetworkTask):
@@ -74,12 +94,7 @@ class SDXLNetworkTrainer(NetworkTrainer):
 
     def load_models(self) -> SDXLModel:
         args = self.args
-        model = load_sdxl(args.pretrained_model_name_or_path, tokenizer_cache_dir=args.tokenizer_cache_dir)
-        model.noise_scheduler = make_training_scheduler(False, args.zero_terminal_snr)
-        if args.vae:
-            model.vae = load_vae(args.vae)
-            if Path(args.vae).is_file():  # a single file carries no config: SDXL's VAE scale
-                model.vae.register_to_config(scaling_factor=SDXL_VAE_SCALE_FACTOR)
+        model = load_sdxl_training_model(args)
         if args.xformers:
             enable_xformers(model.unet)
         return model

@@ -202,3 +202,42 @@ def test_calibrate_init_and_blockwise_load_the_model_with_vae_and_zero_terminal_
     assert all(torch.equal(model.vae.state_dict()[key], value) for key, value in expected.items())
     # Zero terminal SNR (Lin et al. 2023): the last timestep's signal is exactly zero.
     assert model.noise_scheduler.alphas_cumprod[-1] == 0 and model.noise_scheduler.alphas_cumprod[0] > 0
+
+
+def test_a_broken_image_or_a_taken_export_is_refused_before_the_model_loads(tiny_sd, work, tmp_path, monkeypatch):
+    from library.errors import DatasetError
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(pipeline, "load_training_model", no_model)
+    images = tmp_path / "img"
+    shutil.copytree(work / "img", images)
+    broken = next(images.rglob("*.png"))
+    broken.write_bytes(b"not a png")
+    argv = ["calibrate", "--pretrained_model_name_or_path", str(tiny_sd.sd1_dir), "--output_dir", str(tmp_path / "o")]
+    argv += ["--train_data_dir", str(images), "--caption_extension", ".txt", "--resolution", "64"]
+    with pytest.raises(DatasetError, match=broken.name):
+        compress_ffn.main(argv)
+    assert not (tmp_path / "o").exists()  # nothing left behind
+    taken = tmp_path / "out" / "compressed"
+    taken.mkdir(parents=True)
+    (taken / "model_index.json").write_text("{}")
+    argv = ["export", "--pretrained_model_name_or_path", str(tiny_sd.sd1_dir), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ConfigError, match="compressed' already exists"):
+        compress_ffn.main([*argv, "--network_weights", str(tmp_path / "any.safetensors")])
+
+
+def test_a_second_stage_on_the_same_output_is_refused(tiny_sd, work, tmp_path):
+    import os
+    import socket
+
+    from library.training.output_lock import lock_path
+
+    (tmp_path / "out").mkdir()
+    other_run = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}  # alive, not us
+    lock_path(tmp_path / "out", "ffn_pca").write_text(json.dumps(other_run))
+    run_args = ["init", "--pretrained_model_name_or_path", str(tiny_sd.sd1_dir)]
+    run_args += ["--output_dir", str(tmp_path / "out"), "--calib_file", str(work / "prompts.txt")]
+    with pytest.raises(ConfigError, match=f"'ffn_pca' is in use by process {os.getppid()}"):
+        compress_ffn.main([*run_args, "--network_args", "ratio=0.5"])

@@ -29,3 +29,56 @@ def test_bad_vae_channels_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="--vae_channels '48,64,64,64'"):
         pretrain_toy_world.main(["--out", str(tmp_path / "m"), "--vae_channels", "48,64,64,64"])
     assert not (tmp_path / "m").exists()
+
+
+def test_a_concept_set_in_kohyas_dreambooth_folders(tmp_path):
+    from library.data.dataset_config import build_blueprints
+    from library.toy_world.classifier import classify
+    from library.toy_world.generator import combination_split
+    from tests.library.dataset_helpers import dataset_args
+
+    out = tmp_path / "data"
+    make_toy_world.main(["--out", str(out), "--per_combination", "1", "--concept", "purple triangle"])
+    instance = out / "concept" / "img" / "20_sks triangle"
+    reg = out / "concept" / "reg" / "1_triangle"
+    assert {p.read_text() for p in instance.glob("*.txt")} == {"a sks triangle\n"}
+    assert len(list(instance.glob("*.png"))) == 6
+    known = {c for c, s in combination_split(0)[0] if s == "triangle"}
+    assert "purple" not in known and len(known) == 10
+    from PIL import Image
+
+    for png in instance.glob("*.png"):
+        reading = classify(Image.open(png))
+        assert (reading.colour, reading.shape) == ("purple", "triangle")
+    for png in reg.glob("*.png"):
+        reading = classify(Image.open(png))
+        assert reading.shape == "triangle" and reading.colour in known
+        assert png.with_suffix(".txt").read_text() == f"a {reading.colour} triangle\n"
+    assert len(list(reg.glob("*.png"))) == 4 * len(known)
+    # kohya's folder rules read them as they are: 20 repeats of the instance subset, one class subset
+    blueprints = build_blueprints(
+        dataset_args(
+            train_data_dir=str(instance.parent), reg_data_dir=str(reg.parent), caption_extension=".txt", resolution=64
+        )
+    )
+    subsets = blueprints[0].subsets
+    assert sorted((s.num_repeats, s.is_reg, s.class_tokens) for s in subsets) == [
+        (1, True, "triangle"),
+        (20, False, "sks triangle"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concept", "purple"], "give a colour and a shape"),
+        (["--concept", "mauve triangle"], "'mauve' is not a toy colour"),
+        (["--concept", "red circle"], "is a pretraining combination"),
+        (["--concept", "purple triangle", "--concept_token", "red"], "is a toy word"),
+        (["--concept", "purple triangle", "--concept_images", "0"], "--concept_images must be 1 or more"),
+    ],
+)
+def test_bad_concepts_are_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        make_toy_world.main(["--out", str(tmp_path / "d"), *flags])
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,76 @@
+"""A DreamBooth set on the toy world: a new concept bound to a rare token, with class images.
+
+The concept is a colour/shape combination the base model never saw (a held-out one by default),
+shown in a few instance images captioned ``a <token> <shape>``; the regularisation images are the
+same shape in the other pretraining colours, with their true captions, so prior preservation is
+what kohya's DreamBooth recipe teaches. Folders follow kohya's ``<repeats>_<class>`` naming, so
+``--train_data_dir`` and ``--reg_data_dir`` take them as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.errors import ConfigError
+from library.toy_world.generator import COLOURS, SHAPES, combination_split, sample_images
+
+# Image indices apart from the pretraining and evaluation ranges (library.toy_world.pretrain).
+CONCEPT_IMAGES_FROM = 30_000_000
+REGULARISATION_IMAGES_FROM = 31_000_000
+
+
+@dataclass(frozen=True)
+class Concept:
+    colour: str
+    shape: str
+    token: str = "sks"
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.token} {self.shape}"
+
+    def check(self, seed: int) -> None:
+        """One line if the words are unknown or the base model already saw this combination."""
+        if self.colour not in COLOURS:
+            raise ConfigError(f"--concept colour '{self.colour}' is not a toy colour: {', '.join(COLOURS)}")
+        if self.shape not in SHAPES:
+            raise ConfigError(f"--concept shape '{self.shape}' is not a toy shape: {', '.join(SHAPES)}")
+        if self.token in COLOURS or self.token in SHAPES:
+            raise ConfigError(f"--concept token '{self.token}' is a toy word; use a rare one such as sks")
+        pretraining, _ = combination_split(seed)
+        if (self.colour, self.shape) in pretraining:
+            raise ConfigError(
+                f"--concept '{self.colour} {self.shape}' is a pretraining combination: the base model knows it; "
+                "pick a held-out one (tools/make_toy_world.py writes them to split.json)"
+            )
+
+    def class_colours(self, seed: int) -> list[str]:
+        """The colours the base model knows this shape in: the prior that training must keep."""
+        pretraining, _ = combination_split(seed)
+        return [colour for colour, shape in pretraining if shape == self.shape]
+
+
+def write_concept_set(
+    out: str | os.PathLike, concept: Concept, images: int, repeats: int, reg_per_colour: int, seed: int
+) -> tuple[Path, Path]:
+    """``out/img/<repeats>_<token> <shape>`` (instance images) and ``out/reg/1_<shape>`` (class images)."""
+    concept.check(seed)
+    instance = Path(out) / "img" / f"{repeats}_{concept.token} {concept.shape}"
+    regularisation = Path(out) / "reg" / f"1_{concept.shape}"
+    for folder in (instance, regularisation):
+        folder.mkdir(parents=True, exist_ok=True)
+    for index, (_, image) in enumerate(
+        sample_images([(concept.colour, concept.shape)], images, seed, CONCEPT_IMAGES_FROM)
+    ):
+        image.save(instance / f"{index:03d}.png")
+        (instance / f"{index:03d}.txt").write_text(concept.prompt + "\n")
+    classes = [(colour, concept.shape) for colour in concept.class_colours(seed)]
+    for index, (spec, image) in enumerate(
+        sample_images(classes, reg_per_colour * len(classes), seed, REGULARISATION_IMAGES_FROM)
+    ):
+        stem = f"{index:03d}_{spec.colour}"
+        image.save(regularisation / f"{stem}.png")
+        (regularisation / f"{stem}.txt").write_text(spec.caption + "\n")
+    return instance, regularisation

@@ -1,0 +1,124 @@
+"""DreamBooth on the toy world, judged by what the trained model draws.
+
+``train_network.py`` runs with the flags a kohya user would pass (the instance and class folders
+of :mod:`library.toy_world.concept`, ``--prior_loss_weight``, cached latents); the saved network
+is then applied to a fresh copy of the base model with its own module's
+``create_network_from_weights``, as a consumer would, and seeded samples are read by the pixel
+classifier. Concept accuracy: samples of ``a <token> <shape>`` read as the concept's colour and
+shape. Prior preservation: accuracy on the same shape in the colours the base model knows, and on
+other pretraining prompts, compared with the base model's own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion
+from library.toy_world.concept import Concept
+from library.toy_world.evaluate import Accuracy, generate
+from library.toy_world.generator import caption, combination_split
+
+
+@dataclass(frozen=True)
+class DreamBoothRun:
+    """What one training run varies; the rest is fixed so runs compare."""
+
+    network_module: str = "networks.lora"
+    network_dim: int = 4
+    network_alpha: float = 4.0
+    network_args: tuple[str, ...] = ()
+    learning_rate: float = 1e-3
+    max_train_steps: int = 200
+    train_batch_size: int = 4
+    seed: int = 0
+
+
+def train_network_argv(
+    model: str | os.PathLike,
+    tokenizers: str | os.PathLike,
+    concept_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    run: DreamBoothRun,
+    output_name: str = "concept",
+) -> list[str]:
+    """kohya's flags for a DreamBooth LoRA on the concept folders (``img/`` and ``reg/``)."""
+    argv = [
+        f"--pretrained_model_name_or_path={model}",
+        f"--tokenizer_cache_dir={tokenizers}",
+        f"--train_data_dir={Path(concept_dir) / 'img'}",
+        f"--reg_data_dir={Path(concept_dir) / 'reg'}",
+        "--caption_extension=.txt",
+        "--resolution=64",
+        "--prior_loss_weight=1.0",
+        "--cache_latents",
+        f"--network_module={run.network_module}",
+        f"--network_dim={run.network_dim}",
+        f"--network_alpha={run.network_alpha}",
+        "--network_train_unet_only",
+        f"--learning_rate={run.learning_rate}",
+        "--optimizer_type=AdamW",
+        f"--max_train_steps={run.max_train_steps}",
+        f"--train_batch_size={run.train_batch_size}",
+        f"--seed={run.seed}",
+        "--max_data_loader_n_workers=0",
+        f"--output_dir={output_dir}",
+        f"--output_name={output_name}",
+        "--save_model_as=safetensors",
+    ]
+    if run.network_args:
+        argv += ["--network_args", *run.network_args]
+    return argv
+
+
+def load_base(model: str | os.PathLike, tokenizers: str | os.PathLike) -> StableDiffusionModel:
+    """The base model in float32 and eval mode, as sampling wants it."""
+    loaded = load_stable_diffusion(model, tokenizer_cache_dir=tokenizers)
+    for module in (loaded.text_encoder, loaded.vae, loaded.unet):
+        module.to(torch.float32).eval().requires_grad_(False)
+    return loaded
+
+
+def apply_network_file(model: StableDiffusionModel, path: str | os.PathLike, network_module: str) -> None:
+    """Attach a saved network to ``model`` through its module's kohya entry point (as a consumer does)."""
+    module = importlib.import_module(network_module)
+    network, weights = module.create_network_from_weights(1.0, path, model.vae, model.text_encoder, model.unet)
+    network.apply_to(model.text_encoder, model.unet)
+    network.load_state_dict(weights, strict=False)
+    network.to(torch.float32).eval().requires_grad_(False)
+
+
+def _score(model: StableDiffusionModel, jobs: list[tuple[str, str, str]], seed: int, steps: int) -> Accuracy:
+    """``jobs``: (prompt, expected colour, expected shape); one sample each, seeds from ``seed``."""
+    accuracy = Accuracy()
+    for first in range(0, len(jobs), 64):
+        chunk = jobs[first : first + 64]
+        seeds = [seed * 100_003 + first + i for i in range(len(chunk))]
+        images = generate(model, [prompt for prompt, _, _ in chunk], seeds, steps=steps)
+        for (_, colour, shape), image in zip(chunk, images):
+            accuracy.add(colour, shape, image)
+    return accuracy
+
+
+def concept_report(
+    model: StableDiffusionModel, concept: Concept, samples: int, seed: int = 0, steps: int = 20
+) -> dict[str, float]:
+    """Concept accuracy (both words right) and prior accuracy (the class's known colours and the
+    other shapes' pretraining prompts), ``samples`` seeded samples per prompt."""
+    concept_jobs = [(concept.prompt, concept.colour, concept.shape)] * samples
+    known = concept.class_colours(seed)
+    pretraining, _ = combination_split(seed)
+    others = [(c, s) for c, s in pretraining if s != concept.shape][:: max(1, len(pretraining) // 12)]
+    class_jobs = [(caption(c, concept.shape), c, concept.shape) for c in known for _ in range(max(1, samples // 4))]
+    other_jobs = [(caption(c, s), c, s) for c, s in others for _ in range(max(1, samples // 4))]
+    concept_rates = _score(model, concept_jobs, seed, steps).rates()
+    return {
+        "concept": concept_rates["both"],
+        "concept_colour": concept_rates["colour"],
+        "class_prior": _score(model, class_jobs, seed + 1, steps).rates()["both"],
+        "other_prior": _score(model, other_jobs, seed + 2, steps).rates()["both"],
+    }

@@ -1,0 +1,52 @@
+"""The DreamBooth harness: kohya's flags reach train_network.py, the saved network is applied as a
+consumer applies it, and the report scores the prompts it names."""
+
+import numpy as np
+import pytest
+
+import train_network
+from library.models.stable_diffusion import save_ldm_checkpoint
+from library.toy_world.concept import Concept, write_concept_set
+from library.toy_world.dreambooth import (
+    DreamBoothRun,
+    apply_network_file,
+    concept_report,
+    load_base,
+    train_network_argv,
+)
+from library.toy_world.evaluate import generate
+from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
+from networks.lora_file import load_lora_file
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_db")
+    tokenizer = write_toy_tokenizer(tokenizer_cache_folder(root / "tokenizers"))
+    save_ldm_checkpoint(build_toy_model(tokenizer, seed=0), root / "toy.safetensors")
+    write_concept_set(root / "concept", Concept("purple", "triangle"), images=2, repeats=2, reg_per_colour=1, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("module", ["networks.lora", "networks.lilora"])
+def test_a_trained_network_file_changes_what_the_base_model_draws(toy_files, tmp_path, module):
+    run = DreamBoothRun(network_module=module, max_train_steps=3, train_batch_size=2, learning_rate=1e-2)
+    model_file, tokenizers = toy_files / "toy.safetensors", toy_files / "tokenizers"
+    train_network.main(train_network_argv(model_file, tokenizers, toy_files / "concept", tmp_path, run))
+    weights, metadata = load_lora_file(tmp_path / "concept.safetensors")
+    assert metadata["ss_network_module"] == module and metadata["ss_num_reg_images"] == "10"
+    assert all(key.startswith("lora_unet_") for key in weights)  # --network_train_unet_only
+    model = load_base(toy_files / "toy.safetensors", toy_files / "tokenizers")
+    before = np.asarray(generate(model, ["a sks triangle"], [3], steps=2)[0], dtype=int)
+    apply_network_file(model, tmp_path / "concept.safetensors", module)
+    after = np.asarray(generate(model, ["a sks triangle"], [3], steps=2)[0], dtype=int)
+    assert np.abs(after - before).max() > 0
+
+
+def test_the_report_scores_concept_and_prior_prompts(toy_files):
+    model = load_base(toy_files / "toy.safetensors", toy_files / "tokenizers")
+    report = concept_report(model, Concept("purple", "triangle"), samples=4, steps=2)
+    assert set(report) == {"concept", "concept_colour", "class_prior", "other_prior"}
+    assert all(0.0 <= value <= 1.0 for value in report.values())
