@@ -11,8 +11,8 @@ from PIL import Image
 
 import distill_unet
 from library.cli import run_cli
-from library.errors import ConfigError
-from tests.test_distill_unet import distill_argv
+from library.errors import ConfigError, SuiteError
+from tests.test_distill_unet import distill_argv, state_objects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -113,4 +113,27 @@ def test_students_and_flags_of_the_other_family_are_one_line_exit_2(tiny_sd, dat
         run_cli(lambda: distill_unet.main(argv))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --")
+    assert not (data / "out").exists()
+
+
+def test_a_vega_student_resumes_exactly_with_ema(tiny_sd, data):
+    flags = ["--student", "vega", "--max_train_steps", "4", "--save_state", "--use_ema", "--ema_decay", "0.9",
+             "--learning_rate", "1e-4"]  # fmt: skip
+    whole, resumed = data / "whole", data / "resumed"
+    distill_unet.main(sdxl_distill_argv(tiny_sd, data, whole, *flags, "--save_every_n_steps", "2"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    state = str(whole / "student-step00000002-state")
+    distill_unet.main(sdxl_distill_argv(tiny_sd, data, resumed, *flags, "--resume", state))
+    first = UNet2DConditionModel.from_pretrained(whole / "student", subfolder="unet").state_dict()
+    second = UNet2DConditionModel.from_pretrained(resumed / "student", subfolder="unet").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    raw, ema = state_objects(whole / "student-state")
+    assert ema["optimization_step"] == 4
+    assert sum(not torch.equal(first[k], raw[k]) for k in first) > 0.9 * len(first)  # the save is the EMA
+
+
+def test_a_teacher_of_the_other_family_is_refused(tiny_sd, data):
+    argv = sdxl_distill_argv(tiny_sd, data, data / "out", "--student", "ssd_1b", "--teacher", str(tiny_sd.sd1_file))
+    with pytest.raises(SuiteError, match=r"is an SD1.x/SD2.x checkpoint"):
+        distill_unet.main(argv)
     assert not (data / "out").exists()
