@@ -12,6 +12,7 @@ from PIL import Image
 import distill_unet
 from library.cli import run_cli
 from library.errors import ConfigError, SuiteError
+from library.models.sdxl import load_sdxl
 from tests.test_distill_unet import distill_argv, state_objects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -30,7 +31,16 @@ def sdxl_students(tiny_sd, tmp_path_factory):
     """An SSD-1B student of the tiny SDXL model as initialised (0 steps) and after 12 steps of KD."""
     root = tmp_path_factory.mktemp("sdxl_distilled")
     shutil.copytree(tiny_sd.train_data_dir, root / "img")
-    common = ["--student", "ssd_1b", "--task_loss_weight", "0", "--learning_rate", "1e-4"]
+    common = [
+        "--student",
+        "ssd_1b",
+        "--task_loss_weight",
+        "0",
+        "--learning_rate",
+        "1e-4",
+        "--save_model_as",
+        "safetensors",
+    ]
     outputs = {}
     for steps in (0, 12):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -87,10 +97,14 @@ def test_an_ssd_1b_student_distils_and_reloads_in_stock_diffusers(tiny_sd, sdxl_
     # the copied student starts with its output already near the teacher's.
     assert features_after < 0.9 * features_before
     assert output_after + features_after < 0.9 * (output_before + features_before)
-    # The whole folder is an SDXL pipeline that generates.
+    # The whole folder is an SDXL pipeline that generates; the SGM single file holds the same UNet.
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_students[12] / "student", local_files_only=True)
     image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="pil").images[0]
     assert isinstance(image, Image.Image) and image.size == (64, 64)
+    single = load_sdxl(sdxl_students[12] / "student.safetensors", tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    single_state = single.unet.state_dict()
+    assert single_state.keys() == after.state_dict().keys()
+    assert all(torch.equal(single_state[key], value) for key, value in after.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -100,9 +114,8 @@ def test_an_ssd_1b_student_distils_and_reloads_in_stock_diffusers(tiny_sd, sdxl_
         ("sdxl", ["--student", "bk_small"], r"--student bk_small is a BK-SDM student of SD1.x/SD2.x but .* is SDXL"),
         ("sdxl", ["--student", "vega", "--theseus"], r"--theseus cannot be used with an SDXL model"),
         ("sdxl", ["--network_module", "networks.lora"], r"--network_module cannot be used with an SDXL model"),
-        ("sdxl", ["--student", "vega", "--save_model_as", "safetensors"], r"saved as a diffusers folder only"),
     ],
-    ids=["ssd-on-sd1", "bk-on-sdxl", "theseus", "network", "single-file"],
+    ids=["ssd-on-sd1", "bk-on-sdxl", "theseus", "network"],
 )
 def test_students_and_flags_of_the_other_family_are_one_line_exit_2(tiny_sd, data, capsys, model, extra, message):
     path = tiny_sd.sd1_dir if model == "sd1" else tiny_sd.sdxl_file
