@@ -157,6 +157,7 @@ def test_sweep_values_must_be_numbers(lora_file, capsys):
         ("incomplete_loha", r"module 'lora_unet_x' lacks 'lora_unet_x\.hada_w2_a': an incomplete LyCORIS module"),
         ("glora", r"module 'lora_unet_x' is a GLoRA module"),
         ("full_diff", r"module 'lora_unet_x' is a LyCORIS full module"),
+        ("nan", r"nan\.safetensors: module 'lora_unet_x' has NaN or infinite weights"),
     ],
 )
 def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, message):
@@ -188,9 +189,16 @@ def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, 
     elif case == "full_diff":
         model = tmp_path / "full.safetensors"
         save_file({"lora_unet_x.diff": torch.zeros(8, 8)}, model)
+    elif case == "nan":
+        model = tmp_path / "nan.safetensors"
+        down = torch.ones(4, 8, dtype=torch.float16)
+        down[3, 5] = float("nan")
+        save_file({"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": torch.ones(8, 4)}, model)
     listing = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert run("--model", model, "--save_to", out, "--new_rank", 2, *extra) == 2
     error = capsys.readouterr().err.strip()
+    if case == "nan":  # found during the SVDs, after the progress bar started (same line, no newline)
+        error = error.split("module/s]")[-1]
     assert re.fullmatch(rf"error: .*{message}.*", error), error
     assert "\n" not in error
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == listing  # nothing written, no temp file left
