@@ -11,8 +11,9 @@ from PIL import Image
 
 import distill_unet
 from library.cli import run_cli
-from library.errors import ConfigError
-from tests.test_distill_unet import distill_argv
+from library.errors import ConfigError, SuiteError
+from library.models.sdxl import load_sdxl
+from tests.test_distill_unet import distill_argv, state_objects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -30,7 +31,16 @@ def sdxl_students(tiny_sd, tmp_path_factory):
     """An SSD-1B student of the tiny SDXL model as initialised (0 steps) and after 12 steps of KD."""
     root = tmp_path_factory.mktemp("sdxl_distilled")
     shutil.copytree(tiny_sd.train_data_dir, root / "img")
-    common = ["--student", "ssd_1b", "--task_loss_weight", "0", "--learning_rate", "1e-4"]
+    common = [
+        "--student",
+        "ssd_1b",
+        "--task_loss_weight",
+        "0",
+        "--learning_rate",
+        "1e-4",
+        "--save_model_as",
+        "safetensors",
+    ]
     outputs = {}
     for steps in (0, 12):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -87,10 +97,14 @@ def test_an_ssd_1b_student_distils_and_reloads_in_stock_diffusers(tiny_sd, sdxl_
     # the copied student starts with its output already near the teacher's.
     assert features_after < 0.9 * features_before
     assert output_after + features_after < 0.9 * (output_before + features_before)
-    # The whole folder is an SDXL pipeline that generates.
+    # The whole folder is an SDXL pipeline that generates; the SGM single file holds the same UNet.
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_students[12] / "student", local_files_only=True)
     image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="pil").images[0]
     assert isinstance(image, Image.Image) and image.size == (64, 64)
+    single = load_sdxl(sdxl_students[12] / "student.safetensors", tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    single_state = single.unet.state_dict()
+    assert single_state.keys() == after.state_dict().keys()
+    assert all(torch.equal(single_state[key], value) for key, value in after.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -100,9 +114,8 @@ def test_an_ssd_1b_student_distils_and_reloads_in_stock_diffusers(tiny_sd, sdxl_
         ("sdxl", ["--student", "bk_small"], r"--student bk_small is a BK-SDM student of SD1.x/SD2.x but .* is SDXL"),
         ("sdxl", ["--student", "vega", "--theseus"], r"--theseus cannot be used with an SDXL model"),
         ("sdxl", ["--network_module", "networks.lora"], r"--network_module cannot be used with an SDXL model"),
-        ("sdxl", ["--student", "vega", "--save_model_as", "safetensors"], r"saved as a diffusers folder only"),
     ],
-    ids=["ssd-on-sd1", "bk-on-sdxl", "theseus", "network", "single-file"],
+    ids=["ssd-on-sd1", "bk-on-sdxl", "theseus", "network"],
 )
 def test_students_and_flags_of_the_other_family_are_one_line_exit_2(tiny_sd, data, capsys, model, extra, message):
     path = tiny_sd.sd1_dir if model == "sd1" else tiny_sd.sdxl_file
@@ -113,4 +126,27 @@ def test_students_and_flags_of_the_other_family_are_one_line_exit_2(tiny_sd, dat
         run_cli(lambda: distill_unet.main(argv))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --")
+    assert not (data / "out").exists()
+
+
+def test_a_vega_student_resumes_exactly_with_ema(tiny_sd, data):
+    flags = ["--student", "vega", "--max_train_steps", "4", "--save_state", "--use_ema", "--ema_decay", "0.9",
+             "--learning_rate", "1e-4"]  # fmt: skip
+    whole, resumed = data / "whole", data / "resumed"
+    distill_unet.main(sdxl_distill_argv(tiny_sd, data, whole, *flags, "--save_every_n_steps", "2"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    state = str(whole / "student-step00000002-state")
+    distill_unet.main(sdxl_distill_argv(tiny_sd, data, resumed, *flags, "--resume", state))
+    first = UNet2DConditionModel.from_pretrained(whole / "student", subfolder="unet").state_dict()
+    second = UNet2DConditionModel.from_pretrained(resumed / "student", subfolder="unet").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    raw, ema = state_objects(whole / "student-state")
+    assert ema["optimization_step"] == 4
+    assert sum(not torch.equal(first[k], raw[k]) for k in first) > 0.9 * len(first)  # the save is the EMA
+
+
+def test_a_teacher_of_the_other_family_is_refused(tiny_sd, data):
+    argv = sdxl_distill_argv(tiny_sd, data, data / "out", "--student", "ssd_1b", "--teacher", str(tiny_sd.sd1_file))
+    with pytest.raises(SuiteError, match=r"is an SD1.x/SD2.x checkpoint"):
+        distill_unet.main(argv)
     assert not (data / "out").exists()

@@ -16,7 +16,7 @@ from accelerate import init_empty_weights
 from diffusers.configuration_utils import ConfigMixin
 from torch import nn
 
-from library.models.sdxl import SDXLModel, save_sdxl_diffusers_folder
+from library.models.sdxl import SDXLModel, save_sdxl_diffusers_folder, save_sgm_checkpoint
 from library.models.stable_diffusion import StableDiffusionModel, save_diffusers_folder, save_ldm_checkpoint
 
 
@@ -45,7 +45,8 @@ def save_student(
     dtype: torch.dtype | None = None,
 ) -> None:
     """Write ``model`` (whose ``unet`` is the student) as a diffusers folder, replacing an earlier one
-    of that name only once the new one is complete, and optionally (SD1.x/SD2.x) as a single LDM file too."""
+    of that name only once the new one is complete, and optionally as a single file too (LDM for
+    SD1.x/SD2.x, SGM for SDXL)."""
     sdxl = isinstance(model, SDXLModel)
     parts = ("unet", "text_encoder", "vae") + (("text_encoder_2",) if sdxl else ())
     export = dataclasses.replace(model, **{part: cpu_copy(getattr(model, part), dtype) for part in parts})
@@ -60,5 +61,5 @@ def save_student(
         shutil.rmtree(replaced)
     else:
         staging.rename(folder)
-    if single_file is not None:  # SDXL students are refused a single file (library.distill.sdxl_distill)
-        save_ldm_checkpoint(export, single_file)
+    if single_file is not None:
+        (save_sgm_checkpoint if sdxl else save_ldm_checkpoint)(export, single_file)

@@ -38,11 +38,6 @@ def check_sdxl_distill_args(args: argparse.Namespace, sdxl: bool) -> None:
             f"--student {args.student} is a BK-SDM student of SD1.x/SD2.x but {model} is SDXL "
             f"(use {' or '.join(SDXL_STUDENTS)})"
         )
-    if args.save_model_as in ("safetensors", "ckpt"):
-        raise ConfigError(
-            f"--save_model_as {args.save_model_as}: an SDXL student is saved as a diffusers folder only "
-            "(an SGM single file of a block-removed UNet would not load where SDXL files load)"
-        )
     for name, reason in _NOT_ON_SDXL.items():
         if getattr(args, name, None):
             raise ConfigError(f"--{name} cannot be used with an SDXL model in distill_unet.py: {reason}")

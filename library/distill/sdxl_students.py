@@ -35,9 +35,9 @@ _DEPTHS = {
     "vega": {"down": ((), (1, 1), (2, 2)), "up": ((2, 2, 2), (1, 1, 1), ())},
 }
 
-# Parameters of the released UNets (torch ``numel`` summed over ``UNet2DConditionModel.parameters()``):
-# segmind/SSD-1B and segmind/Segmind-Vega, ``unet/diffusion_pytorch_model.safetensors``, as built
-# from their ``unet/config.json`` by diffusers. SDXL base 1.0's UNet has 2,567,463,684.
+# Parameters of the released UNets (segmind/SSD-1B, segmind/Segmind-Vega) as diffusers builds them from
+# the depths above on SDXL base's channels; the paper rounds them to 1.3B and 0.74B, Segmind's Vega
+# write-up gives 247M down / 31M mid / 460M up. SDXL base 1.0's UNet has 2,567,463,684.
 PUBLISHED_PARAMETERS = {"ssd_1b": 1_331_334_404, "vega": 745_225_604}
 
 

@@ -3,18 +3,22 @@
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library.distill.features import feature_pairs
 from library.distill.students import build_student, student_config
 from library.errors import ConfigError
-from library.models.sd_configs import SD15_UNET, SDXL_UNET
+from library.models import ldm_conversion as conv
+from library.models import sgm_conversion as sgm
+from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_BIGG_TEXT, SD15_UNET, SD_VAE, SDXL_UNET
 from library.models.sdxl import load_sdxl
 
-# Parameters of the released UNets: segmind/SSD-1B and segmind/Segmind-Vega (unet/config.json and
-# unet/diffusion_pytorch_model.safetensors on the Hugging Face hub; the paper, arXiv 2401.02677,
-# rounds them to 1.3B and 0.74B; Segmind's Vega write-up splits it 247M down / 31M mid / 460M up).
-# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0) has 2,567,463,684.
+# Parameters of the released UNets segmind/SSD-1B and segmind/Segmind-Vega, as diffusers builds them
+# from their unet/config.json: the layer depths of those configs (also in ComfyUI's detection tables for
+# the released files, COMFYUI_DEPTHS below) on SDXL base's channels. The paper (arXiv 2401.02677) rounds
+# them to 1.3B and 0.74B; Segmind's Vega write-up splits Vega into 247M down / 31M mid / 460M up blocks,
+# which these counts reproduce (246.8M / 31.1M / 459.9M). SDXL base 1.0's UNet has 2,567,463,684.
 PUBLISHED = {"sdxl": 2_567_463_684, "ssd_1b": 1_331_334_404, "vega": 745_225_604}
 
 # Transformer layers per attention block of the released configs (written out here, not taken
@@ -96,3 +100,42 @@ def test_students_of_the_other_family_are_refused(sdxl_meta):
         ConfigError, match=r"--student bk_small is a BK-SDM student of SD1.x/SD2.x; the teacher is SDXL"
     ):
         student_config(sdxl_meta.config, "bk_small")
+
+
+# ComfyUI's checkpoint detection tables for the released single files (comfy/model_detection.py):
+# transformer layers per input block (levels 0-2, two blocks each) and per output block, listed
+# from the outermost output block inwards; a middle block of one resnet.
+COMFYUI_DEPTHS = {
+    "ssd_1b": ([0, 0, 2, 2, 4, 4], [0, 0, 0, 1, 1, 2, 10, 4, 4]),
+    "vega": ([0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("name", ["ssd_1b", "vega"])
+def test_full_size_students_as_sgm_files_have_comfyuis_layout_and_read_back(sdxl_meta, name):
+
+    student, _ = build_student(sdxl_meta, student_config(sdxl_meta.config, name))
+    with init_empty_weights():
+        vae = AutoencoderKL(**SD_VAE)
+        te1 = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG_TEXT))
+    state = sgm.unet_to_sgm(student.state_dict(), student.config)
+    state.update(conv.vae_to_ldm(vae.state_dict(), vae.config))
+    state.update(sgm.text_encoder_1_to_sgm(te1.state_dict()))
+    state.update(sgm.text_encoder_2_to_sgm(te2.state_dict()))
+
+    def depth(block: str, index: int) -> int:
+        prefix = f"model.diffusion_model.{block}.{index}.1.transformer_blocks."
+        return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
+
+    input_depths = [depth("input_blocks", i) for i in (1, 2, 4, 5, 7, 8)]
+    output_depths = [depth("output_blocks", i) for i in range(9)][::-1]
+    assert (input_depths, output_depths) == COMFYUI_DEPTHS[name]
+    assert {k.split(".")[3] for k in state if k.startswith("model.diffusion_model.middle_block.")} == {"0"}
+
+    arch, te2_config = sgm.infer_sdxl_architecture(state)
+    config = sgm.unet_config_from_sgm(arch, state, te2_config["projection_dim"])
+    with init_empty_weights():
+        read_back = UNet2DConditionModel.from_config(config)
+    assert count(read_back) == PUBLISHED[name]
+    assert set(sgm.convert_unet_from_sgm(state, config)) == set(student.state_dict())
