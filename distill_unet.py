@@ -1,4 +1,5 @@
-"""Distil an SD1.x/SD2.x UNet into a BK-SDM student (or into a network) with kohya sd-scripts' flags.
+"""Distil an SD1.x/SD2.x UNet into a BK-SDM student (or into a network), or an SDXL UNet into Segmind's
+SSD-1B/Vega, with kohya sd-scripts' flags.
 
 accelerate launch distill_unet.py --config_file my.toml
 python distill_unet.py --pretrained_model_name_or_path model.safetensors --student bk_small --use_ema ...

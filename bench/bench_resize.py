@@ -37,6 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from library.models.sd_configs import CLIP_L_TEXT, SD15_UNET
 from library.resize.report import format_size
 from library.synthetic_lora import LoRATarget, kohya_lora_targets, random_lora
+from networks import svd as svd_module
 from networks.svd import factored_svd, lora_matrices, select_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,45 @@ def factored_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tupl
     return svd.truncate(rank)
 
 
+def previous_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factored resize as it was before (kept as the baseline): the fp16 inputs scanned for NaN/inf,
+    the long factor's Gram matrix as one full matrix product."""
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise ValueError("NaN or infinite weights")
+    up2d, down2d = lora_matrices(up, down)
+    transposed = up2d.shape[0] > down2d.shape[1]
+    short, long = (down2d.T, up2d.T) if transposed else (up2d, down2d)
+    reflectors, tau, r = svd_module._householder(short.double())
+    long = long.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(r @ (long @ long.T) @ r.T)
+    spectrum = eigenvalues.flip(0).clamp_min(0).sqrt()
+    svd = svd_module.LoRASVD(spectrum, transposed, (reflectors, tau), r, long, eigenvectors.flip(1))
+    rank = select_rank(spectrum, max_rank, min(up2d.shape[0], down2d.shape[1]), "sv_ratio", SV_RATIO).rank
+    return svd.truncate(rank)
+
+
+def compare_previous(state_dict: dict[str, torch.Tensor], targets: list[LoRATarget], repeats: int = 2) -> None:
+    """Every module, one thread, the previous code and the current one alternately: CPU seconds, same ranks."""
+    torch.set_num_threads(1)
+    pairs = [(state_dict[f"{t.name}.lora_up.weight"], state_dict[f"{t.name}.lora_down.weight"]) for t in targets]
+    cpu = {"previous": [], "current": []}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in (("previous", previous_resize), ("current", factored_resize)):
+            start = time.process_time()
+            results[name] = [fn(up, down, 512) for up, down in pairs]
+            cpu[name].append(time.process_time() - start)
+    ranks_equal = all(a[0].shape == b[0].shape for a, b in zip(results["previous"], results["current"]))
+    worst = max(
+        float((pa @ da - pc @ dc).norm() / (pa @ da).norm())
+        for (pa, da), (pc, dc) in zip(results["previous"], results["current"])
+    )
+    print(f"\nfactored resize of all {len(pairs)} modules, 1 thread, CPU s per run ({repeats} runs each, alternated):")
+    for name, runs in cpu.items():
+        print(f"  {name:>8}: " + ", ".join(f"{c:.1f}" for c in runs))
+    print(f"  ranks equal: {ranks_equal}; kept updates differ by at most {worst:.1e} relative")
+
+
 def timed(fn, *args) -> tuple[float, float, object]:
     """(wall s, CPU s of this process, result)."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -154,6 +194,11 @@ def main() -> None:
         default=1,
         help="torch threads for kohya's method (1: its CPU time is its work, whatever else runs on the machine)",
     )
+    parser.add_argument(
+        "--previous_only",
+        action="store_true",
+        help="only compare the current factored resize with the previous code on every module (no kohya, no script)",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         work = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -163,6 +208,9 @@ def main() -> None:
         source = work / "locon_dim512.safetensors"
         state_dict = write_input(source, targets)
         print(f"input: {len(targets)} modules, {format_size(source.stat().st_size)} fp16")
+        if args.previous_only:
+            compare_previous(state_dict, targets)
+            return
 
         flags = [
             "--model",

@@ -140,6 +140,46 @@ def test_sweep_previews_without_writing(lora_file, tmp_path, capsys):
     assert [line.split()[0] for line in lines[2:]] == ["2", "4", "1000"]
 
 
+def test_sweep_plot_is_a_readable_picture(lora_file, tmp_path):
+    from PIL import Image
+
+    plot = tmp_path / "sweep.png"
+    listing = sorted(tmp_path.iterdir())
+    args = ("--model", lora_file, "--dynamic_method", "sv_ratio", "--sweep", "2,4,1000", "--new_rank", 8)
+    assert run(*args, "--sweep_plot", plot) == 0
+    assert sorted(tmp_path.iterdir()) == sorted([*listing, plot])  # the plot only, no temporary file left
+    with Image.open(plot) as image:
+        image.load()
+        assert image.format == "PNG" and image.size == (840, 540)
+        assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20  # drawn on, not blank
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sweep", "2,4"], r"--sweep_plot needs matplotlib: pip install matplotlib"),
+        (["--dynamic_param", "4"], r"--sweep_plot draws the --sweep preview: add --sweep V1,V2,\.\.\."),
+    ],
+)
+def test_sweep_plot_refused_before_any_work(lora_file, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    monkeypatch.setattr(resize_lora, "preview_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    plot = tmp_path / "sweep.png"
+    assert run("--model", lora_file, "--dynamic_method", "sv_ratio", *flags, "--sweep_plot", plot) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: {message}", error), error
+    assert not plot.exists()
+
+
+def test_sweep_plot_format_comes_from_its_suffix(lora_file, tmp_path, capsys):
+    args = ("--model", lora_file, "--dynamic_method", "sv_ratio", "--sweep", "2,4")
+    assert run(*args, "--sweep_plot", tmp_path / "sweep.txt") == 2
+    assert "matplotlib cannot write '.txt' files" in capsys.readouterr().err
+    assert run(*args, "--sweep_plot", tmp_path / "sweep.svg") == 0
+    assert (tmp_path / "sweep.svg").read_text().lstrip().startswith("<?xml")
+
+
 def test_sweep_values_must_be_numbers(lora_file, capsys):
     assert run("--model", lora_file, "--sweep", "8,x") == 2
     assert "--sweep: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err
@@ -157,6 +197,7 @@ def test_sweep_values_must_be_numbers(lora_file, capsys):
         ("incomplete_loha", r"module 'lora_unet_x' lacks 'lora_unet_x\.hada_w2_a': an incomplete LyCORIS module"),
         ("glora", r"module 'lora_unet_x' is a GLoRA module"),
         ("full_diff", r"module 'lora_unet_x' is a LyCORIS full module"),
+        ("nan", r"nan\.safetensors: module 'lora_unet_x' has NaN or infinite weights"),
     ],
 )
 def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, message):
@@ -188,9 +229,16 @@ def test_bad_input_is_one_line_and_no_output(lora_file, tmp_path, capsys, case, 
     elif case == "full_diff":
         model = tmp_path / "full.safetensors"
         save_file({"lora_unet_x.diff": torch.zeros(8, 8)}, model)
+    elif case == "nan":
+        model = tmp_path / "nan.safetensors"
+        down = torch.ones(4, 8, dtype=torch.float16)
+        down[3, 5] = float("nan")
+        save_file({"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": torch.ones(8, 4)}, model)
     listing = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert run("--model", model, "--save_to", out, "--new_rank", 2, *extra) == 2
     error = capsys.readouterr().err.strip()
+    if case == "nan":  # found during the SVDs, after the progress bar started (same line, no newline)
+        error = error.split("module/s]")[-1]
     assert re.fullmatch(rf"error: .*{message}.*", error), error
     assert "\n" not in error
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == listing  # nothing written, no temp file left

@@ -43,7 +43,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--student",
         type=str,
-        help=f"student preset built from the loaded model's UNet: {', '.join(STUDENTS)} (BK-SDM's)",
+        help=f"student preset built from the loaded model's UNet: {', '.join(STUDENTS)} "
+        "(BK-SDM's for SD1.x/SD2.x, Segmind's SSD-1B/Vega for SDXL)",
     )
     g.add_argument(
         "--student_config",
@@ -87,11 +88,12 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
 
 
 def distill_unet_parser() -> argparse.ArgumentParser:
-    """kohya's training flags (SD1.x/SD2.x) and the distillation ones."""
+    """kohya's training flags and the distillation ones."""
     # "resolve" lets the distillation group redefine --save_model_as with kohya fine_tune.py's formats.
     parser = argparse.ArgumentParser(
         prog="distill_unet.py",
-        description="Distil an SD1.x/SD2.x UNet into a smaller student (BK-SDM) or a network",
+        description="Distil an SD1.x/SD2.x UNet into a smaller student (BK-SDM) or a network, or an SDXL UNet "
+        "into SSD-1B/Vega",
         allow_abbrev=False,
         conflict_handler="resolve",
     )
@@ -124,9 +126,12 @@ def output_format(save_model_as: str | None, network: bool) -> OutputFormat:
     return OutputFormat(folder=True, extension=save_model_as if save_model_as in FILE_FORMATS else "")
 
 
-def verify_distill_args(args: argparse.Namespace) -> None:
-    """kohya's checks, then the distillation flags' (raises :class:`ConfigError`)."""
-    verify_training_args(args)
+def verify_distill_args(args: argparse.Namespace, sdxl: bool = False) -> None:
+    """kohya's checks (SDXL: buckets in 32 px steps), then the distillation flags' (raises :class:`ConfigError`)."""
+    if sdxl:
+        verify_training_args(args, reso_step_multiple=32, family_name="SDXL")
+    else:
+        verify_training_args(args)
     for name, reason in _REFUSED.items():
         if getattr(args, name):
             raise ConfigError(f"--{name} cannot be used with distill_unet.py: {reason}")

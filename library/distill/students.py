@@ -1,4 +1,5 @@
-"""Student UNet configs (BK-SDM Base/Small/Tiny or a custom json) and building a student from its teacher.
+"""Student UNet configs (BK-SDM Base/Small/Tiny, Segmind's SSD-1B/Vega, or a custom json) and building a
+student from its teacher.
 
 A student is a plain diffusers ``UNet2DConditionModel`` whose config says exactly what it is, so
 ``UNet2DConditionModel.from_config(student.config)`` rebuilds it and a saved folder loads in any
@@ -18,9 +19,11 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 from library.distill.block_map import CopyReport, init_student_from_teacher
+from library.distill.sdxl_students import SDXL_STUDENTS, is_sdxl_shaped, sdxl_preset_config
 from library.errors import ConfigError
 
-STUDENTS = ("bk_base", "bk_small", "bk_tiny")
+BK_STUDENTS = ("bk_base", "bk_small", "bk_tiny")  # SD1.x/SD2.x teachers
+STUDENTS = BK_STUDENTS + SDXL_STUDENTS
 
 # Per-stage config entries, listed in down-path order; diffusers reverses them for the up path,
 # except the up-ordered ones below.
@@ -62,10 +65,18 @@ def check_student_name(student: str) -> None:
 
 
 def preset_config(teacher_config: Mapping, student: str) -> dict:
-    """BK-SDM's student of a teacher (distill.md §1.2, §1.5): base = one layer per down stage,
-    small = base without mid block, tiny = small without the innermost stage."""
+    """BK-SDM's student of an SD1.x/SD2.x teacher (distill.md §1.2, §1.5): base = one layer per down
+    stage, small = base without mid block, tiny = small without the innermost stage; or Segmind's
+    SSD-1B/Vega of an SDXL teacher (``sdxl_students``)."""
     check_student_name(student)
     config = plain_config(teacher_config)
+    if student in SDXL_STUDENTS:
+        return sdxl_preset_config(teacher_config, student, config)
+    if is_sdxl_shaped(teacher_config):
+        raise ConfigError(
+            f"--student {student} is a BK-SDM student of SD1.x/SD2.x; the teacher is SDXL "
+            f"(use {' or '.join(SDXL_STUDENTS)})"
+        )
     config["layers_per_block"] = 1
     if student in ("bk_small", "bk_tiny"):
         config["mid_block_type"] = None

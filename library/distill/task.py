@@ -28,6 +28,7 @@ from library.distill.export import save_student
 from library.distill.features import FeatureHooks, FeaturePair
 from library.distill.loss import DistillLoss, DistillWeights, distill_loss
 from library.distill.teacher import FrozenTeacher
+from library.models.sdxl import SDXLModel
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.masked_loss import loss_mask
 from library.training.model_setup import SAVE_DTYPES
@@ -35,6 +36,7 @@ from library.training.network_protocol import TrainableNetwork
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
+from library.training.sdxl_trainer import sdxl_batch_conditioning
 from library.training.text_conditioning import caption_hidden_states
 from library.training.theseus import ReplacementState, TheseusController
 
@@ -45,7 +47,7 @@ class DistillTask:
 
     args: argparse.Namespace
     accelerator: Accelerator
-    model: StableDiffusionModel  # text encoder, VAE, tokenizer and noise schedule; ``unet`` is the student
+    model: StableDiffusionModel | SDXLModel  # text encoder, VAE, tokenizer and noise schedule; ``unet`` is the student
     teacher: FrozenTeacher
     net: nn.Module  # the student, or the Theseus hybrid around it
     pairs: list[FeaturePair]
@@ -173,16 +175,15 @@ class DistillTask:
 
     def _loss(self, batch: dict, timesteps: torch.Tensor | None = None) -> DistillLoss:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
+        dtype = self.student.dtype
         with torch.no_grad():
-            hidden = caption_hidden_states(self.model, batch, self.args)
+            conditioning = self._conditioning(batch, dtype)
         # A Theseus draw runs some stages from the teacher, whose student blocks then record nothing.
         every_block_runs = self.theseus is None or not self.net.training
-        dtype = self.student.dtype
-        conditioning = self.model.family.unet_conditioning(hidden.to(dtype))
         seen = {}
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            seen["teacher"] = self.teacher(noisy, t, hidden)
+            seen["teacher"] = self.teacher(noisy, t, **conditioning)
             with self.accelerator.autocast(), self.student_hooks.capture(require_all=every_block_runs) as features:
                 seen["features"] = features
                 return self.net(noisy.to(dtype), t, **conditioning).sample
@@ -194,6 +195,13 @@ class DistillTask:
             task.prediction, teacher.prediction, task.target, seen["features"], teacher.features, self.pairs,
             self.weights, task.loss,
         )  # fmt: skip
+
+    def _conditioning(self, batch: dict, dtype: torch.dtype) -> dict:
+        """The UNet's keyword arguments besides sample and timestep (SDXL: both encoders, pooled text, sizes)."""
+        if isinstance(self.model, SDXLModel):
+            return sdxl_batch_conditioning(self.model, batch, self.accelerator.device, dtype)
+        hidden = caption_hidden_states(self.model, batch, self.args)
+        return self.model.family.unet_conditioning(hidden.to(dtype))
 
     def _saved_weights(self) -> contextlib.AbstractContextManager:
         """The weights a save shows: the EMA when there is one."""

@@ -38,9 +38,19 @@ class FrozenTeacher:
         return self.unet.dtype
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> TeacherOutput:
+        """``added_cond_kwargs``: SDXL's pooled text and size numbers (cast to the teacher's dtype)."""
+        extra = {}
+        if added_cond_kwargs is not None:
+            extra["added_cond_kwargs"] = {k: v.to(self.dtype) for k, v in added_cond_kwargs.items()}
         # no_grad rather than inference_mode: the targets enter the student's autograd graph.
         with torch.no_grad(), self.hooks.capture() as features:
-            prediction = self.unet(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype)).sample
+            prediction = self.unet(
+                sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype), **extra
+            ).sample
         return TeacherOutput(prediction.float(), features)

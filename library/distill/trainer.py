@@ -16,15 +16,19 @@ import torch
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 
+from library.data.buckets import SDXL_BUCKET_RESO_STEPS_MULTIPLE
+from library.data.latent_cache import SDXL_NPZ_SUFFIX
 from library.distill.args import DEFAULT_THESEUS_SCHEDULE, output_format, verify_distill_args
 from library.distill.block_map import weight_map
 from library.distill.features import feature_pairs
 from library.distill.hybrid import TheseusUNet
 from library.distill.loss import DistillWeights
+from library.distill.sdxl_distill import check_sdxl_distill_args
 from library.distill.students import build_student, student_config
 from library.distill.task import DistillTask
 from library.distill.teacher import FrozenTeacher
 from library.errors import ConfigError
+from library.models.sdxl import SDXLModel, is_sdxl_model_path
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.model_setup import (
     SAVE_DTYPES,
@@ -37,6 +41,7 @@ from library.training.model_setup import (
 from library.training.network_protocol import TrainableNetwork
 from library.training.networks import create_network, import_network_module, load_network_weights
 from library.training.noise import NoiseOptions
+from library.training.sdxl_trainer import load_sdxl_training_model
 from library.training.skeleton import Prepared, RunInputs, TaskPlan, TrainerSkeleton, run_metadata
 from library.training.theseus import TheseusController, parse_replacement_schedule
 
@@ -47,7 +52,7 @@ logger = logging.getLogger(__name__)
 class Models:
     """The loaded model (its ``unet`` replaced by the student), the teacher UNet, and the network if any."""
 
-    model: StableDiffusionModel
+    model: StableDiffusionModel | SDXLModel
     teacher: UNet2DConditionModel
     network: TrainableNetwork | None = None
 
@@ -59,7 +64,11 @@ class DistillTrainer(TrainerSkeleton):
     refuse_zero_steps = False  # zero steps exports the initialised student
 
     def __init__(self, args: argparse.Namespace):
-        verify_distill_args(args)
+        self.sdxl = bool(args.pretrained_model_name_or_path) and is_sdxl_model_path(args.pretrained_model_name_or_path)
+        verify_distill_args(args, self.sdxl)
+        check_sdxl_distill_args(args, self.sdxl)  # a student or flag of the other family fails before loading
+        if self.sdxl:
+            self.bucket_reso_multiple = SDXL_BUCKET_RESO_STEPS_MULTIPLE
         super().__init__(args)
         self.output = output_format(args.save_model_as, network=bool(args.network_module))
         self.checkpoint_extension = self.output.extension
@@ -73,7 +82,14 @@ class DistillTrainer(TrainerSkeleton):
         self.models = self._load_models()  # builds the student: a config the teacher cannot serve fails here
         return self.models.model
 
+    def tokenizers(self, model) -> list:
+        return [model.tokenizer, model.tokenizer_2] if self.sdxl else [model.tokenizer]
+
     def before_latents(self, inputs: RunInputs) -> None:
+        if self.sdxl:
+            for group in (inputs.group, inputs.validation):
+                if group is not None:
+                    group.latent_cache_suffix = SDXL_NPZ_SUFFIX
         if self.module is not None:
             self.models.network = self._apply_network(self.module, self.models.model)
 
@@ -107,7 +123,7 @@ class DistillTrainer(TrainerSkeleton):
     def _load_models(self) -> Models:
         """The loaded model with the student as its UNet, and the teacher UNet (float32 until placed)."""
         args = self.args
-        model = load_training_model(args)
+        model = self._load(args.pretrained_model_name_or_path)
         teacher = model.unet if not args.teacher else self._load_teacher(model)
         try:
             student = self._student(model.unet, teacher)
@@ -135,12 +151,16 @@ class DistillTrainer(TrainerSkeleton):
         flags = [f"--{name} {getattr(args, name)}" for name in ("student", "student_config") if getattr(args, name)]
         return " ".join(flags) or f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
 
+    def _load(self, path: str):
+        return load_sdxl_training_model(self.args, path) if self.sdxl else load_training_model(self.args, path)
+
     def _load_teacher(self, model: StableDiffusionModel) -> UNet2DConditionModel:
         """The UNet of --teacher, which must read the loaded text encoder and predict the same target."""
-        other = load_training_model(self.args, self.args.teacher)
+        other = self._load(self.args.teacher)
 
-        def kind(m: StableDiffusionModel) -> str:
-            return f"SD{'2' if m.v2 else '1'} {'v-prediction' if m.v_parameterization else 'epsilon-prediction'}"
+        def kind(m) -> str:
+            family = "SDXL" if isinstance(m, SDXLModel) else f"SD{'2' if m.v2 else '1'}"
+            return f"{family} {'v-prediction' if m.v_parameterization else 'epsilon-prediction'}"
 
         if (
             kind(other) != kind(model)
@@ -172,7 +192,7 @@ class DistillTrainer(TrainerSkeleton):
         teacher_dtype = SAVE_DTYPES[args.teacher_dtype] or weight_dtype(args)
         teacher_unet = models.teacher.to(device, dtype=teacher_dtype)
         teacher = FrozenTeacher(teacher_unet, [pair.teacher for pair in pairs], dtype=teacher_dtype)
-        place_frozen(args, device, model.text_encoder)
+        place_frozen(args, device, *self.text_encoders_of(model))
         if models.network is None:
             student.to(device, dtype=trained_dtype(args)).requires_grad_(True)
         else:
@@ -185,6 +205,10 @@ class DistillTrainer(TrainerSkeleton):
         if args.xformers:
             enable_xformers(student, teacher.unet)
         return teacher, pairs
+
+    def text_encoders_of(self, model) -> list[torch.nn.Module]:
+        """The frozen text encoders the step runs (SDXL: both)."""
+        return [model.text_encoder, model.text_encoder_2] if self.sdxl else [model.text_encoder]
 
     def _theseus(self, teacher: FrozenTeacher, student: UNet2DConditionModel):
         """The network the step runs (student, or Theseus hybrid) and the replacement controller."""

@@ -23,6 +23,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
@@ -90,6 +91,31 @@ class SDXLModel:
 
 def is_sdxl_unet_config(config) -> bool:
     return config.get("addition_embed_type") == "text_time"
+
+
+def is_sdxl_model_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an SDXL model, told before loading it (scripts that take either family
+    choose their checks and data layout from it). A missing path is not SDXL; its loader reports it.
+
+    Folders: ``text_encoder_2/``; ``.safetensors`` files: the tensor names alone (nothing is read);
+    other files are read whole.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception:  # not a safetensors file: the loader reports it in its own words
+            return False
+        return sgm.LABEL_EMBEDDING in keys or any(k.startswith("conditioner.embedders.") for k in keys)
+    try:
+        return sgm.checkpoint_family(read_state_dict(path)) == "sdxl"
+    except CheckpointError:
+        return False
 
 
 def load_sdxl(

@@ -117,7 +117,36 @@ def unet_config_from_sgm(arch: ldm_arch.LdmArchitecture, state_dict: dict[str, t
         transformer_layers_per_block=[max(depth, 1) for depth in depths],  # diffusers' SDXL configs say 1, not 0
         sample_size=arch.sample_size,
     )
+    config.update(_layer_level_structure(state_dict, config))
     return config
+
+
+def _layer_level_structure(state_dict: dict[str, torch.Tensor], config: dict) -> dict:
+    """Config keys for UNets whose depth varies inside a level or whose mid block is one resnet.
+
+    Segmind's SSD-1B and Vega (and students of ``distill_unet.py``) keep different numbers of
+    transformer layers per attention block and drop the mid block's attention; diffusers describes
+    them with per-layer ``transformer_layers_per_block``, ``reverse_transformer_layers_per_block``
+    and ``mid_block_type: UNetMidBlock2D``. SDXL's own files need none of it (returns ``{}``).
+    """
+    levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
+
+    def depth(block: str, index: int) -> int:
+        pattern = re.escape(f"{ldm_arch.UNET_PREFIX}{block}.{index}.1.") + r"transformer_blocks\.(\d+)\."
+        return ldm_arch.count_indices(state_dict, pattern)
+
+    down = [[depth("input_blocks", 1 + level * (layers + 1) + j) for j in range(layers)] for level in range(levels)]
+    up = [[depth("output_blocks", block * (layers + 1) + j) for j in range(layers + 1)] for block in range(levels)]
+    update = {}
+    if f"{ldm_arch.UNET_PREFIX}middle_block.2.in_layers.0.weight" not in state_dict:
+        update["mid_block_type"] = "UNetMidBlock2D"  # one resnet, no attention
+    uniform = all(len(set(d)) == 1 for d in down) and all(
+        set(u) <= {d[0]} for u, d in zip(up, down[::-1], strict=True)
+    )
+    if not uniform:
+        update["transformer_layers_per_block"] = [[max(n, 1) for n in d] for d in down]
+        update["reverse_transformer_layers_per_block"] = [[max(n, 1) for n in u] for u in up]
+    return update
 
 
 def convert_unet_from_sgm(state_dict, unet_config) -> dict[str, torch.Tensor]:

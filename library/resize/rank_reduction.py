@@ -30,6 +30,7 @@ from library.resize.lora_pairs import LoRAPair, find_lora_pairs
 from networks.errors import LoRAFileError
 from networks.svd import (
     DYNAMIC_METHODS,
+    NonFiniteFactors,
     RankChoice,
     Retention,
     factored_singular_values,
@@ -187,9 +188,16 @@ def _factors(pair: LoRAPair, state_dict: dict[str, torch.Tensor], device: torch.
         down = tucker_to_lora_down(
             state_dict[pair.mid_key].to(device, compute_dtype(device)), down.to(compute_dtype(device))
         )
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-        raise LoRAFileError(f"{source}: module '{pair.name}' has NaN or infinite weights")
     return up, down
+
+
+@contextlib.contextmanager
+def _finite_check(pair: LoRAPair, source: str) -> Iterator[None]:
+    """The SVD finds NaN/inf factors on its small Gram matrices (cheaper than scanning the inputs)."""
+    try:
+        yield
+    except NonFiniteFactors:
+        raise LoRAFileError(f"{source}: module '{pair.name}' has NaN or infinite weights") from None
 
 
 def _spectrum_of(
@@ -217,7 +225,9 @@ def module_spectra(
 
     def spectrum_of(pair: LoRAPair) -> ModuleSpectrum:
         up, down = _factors(pair, state_dict, device, source)
-        return _spectrum_of(pair, state_dict, up, down, factored_singular_values(up, down, compute_dtype(device)))
+        with _finite_check(pair, source):
+            spectrum = factored_singular_values(up, down, compute_dtype(device))
+        return _spectrum_of(pair, state_dict, up, down, spectrum)
 
     return map_modules(spectrum_of, find_lora_pairs(state_dict, source), device, "singular values")
 
@@ -231,7 +241,8 @@ def _resize_pair(
     save_dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], ModuleResize]:
     up, down = _factors(pair, state_dict, device, source)
-    svd = factored_svd(up, down, compute_dtype(device))
+    with _finite_check(pair, source):
+        svd = factored_svd(up, down, compute_dtype(device))
     module = _spectrum_of(pair, state_dict, up, down, svd.S)
     choice = module.choose(request)
     copied = choice.rank == module.old_rank and pair.mid_key not in state_dict

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from networks.svd import (
     DYNAMIC_METHODS,
+    NonFiniteFactors,
     factored_singular_values,
     factored_svd,
     kohya_dynamic_rank,
@@ -15,6 +16,7 @@ from networks.svd import (
     lora_pair,
     retention,
     select_rank,
+    symmetric_gram,
     tucker_to_lora_down,
 )
 from tests.kohya_reference import dense_svd, dense_truncation, kohya_rank
@@ -177,3 +179,33 @@ def test_tucker_locon_folds_into_a_plain_locon():
     folded = tucker_to_lora_down(mid, down)
     assert folded.shape == (4, 6, 3, 3)
     torch.testing.assert_close(F.conv2d(F.conv2d(x, folded, padding=1), up), tucker, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 512])
+def test_symmetric_gram_equals_the_full_product(rows):
+    matrix = torch.randn(rows, 37, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    gram = symmetric_gram(matrix)
+    torch.testing.assert_close(gram, matrix @ matrix.T, rtol=1e-13, atol=1e-13)
+    assert torch.equal(gram, gram.T)
+
+
+# (out, in, rank): up is the short factor; down^T is (in < out); rank above the short side (no full QR)
+@pytest.mark.parametrize("shape", [(48, 40, 8), (40, 48, 8), (6, 20, 10), (20, 6, 10)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_anywhere_in_a_factor_is_found(shape, bad):
+    """The check runs on the small Gram matrices; every position of either factor must reach them."""
+    out, inp, rank = shape
+    up, down = random_lora(out, inp, None, rank)
+    for factor in ("up", "down"):
+        tensor = up if factor == "up" else down
+        for index in [(0, 0), (tensor.shape[0] - 1, tensor.shape[1] - 1), (tensor.shape[0] // 2, 1)]:
+            broken = tensor.clone()
+            broken[index] = bad
+            pair = (broken, down) if factor == "up" else (up, broken)
+            for decompose in (factored_svd, factored_singular_values):
+                with pytest.raises(NonFiniteFactors):
+                    decompose(*pair)
+            # also in a zero factor (a module that was never trained), where products with 0 may be skipped
+            zeroed = (broken, torch.zeros_like(down)) if factor == "up" else (torch.zeros_like(up), broken)
+            with pytest.raises(NonFiniteFactors):
+                factored_svd(*zeroed)

@@ -90,7 +90,8 @@ def test_a_network_is_saved_as_a_file_and_a_student_needs_a_source():
     with pytest.raises(ConfigError, match=r"--save_model_as diffusers saves a UNet"):
         verify_distill_args(args)
     args = parse_args(distill_unet_parser(), ["--pretrained_model_name_or_path", "m", "--output_dir", "o"])
-    with pytest.raises(ConfigError, match=r"pass --student \(bk_base, bk_small, bk_tiny\), --student_config FILE"):
+    students = r"bk_base, bk_small, bk_tiny, ssd_1b, vega"
+    with pytest.raises(ConfigError, match=rf"pass --student \({students}\), --student_config FILE"):
         verify_distill_args(args)
 
 
