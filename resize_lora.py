@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from library.cli import run_cli
 from library.errors import ConfigError
 from library.resize.batch import is_batch, resize_batch
 from library.resize.files import SAVE_PRECISIONS, preview_sweep, resize_lora_file
 from library.resize.rank_reduction import ResizeRequest
+from library.resize.sweep_plot import require_matplotlib, write_sweep_plot
 from networks.svd import DYNAMIC_METHODS
 
 
@@ -72,6 +74,13 @@ def setup_parser() -> argparse.ArgumentParser:
         metavar="V1,V2,...",
         help="preview size, retention and ranks for each --dynamic_param (or --new_rank) value; writes nothing",
     )
+    parser.add_argument(
+        "--sweep_plot",
+        default=None,
+        metavar="PLOT.png",
+        help="with --sweep, also draw file size against retained norm per value into this .png/.svg/.pdf"
+        " (needs matplotlib: pip install matplotlib)",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--target_size",
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.target_size is not None or args.target_ratio is not None
     if budget and (args.dynamic_method or args.sweep):
         raise ConfigError("--target_size/--target_ratio choose the ranks themselves: drop --dynamic_method/--sweep")
+    if args.sweep_plot is not None:
+        if args.sweep is None:
+            raise ConfigError("--sweep_plot draws the --sweep preview: add --sweep V1,V2,...")
+        require_matplotlib(args.sweep_plot)
 
     def resize_one(model, save_to):
         resize_lora_file(
@@ -108,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("--sweep previews one LoRA: give --model a single file")
         if args.save_to:
             logging.info("--sweep writes nothing: --save_to ignored")
-        preview_sweep(args.model[0], request, args.sweep, args.save_precision, args.device)
+        rows = preview_sweep(args.model[0], request, args.sweep, args.save_precision, args.device)
+        if args.sweep_plot is not None:
+            input_size = Path(args.model[0]).stat().st_size
+            write_sweep_plot(rows, args.dynamic_method or "--new_rank", input_size, args.sweep_plot)
+            logging.info("sweep plot written to '%s'", args.sweep_plot)
     elif is_batch(args.model):
         resize_batch(args.model, args.save_to, resize_one)
     else:

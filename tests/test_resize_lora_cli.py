@@ -140,6 +140,46 @@ def test_sweep_previews_without_writing(lora_file, tmp_path, capsys):
     assert [line.split()[0] for line in lines[2:]] == ["2", "4", "1000"]
 
 
+def test_sweep_plot_is_a_readable_picture(lora_file, tmp_path):
+    from PIL import Image
+
+    plot = tmp_path / "sweep.png"
+    listing = sorted(tmp_path.iterdir())
+    args = ("--model", lora_file, "--dynamic_method", "sv_ratio", "--sweep", "2,4,1000", "--new_rank", 8)
+    assert run(*args, "--sweep_plot", plot) == 0
+    assert sorted(tmp_path.iterdir()) == sorted([*listing, plot])  # the plot only, no temporary file left
+    with Image.open(plot) as image:
+        image.load()
+        assert image.format == "PNG" and image.size == (840, 540)
+        assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20  # drawn on, not blank
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sweep", "2,4"], r"--sweep_plot needs matplotlib: pip install matplotlib"),
+        (["--dynamic_param", "4"], r"--sweep_plot draws the --sweep preview: add --sweep V1,V2,\.\.\."),
+    ],
+)
+def test_sweep_plot_refused_before_any_work(lora_file, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    monkeypatch.setattr(resize_lora, "preview_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    plot = tmp_path / "sweep.png"
+    assert run("--model", lora_file, "--dynamic_method", "sv_ratio", *flags, "--sweep_plot", plot) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: {message}", error), error
+    assert not plot.exists()
+
+
+def test_sweep_plot_format_comes_from_its_suffix(lora_file, tmp_path, capsys):
+    args = ("--model", lora_file, "--dynamic_method", "sv_ratio", "--sweep", "2,4")
+    assert run(*args, "--sweep_plot", tmp_path / "sweep.txt") == 2
+    assert "matplotlib cannot write '.txt' files" in capsys.readouterr().err
+    assert run(*args, "--sweep_plot", tmp_path / "sweep.svg") == 0
+    assert (tmp_path / "sweep.svg").read_text().lstrip().startswith("<?xml")
+
+
 def test_sweep_values_must_be_numbers(lora_file, capsys):
     assert run("--model", lora_file, "--sweep", "8,x") == 2
     assert "--sweep: expected comma-separated numbers, got '8,x'" in capsys.readouterr().err

@@ -109,9 +109,9 @@ def load_npz(npz_path: Path) -> CachedLatents:
         raise DatasetError(f"cannot read latent cache {npz_path}: {error}") from error
 
 
-def save_npz(npz_path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically, keeping keys already in the file (kohya keeps them, e.g. SDXL's)."""
-    if npz_path.is_file():
+def save_npz(npz_path: Path, arrays: dict[str, np.ndarray], keep_old_keys: bool = True) -> None:
+    """Write atomically, keeping keys already in the file (kohya keeps them, e.g. SDXL's) unless told not to."""
+    if keep_old_keys and npz_path.is_file():
         try:
             with np.load(npz_path) as old:
                 arrays = {**{key: old[key] for key in old.files}, **arrays}

@@ -1,10 +1,13 @@
-"""Cached text-encoder outputs (kohya's ``--cache_text_encoder_outputs[_to_disk]``, SDXL).
+"""Cached text-encoder outputs (kohya's ``--cache_text_encoder_outputs[_to_disk]``, SDXL and SD1/SD2).
 
 Each image's caption is encoded once, before training; the outputs live in memory and, with
 ``to_disk``, in kohya's ``<image path without extension>_te_outputs.npz`` beside the image, with
-kohya's keys ``hidden_state1`` (CLIP-L), ``hidden_state2`` (bigG) and ``pool2`` (bigG's pooled text),
-float32 without a batch dimension. Existing valid files are reused. A caption must then be the same
-every epoch, so options that change it per step are refused before anything is encoded.
+kohya's SDXL keys ``hidden_state1`` (CLIP-L), ``hidden_state2`` (bigG) and ``pool2`` (bigG's pooled
+text), float32 without a batch dimension. kohya caches nothing for SD1/SD2; here the same file holds
+the one text encoder's conditioning as ``hidden_state1`` plus ``clip_skip`` (0 for none), so a file
+written with another ``--clip_skip`` (or by SDXL, which has other keys) is recomputed, not reused.
+Existing valid files are reused. A caption must then be the same every epoch, so options that
+change it per step are refused before anything is encoded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from library.data.latent_cache import save_npz
 from library.errors import ConfigError
 
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
-TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")
+TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")  # kohya's SDXL keys
+SD_TE_OUTPUT_KEYS = ("hidden_state1",)  # SD1/SD2: the UNet's conditioning (clip skip applied)
 # Caption options that change a caption between steps (kohya's list, plus per-epoch dropout).
 _CHANGING_OPTIONS = (
     "shuffle_caption",
@@ -52,13 +56,16 @@ def check_text_encoder_outputs_cacheable(blueprints: Iterable[DatasetBlueprint])
                     )
 
 
-def _load_valid(path: Path, chunks_length: int) -> TextOutputs | None:
+def _load_valid(path: Path, chunks_length: int, keys: tuple[str, ...], extra: dict) -> TextOutputs | None:
+    """The file's outputs when it holds exactly ``keys`` and ``extra`` for ``chunks_length`` tokens."""
     try:
         with np.load(path) as npz:
-            if not all(key in npz for key in TE_OUTPUT_KEYS) or npz["hidden_state1"].shape[0] != chunks_length:
+            if set(npz.files) != set(keys) | set(extra) or npz["hidden_state1"].shape[0] != chunks_length:
                 return None
-            return tuple(torch.from_numpy(npz[key]) for key in TE_OUTPUT_KEYS)
-    except (OSError, ValueError, zipfile.BadZipFile):
+            if any(npz[name].tolist() != value for name, value in extra.items()):
+                return None
+            return tuple(torch.from_numpy(npz[key]) for key in keys)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 
 
@@ -68,12 +75,16 @@ def cache_text_encoder_outputs(
     *,
     to_disk: bool,
     batch_size: int = 8,
+    keys: tuple[str, ...] = TE_OUTPUT_KEYS,
+    extra: dict[str, int] | None = None,
 ) -> dict[str, TextOutputs]:
-    """{image key: (hidden_state1, hidden_state2, pool2)} for every image of ``groups``, on the CPU.
+    """{image key: outputs named by ``keys``} for every image of ``groups``, on the CPU.
 
-    ``encode(captions)`` returns batched outputs; captions are processed as a training step would
-    (prefix/suffix, keep-tokens separator), with nothing random left to apply.
+    ``encode(captions)`` returns batched outputs, one per key; captions are processed as a training
+    step would (prefix/suffix, keep-tokens separator), with nothing random left to apply. ``extra``
+    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``).
     """
+    extra = extra or {}
     jobs: dict[str, tuple[Path, str]] = {}
     for group in groups:
         if group is None:
@@ -87,20 +98,22 @@ def cache_text_encoder_outputs(
     cache: dict[str, TextOutputs] = {}
     todo, length = [], group_length(groups)
     for key, (path, _) in jobs.items():
-        found = _load_valid(te_outputs_npz_path(path), length) if to_disk else None
+        found = _load_valid(te_outputs_npz_path(path), length, keys, extra) if to_disk else None
         if found is not None:
             cache[key] = found
         else:
             todo.append(key)
     for start in range(0, len(todo), batch_size):
-        keys = todo[start : start + batch_size]
+        batch = todo[start : start + batch_size]
         with torch.no_grad():
-            outputs = [t.float().cpu() for t in encode([jobs[key][1] for key in keys])]
-        for index, key in enumerate(keys):
+            outputs = [t.float().cpu() for t in encode([jobs[key][1] for key in batch])]
+        for index, key in enumerate(batch):
             cache[key] = tuple(t[index].clone() for t in outputs)
             if to_disk:
-                arrays = dict(zip(TE_OUTPUT_KEYS, (t.numpy() for t in cache[key])))
-                save_npz(te_outputs_npz_path(jobs[key][0]), arrays)
+                arrays = dict(zip(keys, (t.numpy() for t in cache[key])))
+                arrays.update({name: np.array(value) for name, value in extra.items()})
+                # a fresh file: keys of another model family's cache must not survive beside these
+                save_npz(te_outputs_npz_path(jobs[key][0]), arrays, keep_old_keys=False)
     return cache
 
 
@@ -114,4 +127,5 @@ def group_length(groups: list[DatasetGroup | None]) -> int:
 
 def batch_text_outputs(cache: dict[str, TextOutputs], image_keys: list[str], device) -> TextOutputs:
     """The cached outputs of a batch, stacked and moved to ``device``."""
-    return tuple(torch.stack([cache[key][i] for key in image_keys]).to(device) for i in range(3))
+    width = len(cache[image_keys[0]])
+    return tuple(torch.stack([cache[key][i] for key in image_keys]).to(device) for i in range(width))

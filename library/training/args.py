@@ -42,8 +42,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", type=str, help="replace the VAE: diffusers folder or single file")
     g.add_argument("--clip_skip", type=int, help="use the output of the n-th last text encoder layer")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
-    g.add_argument("--lowram", action="store_true", help="accepted for compatibility (models load lazily)")
-    g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+    g.add_argument(
+        "--lowram",
+        action="store_true",
+        help="load the models straight onto the GPU, tensor by tensor, to spare host RAM (kohya's)",
+    )
+    g.add_argument(
+        "--highvram",
+        action="store_true",
+        help="keep the VAE and text encoders on the GPU after caching instead of freeing them (kohya's)",
+    )
+    g.add_argument(
+        "--disable_mmap_load_safetensors",
+        action="store_true",
+        help="read .safetensors files into memory instead of mapping them (kohya's; for network drives)",
+    )
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +108,16 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_info", action="store_true", help="keep image sizes and captions in metadata_cache.json")
     g.add_argument("--cache_latents", action="store_true", help="VAE-encode once and keep in memory")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="also keep .npz files beside the images")
+    g.add_argument(
+        "--cache_text_encoder_outputs",
+        action="store_true",
+        help="encode every caption once, up front, and free the text encoder (needs --network_train_unet_only)",
+    )
+    g.add_argument(
+        "--cache_text_encoder_outputs_to_disk",
+        action="store_true",
+        help="also keep them in <image>_te_outputs.npz (implies --cache_text_encoder_outputs)",
+    )
     g.add_argument(
         "--skip_cache_check", action="store_true", help="accepted; caches are checked from headers, cheaply"
     )
@@ -321,6 +344,7 @@ def verify_training_args(
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             setattr(args, name, None)
     args.resolution = parse_resolution(args.resolution)
+    verify_text_encoder_cache_args(args)
     checks = [
         (args.pretrained_model_name_or_path is None, "--pretrained_model_name_or_path is required"),
         (args.output_dir is None and not args.debug_dataset, "--output_dir is required"),
@@ -363,6 +387,20 @@ def verify_training_args(
         if failed:
             raise ConfigError(message)
     verify_logging_and_compile_args(args)
+
+
+def verify_text_encoder_cache_args(args: argparse.Namespace) -> None:
+    """--cache_text_encoder_outputs[_to_disk]: captions fixed for the run and no text encoder trained."""
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        args.cache_text_encoder_outputs = True
+    if not getattr(args, "cache_text_encoder_outputs", False):
+        return
+    if not args.network_train_unet_only:
+        raise ConfigError(
+            "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot train text encoders"
+        )
+    if args.weighted_captions:
+        raise ConfigError("--cache_text_encoder_outputs cannot be used with --weighted_captions")
 
 
 def verify_logging_and_compile_args(args: argparse.Namespace) -> None:

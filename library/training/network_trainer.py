@@ -15,10 +15,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import DatasetGroup, batch_latents
+from library.data.text_encoder_cache import (
+    SD_TE_OUTPUT_KEYS,
+    TextOutputs,
+    batch_text_outputs,
+    cache_text_encoder_outputs,
+    check_text_encoder_outputs_cacheable,
+)
 from library.models.stable_diffusion import StableDiffusionModel
+from library.models.text_encoding import tokenize_captions
 from library.training.args import verify_training_args
 from library.training.masked_loss import loss_mask
+from library.training.memory import release_unneeded_models
 from library.training.model_setup import (
     SAVE_DTYPES,
     enable_gradient_checkpointing,
@@ -26,6 +36,7 @@ from library.training.model_setup import (
     load_training_model,
     place_frozen,
     trained_dtype,
+    weight_dtype,
 )
 from library.training.network_protocol import TrainableNetwork
 from library.training.networks import (
@@ -60,6 +71,7 @@ class NetworkTask:
     dataset_group: DatasetGroup
     validation_loader: Iterable | None = None
     sample_prompts: list | None = None
+    text_outputs: dict[str, TextOutputs] | None = None  # --cache_text_encoder_outputs
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.get_trainable_params())
@@ -77,6 +89,9 @@ class NetworkTask:
 
     def unet_conditioning(self, batch: dict) -> dict:
         """The UNet's keyword arguments for a batch (the model family's text conditioning)."""
+        if self.text_outputs is not None:
+            (hidden,) = batch_text_outputs(self.text_outputs, batch["image_keys"], self.accelerator.device)
+            return self.model.family.unet_conditioning(hidden.to(self.model.unet.dtype))
         # kohya encodes and runs the UNet under autocast: there frozen weights in the mixed-precision
         # dtype meet trained float32 ones, which a foreign network (LyCORIS) does not cast itself
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), self.accelerator.autocast():
@@ -162,6 +177,8 @@ class NetworkTrainer(TrainerSkeleton):
         optimizer_class(self.args.optimizer_type)  # an unknown optimizer fails before the model loads
         if self.args.lr_scheduler_type:
             lr_scheduler_class(self.args.lr_scheduler_type)
+        if self.args.cache_text_encoder_outputs:
+            check_text_encoder_outputs_cacheable(build_blueprints(self.args, self.bucket_reso_multiple))
 
     def load_models(self) -> StableDiffusionModel:
         model = load_training_model(self.args)
@@ -180,7 +197,39 @@ class NetworkTrainer(TrainerSkeleton):
             args, inputs.accelerator, model, self.network, NoiseOptions.from_args(args),
             not args.network_train_unet_only, {}, inputs.group, None, inputs.sample_prompts,
         )  # fmt: skip
+        if args.cache_text_encoder_outputs:
+            task.text_outputs = self.cache_text_outputs(inputs)
         return TaskPlan(task, param_groups, lr_descriptions)
+
+    def release_unneeded(self, inputs: RunInputs, plan: TaskPlan) -> None:
+        """Free the VAE once latents are cached and the text encoders once their outputs are (unless sampling)."""
+        args = self.args
+        release_unneeded_models(
+            inputs.model,
+            vae=bool(args.cache_latents) and not inputs.sample_prompts and not args.highvram,
+            text_encoders=bool(args.cache_text_encoder_outputs) and not inputs.sample_prompts and not args.highvram,
+        )
+
+    def cache_text_outputs(self, inputs: RunInputs) -> dict[str, TextOutputs]:
+        """Encode every caption once with the frozen text encoder (placed by ``build_task``).
+
+        kohya caches text-encoder outputs only for SDXL; here SD1/SD2 cache the UNet's conditioning
+        (``--clip_skip`` and ``--max_token_length`` applied) in the same ``_te_outputs.npz`` files.
+        """
+        model, accelerator, args = inputs.model, inputs.accelerator, self.args
+
+        def encode(captions: list[str]) -> TextOutputs:
+            ids = tokenize_captions(model.tokenizer, captions, args.max_token_length)
+            with accelerator.autocast():
+                return (model.encode_prompt(ids, args.clip_skip),)
+
+        cache = cache_text_encoder_outputs(
+            [inputs.group, inputs.validation], encode, to_disk=args.cache_text_encoder_outputs_to_disk,
+            keys=SD_TE_OUTPUT_KEYS, extra={"clip_skip": args.clip_skip or 0},
+        )  # fmt: skip
+        accelerator.wait_for_everyone()
+        logger.info("cached text encoder outputs of %d images (%s)", len(cache), weight_dtype(args))
+        return cache
 
     def metadata(self, inputs: RunInputs, prepared: Prepared) -> dict[str, str]:
         return run_metadata(

@@ -16,18 +16,8 @@ def sdxl_train_network_parser() -> argparse.ArgumentParser:
     parser = train_network_parser()
     parser.prog = "sdxl_train_network.py"
     parser.description = "Train a LoRA-style network on SDXL"
-    g = parser.add_argument_group("SDXL")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true", help="encode every caption once, up front")
-    g.add_argument(
-        "--cache_text_encoder_outputs_to_disk",
-        action="store_true",
-        help="also keep them in <image>_te_outputs.npz (implies --cache_text_encoder_outputs)",
-    )
-    g.add_argument(
-        "--disable_mmap_load_safetensors",
-        action="store_true",
-        help="accepted for kohya compatibility; safetensors files are read whole here anyway",
-    )
+    # kohya's SDXL-only flags (--cache_text_encoder_outputs[_to_disk], --disable_mmap_load_safetensors)
+    # are train_network.py's here too: SD1/SD2 cache text-encoder outputs and load the same way.
     return parser
 
 
@@ -35,12 +25,6 @@ def verify_sdxl_training_args(args: argparse.Namespace) -> None:
     """kohya's SDXL rules, then the shared ones (buckets in 32 px steps), before any model loads."""
     if args.v2 or args.v_parameterization:
         raise ConfigError("--v2/--v_parameterization are SD2 flags; SDXL is epsilon-prediction and has no v2 mode")
-    if args.cache_text_encoder_outputs_to_disk:
-        args.cache_text_encoder_outputs = True
-    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-        raise ConfigError(
-            "--cache_text_encoder_outputs needs --network_train_unet_only: cached outputs cannot train text encoders"
-        )
     if args.clip_skip is not None:
         logger.warning("--clip_skip is ignored: SDXL always conditions on the penultimate layers (as in kohya)")
     if args.sample_prompts:

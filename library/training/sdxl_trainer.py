@@ -15,14 +15,8 @@ from pathlib import Path
 import torch
 
 from library.data.buckets import SDXL_BUCKET_RESO_STEPS_MULTIPLE
-from library.data.dataset_config import build_blueprints
 from library.data.latent_cache import SDXL_NPZ_SUFFIX
-from library.data.text_encoder_cache import (
-    TextOutputs,
-    batch_text_outputs,
-    cache_text_encoder_outputs,
-    check_text_encoder_outputs_cacheable,
-)
+from library.data.text_encoder_cache import TextOutputs, batch_text_outputs, cache_text_encoder_outputs
 from library.models.families import make_training_scheduler
 from library.models.sdxl import SDXLModel, load_sdxl
 from library.models.sdxl_conditioning import encode_sdxl_prompt, sdxl_unet_conditioning, size_time_ids
@@ -32,7 +26,7 @@ from library.models.text_encoding import tokenize_captions
 from library.training.model_setup import enable_xformers, weight_dtype
 from library.training.network_trainer import NetworkTask, NetworkTrainer
 from library.training.sdxl_args import verify_sdxl_training_args
-from library.training.skeleton import RunInputs, TaskPlan, TrainerSkeleton
+from library.training.skeleton import RunInputs, TrainerSkeleton
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +52,6 @@ def sdxl_batch_conditioning(model: SDXLModel, batch: dict, device, dtype: torch.
 
 class SDXLNetworkTask(NetworkTask):
     """A network step on SDXL: both text encoders (or their cached outputs) and size conditioning."""
-
-    text_outputs: dict[str, TextOutputs] | None = None
 
     def unet_conditioning(self, batch: dict) -> dict:
         model, device = self.model, self.accelerator.device
@@ -87,11 +79,6 @@ class SDXLNetworkTrainer(NetworkTrainer):
         verify_sdxl_training_args(args)
         TrainerSkeleton.__init__(self, args)
 
-    def check_inputs(self) -> None:
-        super().check_inputs()
-        if self.args.cache_text_encoder_outputs:
-            check_text_encoder_outputs_cacheable(build_blueprints(self.args, self.bucket_reso_multiple))
-
     def load_models(self) -> SDXLModel:
         args = self.args
         model = load_sdxl_training_model(args)
@@ -107,13 +94,7 @@ class SDXLNetworkTrainer(NetworkTrainer):
             if group is not None:
                 group.latent_cache_suffix = SDXL_NPZ_SUFFIX
 
-    def build_task(self, inputs: RunInputs) -> TaskPlan:
-        plan = super().build_task(inputs)
-        if self.args.cache_text_encoder_outputs:
-            plan.task.text_outputs = self._cache_text_outputs(inputs)
-        return plan
-
-    def _cache_text_outputs(self, inputs: RunInputs) -> dict[str, TextOutputs]:
+    def cache_text_outputs(self, inputs: RunInputs) -> dict[str, TextOutputs]:
         """Encode every caption once with the frozen encoders (placed by ``build_task``), as kohya does."""
         model, accelerator, args = inputs.model, inputs.accelerator, self.args
 
@@ -128,7 +109,5 @@ class SDXLNetworkTrainer(NetworkTrainer):
             [inputs.group, inputs.validation], encode, to_disk=args.cache_text_encoder_outputs_to_disk
         )
         accelerator.wait_for_everyone()
-        for encoder in (model.text_encoder, model.text_encoder_2):
-            encoder.to("cpu")  # not needed any more (kohya frees the accelerator too)
         logger.info("cached text encoder outputs of %d images (%s)", len(cache), weight_dtype(args))
         return cache

@@ -213,6 +213,7 @@ class TrainerSkeleton:
         self.before_latents(inputs)
         prepare_latents(args, accelerator, model, [group, validation])
         plan = self.build_task(inputs)
+        self.release_unneeded(inputs, plan)
         loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
         validation_loader = make_dataloader(validation) if validation is not None else None
         prepared = prepare_optimization(args, accelerator, plan.param_groups, loader, validation_loader)
@@ -248,6 +249,9 @@ class TrainerSkeleton:
     def build_task(self, inputs: RunInputs) -> TaskPlan:
         """Place the models and build the loop's task and its parameter groups."""
         raise NotImplementedError
+
+    def release_unneeded(self, inputs: RunInputs, plan: TaskPlan) -> None:
+        """Free the models the task no longer needs (latents and text outputs cached); none by default."""
 
     def metadata(self, inputs: RunInputs, prepared: Prepared) -> dict[str, str]:
         """The metadata saved files carry (none by default)."""
