@@ -55,11 +55,14 @@ def test_budget_output_fits_and_is_the_exact_truncation(flag, value, limit, lora
     assert metadata["ss_network_dim"] == "Dynamic" and metadata["ss_training_comment"].startswith("Resized to fit")
 
 
-def test_budget_too_small_is_one_line_and_writes_nothing(lora_file, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("--target_size", "2KB"), ("--target_ratio", 0.001)])
+def test_budget_too_small_is_one_line_and_writes_nothing(flag, value, lora_file, tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
-    assert run("--model", lora_file, "--save_to", out, "--target_size", "2KB") == 2
+    listing = sorted(tmp_path.iterdir())
+    assert run("--model", lora_file, "--save_to", out, flag, value) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # no progress bars
-    assert len(errors) == 1 and "rank 1 in every module needs" in errors[0] and not out.exists()
+    assert len(errors) == 1 and "rank 1 in every module needs" in errors[0]
+    assert sorted(tmp_path.iterdir()) == listing  # no output, no temporary file
 
 
 def test_budget_with_dynamic_method_is_refused(lora_file, tmp_path, capsys):

@@ -18,7 +18,15 @@ from library.toy_world.concept import Concept, write_concept_set
 from library.toy_world.evaluate import reconstruction_report, sample_report
 from library.toy_world.generator import COLOURS, SHAPES, combination_split, write_dataset
 from library.toy_world.model import VAE_CHANNELS, build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
-from library.toy_world.pretrain import PretrainPlan, StageLog, normalise_latent_scale, pretrain_diffusion, pretrain_vae
+from library.toy_world.pretrain import (
+    VAE_CONTINUED_IMAGES_FROM,
+    VAE_IMAGES_FROM,
+    PretrainPlan,
+    StageLog,
+    normalise_latent_scale,
+    pretrain_diffusion,
+    pretrain_vae,
+)
 
 DATASET_CLASS = "toy"
 
@@ -88,16 +96,30 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on the count)")
     parser.add_argument("--vae_from", help="a VAE folder from an earlier run (its out/vae): skip the VAE stage")
     parser.add_argument(
+        "--vae_continue_from",
+        help="a VAE folder from an earlier run: train it --vae_steps more (a second VAE stage), on new images",
+    )
+    parser.add_argument(
         "--vae_channels", default=",".join(map(str, VAE_CHANNELS)), help="VAE channels per level, multiples of 32"
     )
     parser.add_argument("--eval_images", type=int, default=720, help="images for the VAE reconstruction check")
     parser.add_argument("--eval_samples", type=int, default=2, help="samples per combination for the final check")
+    parser.add_argument(
+        "--save_precision",
+        choices=["float", "fp16"],
+        default="float",
+        help="dtype of the written model (fp16 halves the committed files; the report scores the float model)",
+    )
     _plan_args(parser)
     args = parser.parse_args(argv)
     plan = PretrainPlan(**{spec.name: getattr(args, spec.name) for spec in fields(PretrainPlan)})
     vae_channels = _channels(args.vae_channels)
-    if args.vae_from and not (Path(args.vae_from) / "config.json").is_file():
-        raise ConfigError(f"--vae_from '{args.vae_from}' is not a VAE folder (no config.json)")
+    for flag in ("vae_from", "vae_continue_from"):
+        folder = getattr(args, flag)
+        if folder and not (Path(folder) / "config.json").is_file():
+            raise ConfigError(f"--{flag} '{folder}' is not a VAE folder (no config.json)")
+    if args.vae_from and args.vae_continue_from:
+        raise ConfigError("--vae_from skips the VAE stage and --vae_continue_from trains one: give one of them")
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
     torch.set_num_threads(args.threads)
@@ -117,7 +139,12 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         model.vae = AutoencoderKL.from_pretrained(args.vae_from)
         summary["vae_from"] = args.vae_from
     else:
-        vae_log = pretrain_vae(model.vae, plan, report)
+        if args.vae_continue_from:
+            model.vae = AutoencoderKL.from_pretrained(args.vae_continue_from)
+            summary["vae_continued_from"] = args.vae_continue_from
+        continued = bool(args.vae_continue_from)
+        first_image = VAE_CONTINUED_IMAGES_FROM if continued else VAE_IMAGES_FROM
+        vae_log = pretrain_vae(model.vae, plan, report, continued=continued, first_image=first_image)
         summary["vae"] = _stage_summary(vae_log)
         summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan.seed)
         model.vae.save_pretrained(out / "vae")
@@ -134,8 +161,9 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
             summary[f"samples_{name}"] = {**samples.rates(), "confusion": _pairs(samples.confusion)}
             report(f"samples of {name} prompts: {samples.rates()}")
     summary["seconds"] = time.perf_counter() - started
-    save_diffusers_folder(model, out / "toy_sd1")
-    save_ldm_checkpoint(model, out / "toy_sd1.safetensors")
+    dtype = torch.float16 if args.save_precision == "fp16" else None
+    save_diffusers_folder(model, out / "toy_sd1", dtype)
+    save_ldm_checkpoint(model, out / "toy_sd1.safetensors", dtype)
     (out / "pretrain_report.json").write_text(json.dumps(summary, indent=1) + "\n")
     report(f"wrote {out / 'toy_sd1'} and {out / 'toy_sd1.safetensors'} in {summary['seconds']:.0f} s")
     return out

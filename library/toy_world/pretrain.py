@@ -31,6 +31,7 @@ from library.training.noise import NoiseOptions, diffusion_loss
 
 # Image indices of the two stages and of evaluation never overlap (image i is a function of (seed, i)).
 VAE_IMAGES_FROM = 0
+VAE_CONTINUED_IMAGES_FROM = 5_000_000  # a second VAE stage (--vae_continue_from) sees new images
 UNET_IMAGES_FROM = 10_000_000
 EVAL_IMAGES_FROM = 20_000_000
 INITIAL_LOGVAR = -6.0
@@ -139,19 +140,29 @@ def _run_stage(
     return StageLog(done, time.perf_counter() - start, losses, time.process_time() - cpu_start)
 
 
-def pretrain_vae(vae: AutoencoderKL, plan: PretrainPlan, report: Callable[[str], None] = print) -> StageLog:
-    """Reconstruction (colour-weighted MSE) plus a small KL term on fresh images of the pretraining combinations."""
+def pretrain_vae(
+    vae: AutoencoderKL,
+    plan: PretrainPlan,
+    report: Callable[[str], None] = print,
+    *,
+    continued: bool = False,
+    first_image: int = VAE_IMAGES_FROM,
+) -> StageLog:
+    """Reconstruction (colour-weighted MSE) plus a small KL term on fresh images of the pretraining
+    combinations. ``continued``: ``vae`` is an earlier stage's result, trained further on images
+    from ``first_image`` on (so a second stage never sees the first stage's images again)."""
     pretraining, _ = combination_split(plan.seed)
     vae.train().requires_grad_(True)
-    torch.manual_seed(plan.seed)
-    with torch.no_grad():
-        # Start from a posterior std of ~0.05 instead of 1: with unit noise on small initial means
-        # the decoder sees mostly noise and learns several times slower (the KL term, weighted
-        # lightly, then sets the variance it needs).
-        vae.quant_conv.bias[vae.config.latent_channels :] += INITIAL_LOGVAR
+    torch.manual_seed(plan.seed + int(continued))
+    if not continued:
+        with torch.no_grad():
+            # Start from a posterior std of ~0.05 instead of 1: with unit noise on small initial means
+            # the decoder sees mostly noise and learns several times slower (the KL term, weighted
+            # lightly, then sets the variance it needs).
+            vae.quant_conv.bias[vae.config.latent_channels :] += INITIAL_LOGVAR
 
     def step_fn(step: int) -> torch.Tensor:
-        first = VAE_IMAGES_FROM + step * plan.vae_batch
+        first = first_image + step * plan.vae_batch
         pixels = images_to_tensor([im for _, im in sample_images(pretraining, plan.vae_batch, plan.seed, first)])
         posterior = vae.encode(pixels).latent_dist
         decoded = vae.decode(posterior.sample()).sample

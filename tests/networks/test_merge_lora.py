@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from library.models.stable_diffusion import load_stable_diffusion
 from library.synthetic_lora import LoRATarget
@@ -101,6 +101,10 @@ def test_lora_merge_cli_writes_exact_merge_and_kohya_bytes(tiny_targets, write_l
         ("other_model", "is for another model"),
         ("unknown_keys", "match no layer of the SD1 model"),
         ("families", "different model families"),
+        ("widths", "the LoRAs are for different models"),
+        ("glora", "is a GLoRA module"),
+        ("full_diff", "is a LyCORIS full module"),
+        ("glora_bake", "is a GLoRA module"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_sd, tiny_targets, write_lora, tmp_path, capsys):
@@ -112,6 +116,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, tiny_sd, tiny_t
         args += ["--models", write_lora(tiny_targets["sd2"], "sd2")]
     elif case == "unknown_keys":
         args += ["--models", write_lora([LoRATarget("lora_unet", "input_blocks.1.1.proj_in", 8, 8)], "sdxl_like")]
+    elif case == "widths":  # SD1 and SD2 LoRAs without metadata: same module names, other layer widths
+        args = ["--models", write_lora(sd1, "a"), write_lora(tiny_targets["sd2"], "b")]
+    elif case in ("glora", "full_diff", "glora_bake"):
+        odd = tmp_path / f"{case}.safetensors"
+        if case == "full_diff":
+            save_file({"lora_unet_x.diff": torch.zeros(8, 8)}, odd)
+        else:
+            save_file({f"lora_unet_x.{n}.weight": torch.zeros(2, 2) for n in ("a1", "a2", "b1", "b2")}, odd)
+        models = ["--models", write_lora(sd1, "a"), odd]
+        args = [*args, *models] if case == "glora_bake" else models
     else:
         one = write_lora(sd1, "a", metadata={"ss_base_model_version": "sd_v1"})
         two = write_lora(sd1, "b", metadata={"ss_base_model_version": "sdxl_base_v1-0"})

@@ -85,7 +85,40 @@ def test_dynamic_method_picks_kohyas_rank_of_the_sum(loras, tmp_path):
     assert metadata["ss_network_dim"] == "Dynamic"
 
 
-def test_ratio_count_mismatch_writes_nothing(loras, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("ratios", "--ratios has 1 values for 2 --models"),
+        ("families", "the LoRAs are for different model families"),
+        ("widths", "the LoRAs are for different models"),
+        ("glora", "is a GLoRA module"),
+        ("full_diff", "is a LyCORIS full module"),
+        ("nan", "has NaN or infinite weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(case, message, loras, tmp_path, capsys):
+    models, extra = list(loras), []
+    if case == "ratios":
+        extra = ["--ratios", 1]
+    elif case == "families":
+        tensors = load_file(loras[1])
+        save_file(tensors, loras[1], metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+        save_file(load_file(loras[0]), loras[0], metadata={"ss_base_model_version": "sd_v1"})
+    elif case == "widths":  # a LoRA for another model: the same module names, other layer widths
+        wider = [LoRATarget(t.prefix, t.path, t.out_features * 2, t.in_features, t.kernel_size, t.is_conv)
+                 for t in TARGETS]  # fmt: skip
+        save_file(random_lora(wider, 4, 2.0, 4, 1.0, seed=5, dtype=torch.float32), loras[1])
+    elif case == "nan":
+        tensors = load_file(loras[1])
+        tensors[f"{TARGETS[0].name}.lora_up.weight"][0, 0] = float("nan")
+        save_file(tensors, loras[1])
+    else:
+        odd = {"lora_unet_x.diff": torch.zeros(8, 8)} if case == "full_diff" else {
+            f"lora_unet_x.{n}.weight": torch.zeros(2, 2) for n in ("a1", "a2", "b1", "b2")}  # fmt: skip
+        save_file(odd, loras[1])
     out = tmp_path / "out.safetensors"
-    assert run("--models", *loras, "--ratios", 1, "--save_to", out) == 2
-    assert "--ratios has 1 values for 2 --models" in capsys.readouterr().err and not out.exists()
+    listing = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert run("--models", *models, *extra, "--save_to", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == listing  # nothing written, no temp file

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from library.errors import ConfigError
+from library.fileio import read_state_dict
 from library.models.stable_diffusion import load_stable_diffusion
 from tools import make_toy_world, pretrain_toy_world
 
@@ -23,6 +25,20 @@ def test_write_a_dataset_and_a_loadable_model(tmp_path):
     assert report["vae"]["steps"] == 1 and report["unet"]["steps"] == 1 and "psnr_db" in report["reconstruction"]
     model = load_stable_diffusion(out / "toy_sd1.safetensors", tokenizer_cache_dir=out / "tokenizers")
     assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    assert next(model.unet.parameters()).dtype == torch.float32
+
+
+def test_fp16_files_halve_the_size_and_keep_the_weights_to_rounding(tmp_path):
+    flags = ["--vae_steps", "1", "--vae_batch", "2", "--unet_steps", "0", "--eval_images", "0", "--threads", "1"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "f32"), *flags])
+    pretrain_toy_world.main(["--out", str(tmp_path / "f16"), *flags, "--save_precision", "fp16"])
+    full, half = (read_state_dict(tmp_path / name / "toy_sd1.safetensors") for name in ("f32", "f16"))
+    assert full.keys() == half.keys()
+    for key, value in full.items():
+        assert half[key].dtype == torch.float16
+        torch.testing.assert_close(half[key].float(), value, rtol=1e-3, atol=1e-4)
+    sizes = [(tmp_path / name / "toy_sd1.safetensors").stat().st_size for name in ("f32", "f16")]
+    assert sizes[1] < 0.51 * sizes[0]
 
 
 def test_bad_vae_channels_are_refused_before_anything_is_written(tmp_path):
@@ -82,3 +98,28 @@ def test_bad_concepts_are_refused_before_anything_is_written(tmp_path, flags, me
     with pytest.raises(ConfigError, match=message):
         make_toy_world.main(["--out", str(tmp_path / "d"), *flags])
     assert not (tmp_path / "d").exists()
+
+
+def test_a_second_vae_stage_continues_the_first(tmp_path):
+    from diffusers import AutoencoderKL
+
+    flags = ["--vae_batch", "2", "--unet_steps", "0", "--eval_images", "0", "--threads", "1"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "first"), "--vae_steps", "2", *flags])
+    pretrain_toy_world.main(
+        ["--out", str(tmp_path / "second"), "--vae_steps", "1", "--vae_continue_from", str(tmp_path / "first" / "vae")]
+        + flags
+    )
+    first = AutoencoderKL.from_pretrained(tmp_path / "first" / "vae")
+    second = AutoencoderKL.from_pretrained(tmp_path / "second" / "vae")
+    report = json.loads((tmp_path / "second" / "pretrain_report.json").read_text())
+    assert report["vae_continued_from"] == str(tmp_path / "first" / "vae") and report["vae"]["steps"] == 1
+    log_variance = slice(first.config.latent_channels, None)
+    # one more step moves the weights a little; the initial log-variance shift (-6) is not applied again
+    shift = (second.quant_conv.bias[log_variance] - first.quant_conv.bias[log_variance]).abs().max()
+    assert 0 < shift < 1
+    with pytest.raises(ConfigError, match="give one of them"):
+        pretrain_toy_world.main(
+            ["--out", str(tmp_path / "x"), "--vae_from", str(tmp_path / "first" / "vae")]
+            + ["--vae_continue_from", str(tmp_path / "first" / "vae")]
+        )
+    assert not (tmp_path / "x").exists()
