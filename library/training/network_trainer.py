@@ -182,7 +182,7 @@ class NetworkTrainer(TrainerSkeleton):
             check_text_encoder_outputs_cacheable(build_blueprints(self.args, self.bucket_reso_multiple))
 
     def load_models(self) -> StableDiffusionModel:
-        model = load_training_model(self.args)
+        model = load_training_model(self.args, frozen_dtypes=True)
         if self.args.xformers:
             enable_xformers(model.unet)
         return model
