@@ -58,9 +58,7 @@ def write_random_sdxl(checkpoint: Path, tokenizers: Path) -> None:
     model = SDXLModel(
         text_encoder, text_encoder_2, vae, unet, tokenizer, tokenizer_2, make_training_scheduler(False), "random"
     )
-    partial = checkpoint.with_suffix(".partial")
-    save_sgm_checkpoint(model, partial, dtype=torch.float16)
-    partial.rename(checkpoint)
+    save_sgm_checkpoint(model, checkpoint, dtype=torch.float16)  # written atomically
     del model, unet, text_encoder, text_encoder_2, vae
     gc.collect()  # the training child needs the memory
 
