@@ -55,7 +55,7 @@ def test_weighting_applies_to_each_encoder(tiny_sd):
 def test_samples_at_kohyas_steps_with_the_network_active(tiny_sd, data, cached):
     prompts = data / "prompts.txt"
     prompts.write_text(f"# comment\n{PROMPT}\n", encoding="utf-8")
-    extra = ["--cache_text_encoder_outputs", "--network_train_unet_only"] if cached else []
+    extra = ["--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only"] if cached else []
     sdxl_train_network.main(sdxl_argv(
         tiny_sd, data, "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first",
         "--sample_sampler", "euler_a", "--learning_rate", "1e-2", *extra,
