@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from library.errors import CheckpointError
+from library.weights_reader import DtypeFor, cast_tensor, read_safetensors_unmapped
 from networks.lora_file import atomic_path, fsync_directory, fsync_file, umask
 
 logger = logging.getLogger(__name__)
@@ -181,17 +182,32 @@ def _unpickling_reason(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load every tensor of a ``.safetensors`` or torch checkpoint onto the CPU.
+def read_state_dict(
+    path: str | os.PathLike,
+    *,
+    mmap: bool = True,
+    dtype: DtypeFor = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of a ``.safetensors`` or torch checkpoint (onto the CPU unless ``device``).
 
-    Raises :class:`CheckpointError` with the file name for missing, truncated or foreign files.
+    ``dtype`` (one dtype, or a function of the key) casts floating tensors as they are read, so a
+    fp16 file never sits beside its fp32 copy. Unmapped reads serve ``mmap=False`` (kohya's
+    ``--disable_mmap_load_safetensors``) and every cast: a cast copies each tensor anyway, and the
+    mapped pages it read would stay resident beside the copies until the file closed. Without a
+    cast, tensors are the file's mapped pages (no copy at all). Raises :class:`CheckpointError` with
+    the file name for missing, truncated or foreign files.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            if not mmap or dtype is not None:
+                return read_safetensors_unmapped(path, dtype=dtype, device=device)
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
+                names = file.keys()  # safe_open handles are not iterable
+                return {key: file.get_tensor(key) for key in names}
         loaded = torch_load_weights(path)
     except CheckpointError:
         raise
@@ -202,7 +218,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(loaded).__name__}, not a dict of tensors")
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    out = {}
+    for key in [k for k, v in loaded.items() if isinstance(v, torch.Tensor)]:
+        out[key] = cast_tensor(loaded.pop(key), key, dtype, device)
+    return out
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -150,3 +150,25 @@ def test_a_teacher_of_the_other_family_is_refused(tiny_sd, data):
     with pytest.raises(SuiteError, match=r"is an SD1.x/SD2.x checkpoint"):
         distill_unet.main(argv)
     assert not (data / "out").exists()
+
+
+def test_the_sdxl_distillation_quickstart_config_runs(tiny_sd, tmp_path):
+    """examples/quickstart_sdxl_distill.toml, pointed at the test's tiny model and shortened to 2 steps."""
+    repo = Path(__file__).resolve().parents[1]
+    tiny = Path(tiny_sd.sdxl_file).parent
+    dataset = (repo / "examples" / "quickstart_dataset.toml").read_text().replace('"tiny/', f'"{tiny}/')
+    (tmp_path / "dataset.toml").write_text(dataset)
+    config = (repo / "examples" / "quickstart_sdxl_distill.toml").read_text()
+    for old, new in {
+        '"tiny/sdxl.safetensors"': f'"{tiny_sd.sdxl_file}"',
+        '"tiny/tokenizers"': f'"{tiny_sd.tokenizer_cache_dir}"',
+        "examples/quickstart_dataset.toml": str(tmp_path / "dataset.toml"),
+        "output/quickstart_sdxl_student": str(tmp_path / "out"),
+        "max_train_steps = 20": "max_train_steps = 2",
+    }.items():
+        assert old in config
+        config = config.replace(old, new)
+    (tmp_path / "quickstart.toml").write_text(config)
+    distill_unet.main(["--config_file", str(tmp_path / "quickstart.toml")])
+    student = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "tiny_ssd_1b", subfolder="unet")
+    assert student.config.mid_block_type == "UNetMidBlock2D"

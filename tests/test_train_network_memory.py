@@ -138,3 +138,11 @@ def test_refused_combinations_fail_with_one_line_before_the_model_loads(tiny_sd,
         train_network.main(argv)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (data / "out").exists()
+
+
+def test_kohyas_loading_flags_train_the_same_on_a_single_file(tiny_sd, data):
+    single = ("--pretrained_model_name_or_path", str(tiny_sd.sd1_file), "--tokenizer_cache_dir")
+    single += (str(tiny_sd.tokenizer_cache_dir), "--cache_latents")
+    _, plain = run(tiny_sd, data, *single, "--output_name", "plain")
+    _, flagged = run(tiny_sd, data, *single, "--lowram", "--disable_mmap_load_safetensors", "--output_name", "flags")
+    assert flagged.losses == plain.losses and len(plain.losses) == 4

@@ -45,5 +45,19 @@ def count_macs(
     context = torch.zeros(batch, CONTEXT_TOKENS, context_dim, device=device)
     timestep = torch.full((batch,), 500, device=device)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
-        unet(sample, timestep, context)
+        unet(sample, timestep, context, **extra_conditioning(unet, batch, device))
     return counter.get_total_flops() // 2
+
+
+def extra_conditioning(unet: UNet2DConditionModel, batch: int, device) -> dict:
+    """SDXL's ``added_cond_kwargs`` (zero pooled text and size numbers); nothing for SD1.x/SD2.x."""
+    config = unet.config
+    if config.addition_embed_type != "text_time":
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros(batch, pooled, device=device),
+            "time_ids": torch.zeros(batch, 6, device=device),
+        }
+    }

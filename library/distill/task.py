@@ -177,7 +177,8 @@ class DistillTask:
         latents = batch_latents(batch, self.model.vae, dtype=torch.float32, device=self.accelerator.device)
         dtype = self.student.dtype
         with torch.no_grad():
-            conditioning = self._conditioning(batch, dtype)
+            conditioning = self._conditioning(batch)  # the teacher casts it to its own dtype
+        student_conditioning = _cast(conditioning, dtype)
         # A Theseus draw runs some stages from the teacher, whose student blocks then record nothing.
         every_block_runs = self.theseus is None or not self.net.training
         seen = {}
@@ -186,7 +187,7 @@ class DistillTask:
             seen["teacher"] = self.teacher(noisy, t, **conditioning)
             with self.accelerator.autocast(), self.student_hooks.capture(require_all=every_block_runs) as features:
                 seen["features"] = features
-                return self.net(noisy.to(dtype), t, **conditioning).sample
+                return self.net(noisy.to(dtype), t, **student_conditioning).sample
 
         scheduler, weights, mask = self.model.noise_scheduler, batch["loss_weights"], loss_mask(batch)
         task = diffusion_loss(predict, latents, scheduler, self.options, weights, mask=mask, timesteps=timesteps)
@@ -196,12 +197,13 @@ class DistillTask:
             self.weights, task.loss,
         )  # fmt: skip
 
-    def _conditioning(self, batch: dict, dtype: torch.dtype) -> dict:
+    def _conditioning(self, batch: dict) -> dict:
         """The UNet's keyword arguments besides sample and timestep (SDXL: both encoders, pooled text, sizes)."""
         if isinstance(self.model, SDXLModel):
-            return sdxl_batch_conditioning(self.model, batch, self.accelerator.device, dtype)
+            # float32 holds the encoders' outputs exactly and the size numbers without rounding.
+            return sdxl_batch_conditioning(self.model, batch, self.accelerator.device, torch.float32)
         hidden = caption_hidden_states(self.model, batch, self.args)
-        return self.model.family.unet_conditioning(hidden.to(dtype))
+        return self.model.family.unet_conditioning(hidden)
 
     def _saved_weights(self) -> contextlib.AbstractContextManager:
         """The weights a save shows: the EMA when there is one."""
@@ -218,3 +220,10 @@ class DistillTask:
         finally:
             for module in modules:
                 module.train()
+
+
+def _cast(conditioning: dict, dtype: torch.dtype) -> dict:
+    """The UNet keyword arguments with every tensor (also inside ``added_cond_kwargs``) in ``dtype``."""
+    return {
+        key: _cast(value, dtype) if isinstance(value, dict) else value.to(dtype) for key, value in conditioning.items()
+    }

@@ -32,7 +32,7 @@ from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily, make_training_scheduler
-from library.models.stable_diffusion import write_pipeline_folder, write_single_file
+from library.models.stable_diffusion import dtype_by_part, write_pipeline_folder, write_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,20 @@ def load_sdxl(
     tokenizer_cache_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     keep_extra_state: bool = False,
+    vae_dtype: torch.dtype | None = None,
+    mmap: bool = True,
+    device: torch.device | str | None = None,
 ) -> SDXLModel:
-    """Both text encoders, VAE, UNet, both tokenizers and the training noise scheduler, offline."""
+    """Both text encoders, VAE, UNet, both tokenizers and the training noise scheduler, offline.
+
+    ``mmap`` and ``device``: as :func:`library.models.stable_diffusion.load_stable_diffusion`.
+    """
     path = Path(path)
     if path.is_dir():
-        model = _load_folder(path, dtype)
+        model = _load_folder(path, dtype, vae_dtype or dtype)
     elif path.is_file():
-        model = _load_single_file(path, tokenizer_cache_dir, dtype, keep_extra_state)
+        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype}
+        model = _load_single_file(path, tokenizer_cache_dir, dtype, keep_extra_state, reading)
     else:
         raise CheckpointError(f"model '{path}' not found: pass a diffusers SDXL folder or a .safetensors/.ckpt file")
     for module in (model.text_encoder, model.text_encoder_2, model.vae, model.unet):
@@ -138,14 +145,14 @@ def load_sdxl(
     return model
 
 
-def _load_folder(path: Path, dtype) -> SDXLModel:
+def _load_folder(path: Path, dtype, vae_dtype) -> SDXLModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     if not (path / "text_encoder_2" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is an SD1.x/SD2.x folder (no text_encoder_2): this script trains SDXL")
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
         te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
         te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype)
     except (OSError, ValueError) as err:
@@ -154,8 +161,11 @@ def _load_folder(path: Path, dtype) -> SDXLModel:
     return SDXLModel(te1, te2, vae, unet, *tokenizers, make_training_scheduler(False), str(path))
 
 
-def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool) -> SDXLModel:
-    state_dict = read_state_dict(path)
+def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool, reading: dict) -> SDXLModel:
+    # each tensor is cast as it is read (kept tensors stay as stored, for a bit-exact round trip)
+    vae_dtype = reading.pop("vae_dtype", None) or dtype
+    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype)
+    state_dict = read_state_dict(path, dtype=dtype_for, **reading)
     family = sgm.checkpoint_family(state_dict)
     if family != "sdxl":
         what = "is an SD1.x/SD2.x checkpoint" if family else "holds no Stable Diffusion UNet (model.diffusion_model.*)"
@@ -182,7 +192,7 @@ def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool) 
         _assign(module, {k: v for k, v in state.items() if k in keys}, path, part)
     if dtype is not None:
         for module in (unet, vae, te1, te2):
-            module.to(dtype)
+            module.to(vae_dtype if module is vae else dtype)
     model = SDXLModel(te1, te2, vae, unet, *tokenizers, make_training_scheduler(False), str(path))
     if keep_extra:
         produced = set(sgm_state_dict(model))

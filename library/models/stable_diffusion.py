@@ -69,18 +69,26 @@ def load_stable_diffusion(
     tokenizer_cache_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     keep_extra_state: bool = False,
+    vae_dtype: torch.dtype | None = None,
+    mmap: bool = True,
+    device: torch.device | str | None = None,
 ) -> StableDiffusionModel:
     """Load text encoder, VAE, UNet, tokenizer and noise scheduler from a folder or a single file.
 
     ``v2`` and ``v_parameterization`` mirror kohya's flags. A single file's SD version is read
     from its text encoder and a mismatching ``--v2`` is reported; v-prediction cannot be seen in
     the weights, so it comes from the flag or from a ``<checkpoint>.yaml`` beside the file.
+    Modules are built on the meta device and take the file's tensors as they are (no second copy);
+    ``dtype`` (``vae_dtype`` for the VAE) converts each tensor as it is read; ``mmap=False`` and
+    ``device`` are kohya's ``--disable_mmap_load_safetensors`` and ``--lowram``
+    for single files (diffusers folders load tensor by tensor through diffusers/transformers).
     """
     path = Path(path)
     if path.is_dir():
-        model = _load_diffusers_folder(path, v2, v_parameterization, dtype)
+        model = _load_diffusers_folder(path, v2, v_parameterization, dtype, vae_dtype or dtype)
     elif path.is_file():
-        model = _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra_state)
+        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype}
+        model = _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra_state, reading)
     else:
         raise CheckpointError(
             f"model '{path}' not found: pass a diffusers folder or a .safetensors/.ckpt file "
@@ -91,14 +99,14 @@ def load_stable_diffusion(
     return model
 
 
-def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype) -> StableDiffusionModel:
+def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype, vae_dtype) -> StableDiffusionModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     if (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"'{path}' is an SDXL folder: train it with sdxl_train_network.py")
     try:
         unet = _load_unet_folder(path / "unet", dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load diffusers folder '{path}': {str(err).splitlines()[0]}") from err
@@ -152,8 +160,14 @@ def _read_yaml_beside(path: Path) -> dict | None:
         raise CheckpointError(f"cannot parse config '{yaml_path}': {str(err).splitlines()[0]}") from err
 
 
-def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra) -> StableDiffusionModel:
-    state_dict = ldm_arch.normalize_clip_keys(read_state_dict(path))
+def _load_single_file(
+    path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra, reading: dict
+) -> StableDiffusionModel:
+    # each tensor is cast as it is read (kept tensors stay as stored, for a bit-exact round trip)
+    vae_dtype = reading.pop("vae_dtype", None) or dtype
+    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype)
+    state_dict = read_state_dict(path, dtype=dtype_for, **reading)
+    state_dict = ldm_arch.normalize_clip_keys(state_dict)
     if not ldm_arch.is_sd_checkpoint(state_dict):
         raise CheckpointError(_not_sd_message(path, state_dict))
     if sgm.checkpoint_family(state_dict) == "sdxl":
@@ -177,7 +191,7 @@ def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, 
     _assign(text_encoder, {k: v for k, v in te_state.items() if k in te_keys}, path, "text encoder")
     if dtype is not None:
         for module in (unet, vae, text_encoder):
-            module.to(dtype)
+            module.to(vae_dtype if module is vae else dtype)
 
     extra = {}
     if keep_extra:
@@ -197,6 +211,11 @@ def _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, 
         str(path),
         extra,
     )
+
+
+def dtype_by_part(dtype: torch.dtype, vae_dtype: torch.dtype):
+    """A per-key dtype for a single file: the VAE's (``--no_half_vae``) or everyone else's."""
+    return lambda key: vae_dtype if key.startswith(ldm_arch.VAE_PREFIX) else dtype
 
 
 def _assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, part: str) -> None:

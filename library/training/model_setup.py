@@ -21,13 +21,37 @@ SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_training_model(args: argparse.Namespace, path: str | None = None) -> StableDiffusionModel:
-    """``--pretrained_model_name_or_path`` (or ``path``) with kohya's model flags and training schedule."""
+def loading_options(args: argparse.Namespace, frozen_dtypes: bool = False) -> dict:
+    """kohya's loading flags: ``--disable_mmap_load_safetensors`` (plain reads) and ``--lowram`` (straight
+    onto the accelerator, so host RAM never holds the weights; kohya's meaning, for GPU-rich machines).
+
+    ``frozen_dtypes``: read every tensor straight into the dtype it is trained in (the frozen weights'
+    mixed-precision dtype, the VAE's), so a fp16 file never sits beside its cast copy.
+    """
+    device = None
+    if getattr(args, "lowram", False):
+        from accelerate import PartialState
+
+        device = PartialState().device  # the device the Accelerator made next will train on
+    options = {"mmap": not getattr(args, "disable_mmap_load_safetensors", False), "device": device}
+    if frozen_dtypes:
+        options.update(dtype=weight_dtype(args), vae_dtype=vae_dtype(args))
+    return options
+
+
+def load_training_model(
+    args: argparse.Namespace, path: str | None = None, frozen_dtypes: bool = False
+) -> StableDiffusionModel:
+    """``--pretrained_model_name_or_path`` (or ``path``) with kohya's model flags and training schedule.
+
+    ``frozen_dtypes``: load in the dtypes the run keeps frozen weights in (see :func:`loading_options`).
+    """
     model = load_stable_diffusion(
         path or args.pretrained_model_name_or_path,
         v2=args.v2 or None,
         v_parameterization=args.v_parameterization or None,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
+        **loading_options(args, frozen_dtypes),
     )
     model.noise_scheduler = make_training_scheduler(model.v_parameterization, args.zero_terminal_snr)
     if args.vae:

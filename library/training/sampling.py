@@ -22,7 +22,7 @@ from pathlib import Path
 import diffusers
 import toml
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from library.errors import ConfigError
 from library.models.prompt_weighting import encode_sample_prompts
@@ -150,6 +150,27 @@ def generate_samples(
     components: dict,
     prompts: list[SamplePrompt],
     encode_prompts: Callable[[list[str]], torch.Tensor],
+    **options,
+) -> list[Path]:
+    """SD1/SD2 samples: ``encode_prompts([prompt, negative])`` gives both prompts' embeddings."""
+
+    def build(scheduler) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            **components, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+
+    def inputs(prompt: SamplePrompt) -> dict:
+        embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
+    return draw_samples(build, inputs, prompts, **options)
+
+
+def draw_samples(
+    build_pipeline: Callable[[object], DiffusionPipeline],
+    pipeline_inputs: Callable[[SamplePrompt], dict],
+    prompts: list[SamplePrompt],
     *,
     default_sampler: str,
     v_parameterization: bool,
@@ -159,7 +180,11 @@ def generate_samples(
     step: int,
     device: torch.device,
 ) -> list[Path]:
-    """Render each prompt with the current weights and save PNGs; training RNG is left untouched."""
+    """Render each prompt with the current weights and save PNGs; training RNG is left untouched.
+
+    ``build_pipeline(scheduler)`` is the family's diffusers pipeline over the loaded components and
+    ``pipeline_inputs(prompt)`` its prompt embeddings (and, for SDXL, pooled text and size numbers).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -169,20 +194,12 @@ def generate_samples(
                 # DDIM/PNDM keep clip_sample=True as in kohya's samplers; the pipeline's advice against
                 # it (a FutureWarning printed with the whole scheduler config) is not for our users.
                 warnings.filterwarnings("ignore", message="(?s).*clip_sample", category=FutureWarning)
-                pipeline = StableDiffusionPipeline(
-                    **components,
-                    scheduler=scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
+                pipeline = build_pipeline(scheduler)
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
-            embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
             image = pipeline(
-                prompt_embeds=embeds[:1],
-                negative_prompt_embeds=embeds[1:],
+                **pipeline_inputs(prompt),
                 width=prompt.width,
                 height=prompt.height,
                 num_inference_steps=prompt.sample_steps,

@@ -23,17 +23,22 @@ from library.models.sdxl_conditioning import encode_sdxl_prompt, sdxl_unet_condi
 from library.models.sgm_conversion import SDXL_VAE_SCALE_FACTOR
 from library.models.stable_diffusion import load_vae
 from library.models.text_encoding import tokenize_captions
-from library.training.model_setup import enable_xformers, weight_dtype
+from library.training.model_setup import enable_xformers, loading_options, weight_dtype
 from library.training.network_trainer import NetworkTask, NetworkTrainer
 from library.training.sdxl_args import verify_sdxl_training_args
+from library.training.sdxl_sampling import render_sdxl_samples
 from library.training.skeleton import RunInputs, TrainerSkeleton
 
 logger = logging.getLogger(__name__)
 
 
-def load_sdxl_training_model(args: argparse.Namespace, path: str | None = None) -> SDXLModel:
+def load_sdxl_training_model(
+    args: argparse.Namespace, path: str | None = None, frozen_dtypes: bool = False
+) -> SDXLModel:
     """``--pretrained_model_name_or_path`` (or ``path``) as SDXL, with ``--vae`` and the training schedule."""
-    model = load_sdxl(path or args.pretrained_model_name_or_path, tokenizer_cache_dir=args.tokenizer_cache_dir)
+    path = path or args.pretrained_model_name_or_path
+    options = loading_options(args, frozen_dtypes)
+    model = load_sdxl(path, tokenizer_cache_dir=args.tokenizer_cache_dir, **options)
     model.noise_scheduler = make_training_scheduler(False, args.zero_terminal_snr)
     if args.vae:
         model.vae = load_vae(args.vae)
@@ -52,6 +57,8 @@ def sdxl_batch_conditioning(model: SDXLModel, batch: dict, device, dtype: torch.
 
 class SDXLNetworkTask(NetworkTask):
     """A network step on SDXL: both text encoders (or their cached outputs) and size conditioning."""
+
+    render_samples = staticmethod(render_sdxl_samples)
 
     def unet_conditioning(self, batch: dict) -> dict:
         model, device = self.model, self.accelerator.device
@@ -81,7 +88,7 @@ class SDXLNetworkTrainer(NetworkTrainer):
 
     def load_models(self) -> SDXLModel:
         args = self.args
-        model = load_sdxl_training_model(args)
+        model = load_sdxl_training_model(args, frozen_dtypes=True)
         if args.xformers:
             enable_xformers(model.unet)
         return model

@@ -33,3 +33,19 @@ def test_cpu_attention_is_counted_like_explicit_matmuls(sd1_teacher):
 
 def test_count_parameters(sd1_teacher):
     assert count_parameters(sd1_teacher) == sum(t.numel() for t in sd1_teacher.state_dict().values())
+
+
+def test_sdxl_macs_drop_by_one_transformer_layer_exactly():
+    """SDXL counts with its pooled-text/size conditioning; one fewer transformer layer in the innermost
+    level (1280 channels, 16 x 16 = 256 tokens at 512 px, 77 x 2048 context) saves exactly that layer's
+    MACs, written out here: q, k, v, out of self-attention (4 N C^2), its scores and values (2 N^2 C),
+    cross-attention q and out (2 N C^2), k and v of the context (2 * 77 * 2048 * C), its scores and
+    values (2 * 77 * N * C), and the GEGLU feed-forward (C -> 8C, 4C -> C: 12 N C^2)."""
+    from library.models.sd_configs import SDXL_UNET
+
+    fewer = {**SDXL_UNET, "transformer_layers_per_block": [[1, 1], [2, 2], [10, 10]],
+             "reverse_transformer_layers_per_block": [[10, 10, 9], [2, 2, 2], [1, 1, 1]]}  # fmt: skip
+    n, c, tokens, context = 256, 1280, 77, 2048
+    layer = 4 * n * c * c + 2 * n * n * c + 2 * n * c * c + 2 * tokens * context * c + 2 * tokens * n * c
+    layer += 12 * n * c * c
+    assert count_macs(SDXL_UNET, 64) - count_macs(fewer, 64) == layer
