@@ -23,6 +23,7 @@ import diffusers
 import toml
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from library.errors import ConfigError
 from library.models.prompt_weighting import encode_sample_prompts
@@ -179,11 +180,13 @@ def draw_samples(
     epoch: int | None,
     step: int,
     device: torch.device,
+    decode: Callable[[DiffusionPipeline, torch.Tensor], Image.Image] | None = None,
 ) -> list[Path]:
     """Render each prompt with the current weights and save PNGs; training RNG is left untouched.
 
     ``build_pipeline(scheduler)`` is the family's diffusers pipeline over the loaded components and
     ``pipeline_inputs(prompt)`` its prompt embeddings (and, for SDXL, pooled text and size numbers).
+    ``decode(pipeline, latents)``, if given, turns the pipeline's latents into the image.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -198,14 +201,16 @@ def draw_samples(
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
-            image = pipeline(
+            output = pipeline(
                 **pipeline_inputs(prompt),
                 width=prompt.width,
                 height=prompt.height,
                 num_inference_steps=prompt.sample_steps,
                 guidance_scale=prompt.scale,
                 generator=generator,
-            ).images[0]
+                **({"output_type": "latent"} if decode else {}),
+            )
+            image = decode(pipeline, output.images) if decode else output.images[0]
             path = out_dir / sample_file_name(output_name, index, prompt.seed, epoch=epoch, step=step)
             image.save(path)
             written.append(path)
