@@ -147,6 +147,21 @@ def sample_file_name(output_name: str | None, prompt_index: int, seed: int | Non
     return f"{prefix}{number}_{prompt_index:02d}_{time.strftime('%Y%m%d%H%M%S')}{seed_suffix}.png"
 
 
+def float32_decode(vae: torch.nn.Module) -> Callable[[DiffusionPipeline, torch.Tensor], Image.Image]:
+    """Decode a pipeline's latents with ``vae`` in float32 outside the run's autocast.
+
+    The pipelines' own decode casts nothing: float16 latents (an fp16 run) into a float32 VAE fail
+    on the CPU, and under autocast the VAE would run in half precision (SDXL's overflows in fp16).
+    """
+
+    def decode(pipeline: DiffusionPipeline, latents: torch.Tensor) -> Image.Image:
+        with torch.autocast(latents.device.type, enabled=False):
+            image = vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    return decode
+
+
 def generate_samples(
     components: dict,
     prompts: list[SamplePrompt],
@@ -165,7 +180,7 @@ def generate_samples(
         embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
-    return draw_samples(build, inputs, prompts, **options)
+    return draw_samples(build, inputs, prompts, decode=float32_decode(components["vae"]), **options)
 
 
 def draw_samples(

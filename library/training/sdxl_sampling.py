@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
 from library.models.prompt_weighting import encode_sample_prompts
 from library.models.sdxl import SDXLModel
-from library.training.sampling import SamplePrompt, draw_samples
+from library.training.sampling import SamplePrompt, draw_samples, float32_decode
 
 
 def encode_sdxl_sample_prompts(model: SDXLModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +86,6 @@ def render_sdxl_samples(
             "crops_coords_top_left": (0, 0),
         }
 
-    def decode(pipeline: StableDiffusionXLPipeline, latents: torch.Tensor) -> Image.Image:
-        # In float32 outside the run's autocast whatever the UNet's dtype: SDXL's VAE overflows in
-        # float16, and the pipeline's own decode only upcasts a float16 VAE, not float16 latents.
-        with torch.autocast(device.type, enabled=False):
-            image = model.vae.decode(latents.to(torch.float32) / model.vae.config.scaling_factor).sample
-        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
-
     try:
         paths = draw_samples(
             build,
@@ -106,7 +98,7 @@ def render_sdxl_samples(
             epoch=epoch,
             step=step,
             device=device,
-            decode=decode,
+            decode=float32_decode(model.vae),
         )
     finally:
         model.vae.to(*vae_place)
