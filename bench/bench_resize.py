@@ -104,6 +104,11 @@ def factored_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tupl
     return svd.truncate(rank)
 
 
+class _PreviousSVD(svd_module.LoRASVD):
+    def _long_side(self, rank: int) -> torch.Tensor:
+        return self._long.T @ (self._r.T @ self._eigenvectors[:, :rank])
+
+
 def previous_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The factored resize as it was before (kept as the baseline): the fp16 inputs scanned for NaN/inf,
     the long factor's Gram matrix as one full matrix product."""
@@ -116,7 +121,7 @@ def previous_resize(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tupl
     long = long.double()
     eigenvalues, eigenvectors = torch.linalg.eigh(r @ (long @ long.T) @ r.T)
     spectrum = eigenvalues.flip(0).clamp_min(0).sqrt()
-    svd = svd_module.LoRASVD(spectrum, transposed, (reflectors, tau), r, long, eigenvectors.flip(1))
+    svd = _PreviousSVD(spectrum, transposed, (reflectors, tau), r, long, eigenvectors.flip(1))
     rank = select_rank(spectrum, max_rank, min(up2d.shape[0], down2d.shape[1]), "sv_ratio", SV_RATIO).rank
     return svd.truncate(rank)
 

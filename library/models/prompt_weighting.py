@@ -144,26 +144,37 @@ def encode_sample_prompts(
     encode_chunk: Callable[[torch.Tensor], torch.Tensor],
     prompts: list[str],
     max_chunks: int = SAMPLE_PROMPT_MAX_CHUNKS,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Weighted embeddings ``(B, n*77, D)`` of sample prompts, as kohya's sampling pipeline computes them.
 
     ``encode_chunk(ids)`` encodes ids ``(B, 77)`` into hidden states ``(B, 77, D)`` (with the
-    run's ``--clip_skip``). All prompts share one length: the chunks the longest needs.
+    run's ``--clip_skip``). All prompts share one length: the chunks the longest needs. kohya's
+    SD1/SD2 pipeline pads with ``<EOS>``; its SDXL pipeline puts one ``<EOS>`` after the prompt and
+    pads with the tokenizer's pad token (``pad_token_id``; bigG's is ``!``), fixing each chunk's
+    ends as it does.
     """
     parsed = [weighted_token_ids(tokenizer, prompt, CHUNK_BODY * max_chunks) for prompt in prompts]
     longest = max(len(ids) for ids, _ in parsed)
     chunks = max(1, min(max_chunks, (longest - 1) // CHUNK_BODY + 1))
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = torch.full((len(prompts), chunks, CLIP_LENGTH), eos, dtype=torch.long)
+    fill = eos if pad_token_id is None else pad_token_id
+    ids = torch.empty((len(prompts), chunks, CLIP_LENGTH), dtype=torch.long)
     weights = torch.ones(len(prompts), chunks, CLIP_LENGTH)
-    ids[:, :, 0] = bos
     for row, (token_ids, token_weights) in enumerate(parsed):
+        full = [bos, *token_ids, eos] + [fill] * (CHUNK_BODY * chunks - len(token_ids))
         for chunk in range(chunks):
-            part = slice(chunk * CHUNK_BODY, (chunk + 1) * CHUNK_BODY)
-            body, body_weights = token_ids[part], token_weights[part]
-            ids[row, chunk, 1 : 1 + len(body)] = torch.tensor(body, dtype=torch.long)
+            part = full[chunk * CHUNK_BODY : chunk * CHUNK_BODY + CLIP_LENGTH]
+            part[0] = bos
+            if chunks > 1 and fill == eos:
+                part[-1] = eos
+            elif chunks > 1:  # kohya's rule for a pad token that is not <EOS>
+                part[-1] = eos if part[-1] not in (eos, fill) else part[-1]
+                part[1] = eos if part[1] == fill else part[1]
+            ids[row, chunk] = torch.tensor(part, dtype=torch.long)
+            body_weights = token_weights[chunk * CHUNK_BODY : (chunk + 1) * CHUNK_BODY]
             weights[row, chunk, 1 : 1 + len(body_weights)] = torch.tensor(body_weights)
-    if pad != eos:  # SD2 (its pad token is "!"): a body starting with the pad id starts with <EOS> instead
+    if pad != eos and pad_token_id is None:  # SD2 (its pad token is "!"): a body starting with it starts with <EOS>
         ids[..., 1][ids[..., 1] == pad] = eos
     hidden = torch.cat([encode_chunk(ids[:, chunk]) for chunk in range(chunks)], dim=1)
     weights = weights.reshape(len(prompts), -1, 1).to(hidden)

@@ -72,6 +72,7 @@ class NetworkTask:
     validation_loader: Iterable | None = None
     sample_prompts: list | None = None
     text_outputs: dict[str, TextOutputs] | None = None  # --cache_text_encoder_outputs
+    render_samples = staticmethod(render_samples)  # the family's sampling (SDXL: its own pipeline)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.get_trainable_params())
@@ -153,7 +154,7 @@ class NetworkTask:
             return []
         unet = getattr(self.model.unet, "_orig_mod", self.model.unet)  # not the --torch_compile one: new shapes
         with self.accelerator.autocast():  # as kohya samples; a foreign network's weights stay float32
-            return render_samples(
+            return self.render_samples(
                 self.args, self.accelerator.device, self.model, unet, self.sample_prompts, epoch, step
             )
 

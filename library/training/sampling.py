@@ -22,7 +22,8 @@ from pathlib import Path
 import diffusers
 import toml
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from library.errors import ConfigError
 from library.models.prompt_weighting import encode_sample_prompts
@@ -146,10 +147,46 @@ def sample_file_name(output_name: str | None, prompt_index: int, seed: int | Non
     return f"{prefix}{number}_{prompt_index:02d}_{time.strftime('%Y%m%d%H%M%S')}{seed_suffix}.png"
 
 
+def float32_decode(vae: torch.nn.Module) -> Callable[[DiffusionPipeline, torch.Tensor], Image.Image]:
+    """Decode a pipeline's latents with ``vae`` in float32 outside the run's autocast.
+
+    The pipelines' own decode casts nothing: float16 latents (an fp16 run) into a float32 VAE fail
+    on the CPU, and under autocast the VAE would run in half precision (SDXL's overflows in fp16).
+    """
+
+    def decode(pipeline: DiffusionPipeline, latents: torch.Tensor) -> Image.Image:
+        with torch.autocast(latents.device.type, enabled=False):
+            image = vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    return decode
+
+
 def generate_samples(
     components: dict,
     prompts: list[SamplePrompt],
     encode_prompts: Callable[[list[str]], torch.Tensor],
+    **options,
+) -> list[Path]:
+    """SD1/SD2 samples: ``encode_prompts([prompt, negative])`` gives both prompts' embeddings."""
+
+    def build(scheduler) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            **components, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+
+    def inputs(prompt: SamplePrompt) -> dict:
+        embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
+    return draw_samples(build, inputs, prompts, decode=float32_decode(components["vae"]), **options)
+
+
+def draw_samples(
+    build_pipeline: Callable[[object], DiffusionPipeline],
+    pipeline_inputs: Callable[[SamplePrompt], dict],
+    prompts: list[SamplePrompt],
     *,
     default_sampler: str,
     v_parameterization: bool,
@@ -158,8 +195,14 @@ def generate_samples(
     epoch: int | None,
     step: int,
     device: torch.device,
+    decode: Callable[[DiffusionPipeline, torch.Tensor], Image.Image] | None = None,
 ) -> list[Path]:
-    """Render each prompt with the current weights and save PNGs; training RNG is left untouched."""
+    """Render each prompt with the current weights and save PNGs; training RNG is left untouched.
+
+    ``build_pipeline(scheduler)`` is the family's diffusers pipeline over the loaded components and
+    ``pipeline_inputs(prompt)`` its prompt embeddings (and, for SDXL, pooled text and size numbers).
+    ``decode(pipeline, latents)``, if given, turns the pipeline's latents into the image.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -169,26 +212,20 @@ def generate_samples(
                 # DDIM/PNDM keep clip_sample=True as in kohya's samplers; the pipeline's advice against
                 # it (a FutureWarning printed with the whole scheduler config) is not for our users.
                 warnings.filterwarnings("ignore", message="(?s).*clip_sample", category=FutureWarning)
-                pipeline = StableDiffusionPipeline(
-                    **components,
-                    scheduler=scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
+                pipeline = build_pipeline(scheduler)
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
-            embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
-            image = pipeline(
-                prompt_embeds=embeds[:1],
-                negative_prompt_embeds=embeds[1:],
+            output = pipeline(
+                **pipeline_inputs(prompt),
                 width=prompt.width,
                 height=prompt.height,
                 num_inference_steps=prompt.sample_steps,
                 guidance_scale=prompt.scale,
                 generator=generator,
-            ).images[0]
+                **({"output_type": "latent"} if decode else {}),
+            )
+            image = decode(pipeline, output.images) if decode else output.images[0]
             path = out_dir / sample_file_name(output_name, index, prompt.seed, epoch=epoch, step=step)
             image.save(path)
             written.append(path)

@@ -27,6 +27,4 @@ def verify_sdxl_training_args(args: argparse.Namespace) -> None:
         raise ConfigError("--v2/--v_parameterization are SD2 flags; SDXL is epsilon-prediction and has no v2 mode")
     if args.clip_skip is not None:
         logger.warning("--clip_skip is ignored: SDXL always conditions on the penultimate layers (as in kohya)")
-    if args.sample_prompts:
-        raise ConfigError("--sample_prompts is not supported by sdxl_train_network.py yet")
     verify_training_args(args, reso_step_multiple=32, family_name="SDXL")

@@ -26,6 +26,7 @@ from library.models.text_encoding import tokenize_captions
 from library.training.model_setup import enable_xformers, loading_options, weight_dtype
 from library.training.network_trainer import NetworkTask, NetworkTrainer
 from library.training.sdxl_args import verify_sdxl_training_args
+from library.training.sdxl_sampling import render_sdxl_samples
 from library.training.skeleton import RunInputs, TrainerSkeleton
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def sdxl_batch_conditioning(model: SDXLModel, batch: dict, device, dtype: torch.
 
 class SDXLNetworkTask(NetworkTask):
     """A network step on SDXL: both text encoders (or their cached outputs) and size conditioning."""
+
+    render_samples = staticmethod(render_sdxl_samples)
 
     def unet_conditioning(self, batch: dict) -> dict:
         model, device = self.model, self.accelerator.device

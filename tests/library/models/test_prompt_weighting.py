@@ -151,3 +151,21 @@ def test_unweighted_sample_prompt_is_the_plain_encoding(tiny_sd):
         embeds = encode_sample_prompts(tokenizer, lambda ids: encode_tokens(text_encoder, ids[:, None]), ["sks toy"])
         plain = encode_tokens(text_encoder, tokenize_captions(tokenizer, ["sks toy"]))
     torch.testing.assert_close(embeds, plain)
+
+
+def test_sdxl_sample_prompt_pads_after_one_eos_with_the_pad_token(tiny_sd):
+    """kohya's SDXL sampling pipeline: <BOS> prompt <EOS> then pad tokens, cut into 77-token chunks whose
+    first id is <BOS> and whose last is <EOS> when a prompt token would sit there (bigG pads with "!")."""
+    from library.models.sdxl import SDXL
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd.tokenizer_cache_dir / SDXL.tokenizer_2_folder)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert pad != eos
+    words = (["red", "cube", "on", "the", "ball"] * 16)[:80]
+    tokens = [word_id(tokenizer, w) for w in words]
+    seen = []
+    encode_sample_prompts(tokenizer, lambda ids: seen.append(ids) or torch.zeros(len(ids), 77, 1) + 1,
+                          [" ".join(words)], pad_token_id=pad)  # fmt: skip
+    first, second = (chunk[0].tolist() for chunk in seen)
+    assert first == [bos, *tokens[:75], eos]
+    assert second == [bos, *tokens[75:], eos] + [pad] * 70
