@@ -16,26 +16,9 @@ from library.models.sd_configs import CLIP_L_TEXT, SDXL_UNET
 from networks import dylora, lilora, lora, lowrank_ffn
 from networks.network_args import NetworkArgsError
 from networks.targets import layer_targets
+from tests.kohya_reference import kohya_sdxl_block
 
 SDXL_BLOCK_COUNT = 23  # kohya: 1 (time embedding) + 9 input + 3 middle + 9 output + 1 (out)
-
-
-def kohya_sdxl_block(lora_name: str) -> int:
-    """kohya v0.10.1 ``get_block_index(lora_name, is_sdxl=True)``, re-stated."""
-    if not lora_name.startswith("lora_unet_"):
-        return -1
-    name = lora_name[len("lora_unet_") :]
-    if name.startswith(("time_embed_", "label_emb_")):
-        return 0
-    if name.startswith("input_blocks_"):
-        return 1 + int(name.split("_")[2])
-    if name.startswith("middle_block_"):
-        return 10 + int(name.split("_")[2])
-    if name.startswith("output_blocks_"):
-        return 13 + int(name.split("_")[2])
-    if name.startswith("out_"):
-        return 22
-    return -1
 
 
 def sgm_block_of_diffusers_path(path: str, layers: int = 2) -> int:

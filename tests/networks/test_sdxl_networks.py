@@ -126,4 +126,3 @@ def test_diffusers_sdxl_pipeline_loads_the_file_and_computes_as_we_do(sdxl, tmp_
     again.to(torch.float64).apply_to(plain_encoders, plain_unet)
     for actual, wanted in zip(_outputs(plain_encoders, plain_unet), expected):
         assert_close(actual, wanted)
-
