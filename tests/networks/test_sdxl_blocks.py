@@ -106,6 +106,16 @@ def test_lr_weights_give_kohyas_param_groups(real_sdxl):
         assert {id(p) for p in group["params"]} == {id(p) for m in modules_by_block[block] for p in m.parameters()}
 
 
+def test_network_from_sdxl_weights_keeps_ranks_and_takes_sdxl_lr_weights(real_sdxl):
+    dims = [1 + i % 4 for i in range(SDXL_BLOCK_COUNT)]
+    built = lora.create_network(1.0, 4, 1, None, None, real_sdxl[1], block_dims=as_arg(dims))
+    again, _ = lora.create_network_from_weights(
+        1.0, None, None, None, real_sdxl[1], weights_sd=built.state_dict(), mid_lr_weight="1,0.5,1"
+    )
+    assert {m.lora_name: m.lora_dim for m in again.unet_loras} == {m.lora_name: m.lora_dim for m in built.unet_loras}
+    assert again.block_lr_weight == [1.0] * 11 + [0.5] + [1.0] * 11  # middle_block 1 is block 11
+
+
 def test_lr_weight_presets_span_sdxls_nine_blocks(real_sdxl):
     network = lora.create_network(1.0, 4, 1, None, None, real_sdxl[1], down_lr_weight="cosine+0.5")
     cosine = [math.sin(math.pi * (i / 8) / 2) + 0.5 for i in reversed(range(9))]  # kohya's get_list("cosine")
