@@ -41,6 +41,7 @@ from networks.targets import (
     UNET_TRANSFORMER_PARENTS,
     Target,
     block_index,
+    block_layout,
     find_targets,
     is_3x3,
     layer_targets,
@@ -52,8 +53,8 @@ from networks.targets import (
 __all__ = [
     "TEXT_ENCODER_PARENTS", "TEXT_ENCODER_PREFIX", "TEXT_MODEL_LEVEL", "UNET_CONV_PARENTS", "UNET_PREFIX",
     "UNET_TRANSFORMER_PARENTS", "LowRankModule", "Network", "NetworkError", "NetworkModule", "NetworkStateError",
-    "NetworkWeightsError", "Target", "block_index", "find_targets", "is_3x3", "layer_targets", "targets_named_in",
-    "uniform", "warn_ignored_args",
+    "NetworkWeightsError", "Target", "block_index", "block_layout", "find_targets", "is_3x3", "layer_targets",
+    "targets_named_in", "uniform", "warn_ignored_args",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class Network(nn.Module):
             raise NetworkError("no layer of the text encoder or U-Net was selected: the network would be empty")
         self.module_name, self.args, self.dim, self.alpha = module_name, args, dim, alpha
         self.multiplier = multiplier
-        self.block_lr_weight = args.block_lr_weights()
+        # kohya tells SDXL from the UNet keys too (prepare_optimizer_params); its blocks are numbered differently.
+        self.block_lr_weight = args.block_lr_weights(block_layout(m.lora_name for m in modules))
         for module in modules:
             module.multiplier = multiplier
             self.add_module(module.lora_name, module)

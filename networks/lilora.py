@@ -49,6 +49,7 @@ from networks.base import (
     Network,
     NetworkWeightsError,
     Target,
+    block_layout,
     is_3x3,
     layer_targets,
     targets_named_in,
@@ -318,9 +319,10 @@ def create_network(
     args = parse_network_args(LiLoRAArgs, network_args).with_neuron_dropout(neuron_dropout)
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
-    lr_weights = args.block_lr_weights()
+    targets = layer_targets(text_encoder, unet, args.conv_dim is not None)
+    lr_weights = args.block_lr_weights(block_layout(t.name for t in targets))  # SD1/2's or SDXL's blocks
     modules = []
-    for target in layer_targets(text_encoder, unet, args.conv_dim is not None):
+    for target in targets:
         if lr_weights is not None and target.block >= 0 and lr_weights[target.block] == 0:
             continue  # kohya builds no module where the block's lr weight is 0
         rank, module_alpha = (args.conv_dim, args.conv_alpha) if is_3x3(target.module) else (dim, alpha)

@@ -1,17 +1,19 @@
-"""LoRA and LoCon (C3Lier) for Stable Diffusion 1.x/2.x, a drop-in for kohya's ``networks.lora``.
+"""LoRA and LoCon (C3Lier) for Stable Diffusion 1.x/2.x and SDXL, a drop-in for kohya's ``networks.lora``.
 
 Same keys (``lora_unet_…``/``lora_te_…`` with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``),
 same targets, same ``--network_args``, and files that kohya, A1111, ComfyUI and diffusers load.
 
-Targets: Linear and 1x1 Conv layers inside the UNet's ``Transformer2DModel`` blocks and the text
-encoder's attention and MLP blocks; with ``conv_dim`` (or ``conv_block_dims``) also the layers of
-``ResnetBlock2D``/``Downsample2D``/``Upsample2D``, where 3x3 convs get ``conv_dim`` and the Linear
-``time_emb_proj`` and 1x1 ``conv_shortcut`` get ``network_dim``.
+Targets (SD1/2, and SDXL with kohya's SDXL names): Linear and 1x1 Conv layers inside the UNet's
+``Transformer2DModel`` blocks and the text encoder's attention and MLP blocks; with ``conv_dim`` (or
+``conv_block_dims``) also the layers of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D``, where 3x3 convs
+get ``conv_dim`` and the Linear ``time_emb_proj`` and 1x1 ``conv_shortcut`` get ``network_dim``.
 
 ``--network_args`` (see :class:`LoRAArgs`): ``conv_dim``, ``conv_alpha``, ``dropout``, ``rank_dropout``,
-``module_dropout``, ``block_dims``, ``block_alphas``, ``conv_block_dims``, ``conv_block_alphas`` (25 values:
-IN00..IN11, MID, OUT00..OUT11), ``down_lr_weight``/``mid_lr_weight``/``up_lr_weight`` (numbers or
-``cosine``/``sine``/``linear``/``reverse_linear``/``zeros`` with ``+offset``), ``block_lr_zero_threshold``,
+``module_dropout``, ``block_dims``, ``block_alphas``, ``conv_block_dims``, ``conv_block_alphas`` (SD1/2: 25
+values, IN00..IN11, MID, OUT00..OUT11; SDXL: 23, time embedding, input_blocks 0..8, middle_block 0..2,
+output_blocks 0..8, out), ``down_lr_weight``/``mid_lr_weight``/``up_lr_weight`` (SD1/2: 12/1/12 values,
+SDXL: 9/3/9; numbers or ``cosine``/``sine``/``linear``/``reverse_linear``/``zeros`` with ``+offset``),
+``block_lr_zero_threshold``,
 ``loraplus_lr_ratio``, ``loraplus_unet_lr_ratio``, ``loraplus_text_encoder_lr_ratio``. Unknown keys raise.
 """
 
@@ -34,6 +36,7 @@ from networks.base import (
     Network,
     NetworkWeightsError,
     Target,
+    block_layout,
     is_3x3,
     layer_targets,
     targets_named_in,
@@ -41,8 +44,7 @@ from networks.base import (
     warn_ignored_args,
 )
 from networks.lora_file import load_lora_file
-from networks.network_args import NUM_BLOCKS, LowRankArgs, NetworkArgsError, parse_network_args
-from networks.sgm_names import unet_path_renamer
+from networks.network_args import BlockLayout, LowRankArgs, NetworkArgsError, parse_network_args
 
 DEFAULT_DIM, DEFAULT_ALPHA = 4, 1.0  # kohya's values when --network_dim / --network_alpha are not given
 _BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -51,20 +53,21 @@ _LORA_TENSORS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 @dataclass
 class LoRAArgs(LowRankArgs):
-    """kohya ``networks.lora``'s ``--network_args``, typed. Block lists have one value per UNet block."""
+    """kohya ``networks.lora``'s ``--network_args``, typed. Block lists have one value per UNet block
+    (their length depends on the model: :meth:`check_block_lists`)."""
 
     block_dims: tuple[int, ...] | None = None
     block_alphas: tuple[float, ...] | None = None
     conv_block_dims: tuple[int, ...] | None = None
     conv_block_alphas: tuple[float, ...] | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_block_lists(self, layout: BlockLayout) -> None:
+        """kohya asserts that each block list has one value per block of the model's layout."""
         for name in _BLOCK_LISTS:
             values = getattr(self, name)
-            if values is not None and len(values) != NUM_BLOCKS:
+            if values is not None and len(values) != layout.count:
                 raise NetworkArgsError(
-                    f"network_args {name}: {NUM_BLOCKS} values needed (IN00..IN11, MID, OUT00..OUT11), "
+                    f"network_args {name}: {layout.count} values needed on {layout.name} ({layout.labels}), "
                     f"got {len(values)}"
                 )
 
@@ -75,7 +78,7 @@ class LoRAArgs(LowRankArgs):
     @property
     def blockwise(self) -> bool:
         """Ranks per block: any block list or block lr weight given (kohya ignored lone block_alphas)."""
-        return any(getattr(self, name) is not None for name in _BLOCK_LISTS) or self.block_lr_weights() is not None
+        return any(getattr(self, name) is not None for name in _BLOCK_LISTS) or self.has_block_lrs
 
 
 class LoRAModule(LowRankModule):
@@ -108,20 +111,23 @@ class LoRANetwork(Network):
     TEXT_ENCODER_TARGET_REPLACE_MODULE = TEXT_ENCODER_PARENTS
 
 
-def _rank_and_alpha(target: Target, args: LoRAArgs, dim: int, alpha: float) -> tuple[int | None, float | None]:
+def _rank_and_alpha(
+    target: Target, args: LoRAArgs, dim: int, alpha: float, lr_weights: list[float] | None
+) -> tuple[int | None, float | None]:
     """kohya's rank for a layer: network_dim, conv_dim for 3x3 convs, or the block's entry in block mode."""
     conv = is_3x3(target.module)
-    lr_weights = args.block_lr_weights()
     block = target.block
     if block < 0 or not args.blockwise:  # the text encoder has no blocks
         return (args.conv_dim, args.conv_alpha) if conv else (dim, alpha)
     if lr_weights is not None and lr_weights[block] == 0:
         return None, None  # kohya builds no module where the block's lr weight is 0
     if not conv:
-        return (args.block_dims or (dim,) * NUM_BLOCKS)[block], (args.block_alphas or (alpha,) * NUM_BLOCKS)[block]
-    dims = args.conv_block_dims or (args.conv_dim,) * NUM_BLOCKS
-    alphas = args.conv_block_alphas or (args.conv_alpha or 1.0,) * NUM_BLOCKS
-    return dims[block], alphas[block]
+        dims, alphas = args.block_dims, args.block_alphas
+        return (dim if dims is None else dims[block]), (alpha if alphas is None else alphas[block])
+    if args.conv_block_dims is None:  # kohya reads conv_block_alphas only with conv_block_dims
+        return args.conv_dim, args.conv_alpha or 1.0
+    alphas = args.conv_block_alphas
+    return args.conv_block_dims[block], (args.conv_alpha or 1.0) if alphas is None else alphas[block]
 
 
 def _module(target: Target, rank: int, alpha: float, multiplier: float, args: LoRAArgs) -> LoRAModule:
@@ -141,14 +147,15 @@ def create_network(
 ) -> LoRANetwork:
     """A new LoRA network for ``text_encoder`` and ``unet``; kohya's signature (``vae`` is unused)."""
     args = parse_network_args(LoRAArgs, network_args).with_neuron_dropout(neuron_dropout)
-    if args.blockwise and unet_path_renamer(unet) is not None:
-        # kohya's SDXL block layout (23 lr weights, other indices) is not built yet; never ignore them silently.
-        raise NetworkArgsError("block-wise dims, alphas and lr weights are not supported on SDXL yet")
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
+    targets = layer_targets(text_encoder, unet, args.targets_convs)
+    layout = block_layout(t.name for t in targets)  # SD1/2's 25 blocks or SDXL's 23
+    args.check_block_lists(layout)
+    lr_weights = args.block_lr_weights(layout)
     modules = []
-    for target in layer_targets(text_encoder, unet, args.targets_convs):
-        rank, module_alpha = _rank_and_alpha(target, args, dim, alpha)
+    for target in targets:
+        rank, module_alpha = _rank_and_alpha(target, args, dim, alpha, lr_weights)
         if rank:
             modules.append(_module(target, rank, module_alpha, multiplier, args))
     return LoRANetwork(__name__, modules, args, dim, alpha, multiplier)

@@ -41,13 +41,21 @@ from networks.base import (
     NetworkModule,
     NetworkWeightsError,
     Target,
+    block_layout,
     find_targets,
     targets_named_in,
     uniform,
     warn_ignored_args,
 )
 from networks.lora_file import load_lora_file
-from networks.network_args import MID_BLOCK, NetworkArgs, NetworkArgsError, NetworkError, parse_network_args
+from networks.network_args import (
+    MID_BLOCK,
+    SD_BLOCKS,
+    NetworkArgs,
+    NetworkArgsError,
+    NetworkError,
+    parse_network_args,
+)
 
 FFN_PARENTS = ("BasicTransformerBlock",)
 WIDTHS_METADATA, INIT_METADATA = "lowrank_ffn_widths", "lowrank_ffn_init"
@@ -279,6 +287,9 @@ def select_targets(unet: nn.Module | None, blocks: Sequence[str] | None) -> list
         raise NetworkError("the UNet has no transformer feed-forward (BasicTransformerBlock.ff) to narrow")
     if blocks is None:
         return targets
+    if block_layout(t.name for t in targets) is not SD_BLOCKS:
+        # IN/MID/OUT names are SD1/2's 25 blocks; SDXL's kohya blocks are numbered otherwise.
+        raise NetworkArgsError("network_args blocks: block names are SD1/2's; on SDXL leave blocks unset (all FFNs)")
     present = {block_name(t.block) for t in targets}
     missing = [b for b in blocks if b not in present]
     if missing:
@@ -360,6 +371,8 @@ def create_network_from_weights(
     args = parse_network_args(LowRankFFNArgs, network_args)
     width = uniform(widths.values())
     blocks = tuple(block_name(number) for number in sorted({t.block for t in targets}))
+    if block_layout(t.name for t in targets) is not SD_BLOCKS:
+        blocks = None  # SDXL: no IN/MID/OUT names (see select_targets)
     built = {"blocks": blocks, "hidden": width if isinstance(width, int) else None, "ratio": None}
     warn_ignored_args(
         [k for k, v in built.items() if getattr(args, k) not in (None, v)], "blocks and widths come from the weights"

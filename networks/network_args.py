@@ -22,9 +22,36 @@ from typing import Any, TypeVar
 
 from networks.errors import NetworkArgsError, NetworkError  # noqa: F401  (NetworkError: its old home)
 
-NUM_BLOCKS = 25  # SD1/2 blocks for block-wise dims and lrs: IN00..IN11, MID, OUT00..OUT11
-MID_BLOCK = 12
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """kohya's UNet blocks for block-wise dims, alphas and lr weights, which differ between SD1/2 and SDXL.
+
+    Block lists have :attr:`count` entries: ``down`` input blocks, ``mid`` middle ones, ``up`` output ones,
+    and on SDXL (``ends``) one before (time/label embedding) and one after (``out``) that hold no adapted layer.
+    """
+
+    name: str
+    down: int
+    mid: int
+    up: int
+    ends: bool
+    labels: str
+
+    @property
+    def count(self) -> int:
+        return self.down + self.mid + self.up + (2 if self.ends else 0)
+
+
+SD_BLOCKS = BlockLayout("SD1/2", 12, 1, 12, False, "IN00..IN11, MID, OUT00..OUT11")
+SDXL_BLOCKS = BlockLayout(
+    "SDXL", 9, 3, 9, True, "time embedding, input_blocks 0..8, middle_block 0..2, output_blocks 0..8, out"
+)
+NUM_BLOCKS = SD_BLOCKS.count  # 25
+MID_BLOCK = 12  # SD1/2's MID block index
+_MAX_DOWN_UP, _MAX_MID = max(SD_BLOCKS.down, SDXL_BLOCKS.down), max(SD_BLOCKS.mid, SDXL_BLOCKS.mid)
 
 
 ArgsT = TypeVar("ArgsT", bound="NetworkArgs")
@@ -113,22 +140,41 @@ def _lr_weight_preset(name: str, count: int) -> list[float]:
     return curves[name]
 
 
-def _parse_weights(value: Any, count: int) -> tuple[float, ...]:
-    """kohya's lr-weight lists: empty items are 0, missing trailing items are 1."""
-    weights = [float(item) if item != "" else 0.0 for item in _split(value)]
+def _parse_list(value: Any, count: int) -> tuple[float, ...]:
+    """kohya's lr-weight lists as given: empty items are 0 (padding with 1s waits for the block layout)."""
+    weights = tuple(float(item) if item != "" else 0.0 for item in _split(value))
     if len(weights) > count:
         raise ValueError(f"{len(weights)} values given, at most {count}")
-    return tuple(weights + [1.0] * (count - len(weights)))
+    return weights
 
 
-def parse_lr_weights(value: Any) -> tuple[float, ...]:
-    """12 lr weights for the down or up blocks: comma-separated numbers, or ``preset[+offset]`` (kohya)."""
-    if not isinstance(value, str) or "," in value:
-        return _parse_weights(value, MID_BLOCK)
+def _parse_preset(value: str) -> tuple[str, float]:
     name, _, offset = value.strip().partition("+")
     if name not in LR_WEIGHT_PRESETS:
         raise ValueError(f"use comma-separated numbers or a preset: {', '.join(LR_WEIGHT_PRESETS)} (+offset)")
-    return tuple(w + float(offset or 0.0) for w in _lr_weight_preset(name, MID_BLOCK))
+    return name, float(offset or 0.0)
+
+
+def _parse_down_up(value: Any) -> tuple[float, ...] | str:
+    """A down/up lr-weight arg as given: numbers (at most the largest layout's count) or a checked preset."""
+    if not isinstance(value, str) or "," in value:
+        return _parse_list(value, _MAX_DOWN_UP)
+    _parse_preset(value)
+    return value.strip()
+
+
+def _parse_mid(value: Any) -> tuple[float, ...]:
+    return _parse_list(value, _MAX_MID)  # kohya splits mid_lr_weight on commas always: no presets
+
+
+def parse_lr_weights(value: Any, count: int = SD_BLOCKS.down) -> tuple[float, ...]:
+    """``count`` lr weights for the down or up blocks (kohya): comma-separated numbers, missing trailing
+    ones 1, or ``preset[+offset]``, a curve over ``count`` blocks."""
+    if not isinstance(value, str) or "," in value:
+        weights = _parse_list(value, count)
+        return weights + (1.0,) * (count - len(weights))
+    name, offset = _parse_preset(value)
+    return tuple(w + offset for w in _lr_weight_preset(name, count))
 
 
 def _positive_or_none(name: str, value: float | None) -> None:
@@ -140,9 +186,10 @@ def _positive_or_none(name: str, value: float | None) -> None:
 class NetworkArgs:
     """The ``--network_args`` the base acts on (block-wise lr weights, LoRA+); families subclass it."""
 
-    down_lr_weight: tuple[float, ...] | None = field(default=None, metadata={"parse": parse_lr_weights})
-    mid_lr_weight: tuple[float, ...] | None = field(default=None, metadata={"parse": lambda v: _parse_weights(v, 1)})
-    up_lr_weight: tuple[float, ...] | None = field(default=None, metadata={"parse": parse_lr_weights})
+    # As given (numbers or a preset); their length depends on the model: see block_lr_weights.
+    down_lr_weight: tuple[float, ...] | str | None = field(default=None, metadata={"parse": _parse_down_up})
+    mid_lr_weight: tuple[float, ...] | None = field(default=None, metadata={"parse": _parse_mid})
+    up_lr_weight: tuple[float, ...] | str | None = field(default=None, metadata={"parse": _parse_down_up})
     block_lr_zero_threshold: float = 0.0
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
@@ -152,18 +199,29 @@ class NetworkArgs:
         for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             _positive_or_none(name, getattr(self, name))
 
-    def block_lr_weights(self) -> list[float] | None:
-        """One lr weight per UNet block (index = :func:`block_index`), or None without block-wise lrs."""
-        lists = (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight)
-        if all(weights is None for weights in lists):
+    @property
+    def has_block_lrs(self) -> bool:
+        return any(w is not None for w in (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight))
+
+    def block_lr_weights(self, layout: BlockLayout = SD_BLOCKS) -> list[float] | None:
+        """One lr weight per block of ``layout`` (index = ``networks.targets.block_index``), or None without
+        block-wise lrs. kohya: lists shorter than the layout's are filled with 1, weights at or under
+        ``block_lr_zero_threshold`` are 0, SDXL's first and last blocks get 1; longer lists raise here."""
+        if not self.has_block_lrs:
             return None
         result = []
-        for weights, count in zip(lists, (MID_BLOCK, 1, MID_BLOCK)):
-            if weights is None:
+        counts = {"down_lr_weight": layout.down, "mid_lr_weight": layout.mid, "up_lr_weight": layout.up}
+        for name, count in counts.items():
+            value = getattr(self, name)
+            if value is None:
                 result += [1.0] * count
-            else:
-                result += [w if w > self.block_lr_zero_threshold else 0.0 for w in weights]
-        return result
+                continue
+            try:
+                weights = parse_lr_weights(value, count)  # mid is always a tuple: never read as a preset
+            except ValueError as err:
+                raise NetworkArgsError(f"network_args {name} on {layout.name}: {err}") from None
+            result += [w if w > self.block_lr_zero_threshold else 0.0 for w in weights]
+        return [1.0, *result, 1.0] if layout.ends else result
 
     def to_metadata(self) -> dict[str, str]:
         """The args that differ from their defaults, as strings that :func:`parse_network_args` reads back."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from networks.errors import NetworkError, NetworkWeightsError
-from networks.network_args import MID_BLOCK
+from networks.network_args import MID_BLOCK, SD_BLOCKS, SDXL_BLOCKS, BlockLayout
 from networks.sgm_names import unet_path_renamer
 
 UNET_PREFIX, TEXT_ENCODER_PREFIX = "lora_unet", "lora_te"
@@ -31,8 +31,34 @@ TEXT_MODEL_LEVEL = "text_model"
 _UP_DOWN_BLOCK = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
 
+# kohya's SDXL blocks by the SGM name's first part: 0 time/label embedding, 1..9 input_blocks.N,
+# 10..12 middle_block.N, 13..21 output_blocks.N, 22 out (kohya's get_block_index with is_sdxl).
+_SDXL_BLOCK_STARTS = {"time_embed": 0, "label_emb": 0, "input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+_SDXL_BLOCK = re.compile(r"lora_unet_(time_embed|label_emb|input_blocks|middle_block|output_blocks)_(\d+)_")
+
+
+def is_sdxl_name(lora_name: str) -> bool:
+    """A UNet key with SDXL's SGM paths (kohya's test: ``input_blocks``/``output_blocks`` in the name)."""
+    return lora_name.startswith(f"{UNET_PREFIX}_") and _SDXL_BLOCK.match(lora_name) is not None
+
+
+def block_layout(lora_names: Iterable[str]) -> BlockLayout:
+    """The block layout of a network's modules: SDXL's when a UNet key has SGM paths, SD1/2's otherwise."""
+    return SDXL_BLOCKS if any(is_sdxl_name(name) for name in lora_names) else SD_BLOCKS
+
+
 def block_index(lora_name: str) -> int:
-    """kohya's SD1/2 block of a UNet key: 1 + 3i + j for down block i, 12 for mid, 13 + 3i + j for up; -1 else."""
+    """kohya's block of a UNet key, -1 for none (text encoder).
+
+    SD1/2: 1 + 3i + j for down block i, 12 for mid, 13 + 3i + j for up (samplers count as j = 2).
+    SDXL (SGM names): 1 + N for input_blocks.N, 10 + N for middle_block.N, 13 + N for output_blocks.N.
+    """
+    sdxl = _SDXL_BLOCK.match(lora_name)
+    if sdxl:
+        start = _SDXL_BLOCK_STARTS[sdxl[1]]
+        return start + int(sdxl[2]) if start else 0
+    if lora_name.startswith(f"{UNET_PREFIX}_out_"):
+        return SDXL_BLOCKS.count - 1
     match = _UP_DOWN_BLOCK.search(lora_name)
     if match:
         direction, i, kind, j = match.groups()

@@ -3,6 +3,9 @@
 Naming (networks/lora.py, dylora.py, lora_fa.py ``create_modules``): every Linear/Conv2d child of a module
 whose class name is a target, named ``prefix.<parent path>.<child path>`` with dots turned into underscores.
 
+Blocks (networks/lora.py v0.10.1 ``get_block_index`` with ``is_sdxl``): SDXL's 23 block-wise entries by the
+module name's SGM path.
+
 Resize, research/kohya.md §5: kohya multiplies ``up @ down`` to a dense matrix, runs a full SVD and picks
 the rank from the whole spectrum. These helpers do exactly that (in float64), so the factored
 path is checked against the method it replaces, not against itself.
@@ -106,3 +109,21 @@ def kohya_sdxl_module_names(text_encoders, unet, sgm_paths: dict[str, str], conv
                 path = sgm_key.removeprefix("model.diffusion_model.").removesuffix(".weight")
                 names.add(f"lora_unet.{path}".replace(".", "_"))
     return names
+
+
+def kohya_sdxl_block(lora_name: str) -> int:
+    """kohya v0.10.1 ``get_block_index(lora_name, is_sdxl=True)``, re-stated."""
+    if not lora_name.startswith("lora_unet_"):
+        return -1
+    name = lora_name[len("lora_unet_") :]
+    if name.startswith(("time_embed_", "label_emb_")):
+        return 0
+    if name.startswith("input_blocks_"):
+        return 1 + int(name.split("_")[2])
+    if name.startswith("middle_block_"):
+        return 10 + int(name.split("_")[2])
+    if name.startswith("output_blocks_"):
+        return 13 + int(name.split("_")[2])
+    if name.startswith("out_"):
+        return 22
+    return -1

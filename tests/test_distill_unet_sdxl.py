@@ -107,6 +107,34 @@ def test_an_ssd_1b_student_distils_and_reloads_in_stock_diffusers(tiny_sd, sdxl_
     assert all(torch.equal(single_state[key], value) for key, value in after.state_dict().items())
 
 
+def test_an_sdxl_student_samples_with_the_sdxl_pipeline(tiny_sd, data):
+    """--sample_prompts on SDXL: kohya's names in <output_dir>/sample, drawn by the student, not the teacher."""
+    import argparse
+
+    import numpy as np
+
+    from library.training.sampling import parse_prompt_line
+    from library.training.sdxl_sampling import render_sdxl_samples
+
+    prompt = "sks toy --w 64 --h 64 --s 2 --d 5"
+    (data / "prompts.txt").write_text(prompt + "\n")
+    out = data / "out"
+    distill_unet.main(sdxl_distill_argv(
+        tiny_sd, data, out, "--student", "ssd_1b", "--max_train_steps", "1", "--sample_prompts",
+        str(data / "prompts.txt"), "--sample_at_first", "--sample_every_n_steps", "1",
+    ))  # fmt: skip
+    (first,) = (out / "sample").glob("student_000000_00_*_5.png")
+    (_,) = (out / "sample").glob("student_000001_00_*_5.png")
+    teacher = load_sdxl(tiny_sd.sdxl_file, tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    args = argparse.Namespace(sample_sampler="ddim", output_dir=str(data / "teacher"), output_name=None)
+    ((by_teacher, _),) = render_sdxl_samples(
+        args, torch.device("cpu"), teacher, teacher.unet, [parse_prompt_line(prompt)], None, 0
+    )
+    student_pixels = np.asarray(Image.open(first), dtype=np.int16)
+    assert student_pixels.std() > 1
+    assert not np.array_equal(student_pixels, np.asarray(Image.open(by_teacher), dtype=np.int16))
+
+
 @pytest.mark.parametrize(
     "model, extra, message",
     [

@@ -1,5 +1,6 @@
 """sdxl_train_network.py end to end on the tiny SDXL fixture: keys, caches, conditioning, resume, errors."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from library.models.sdxl import SDXL, load_sdxl
 from library.models.sdxl_conditioning import encode_sdxl_prompt
 from library.models.text_encoding import tokenize_captions
 from networks.lora_file import load_lora_file
-from tests.kohya_reference import kohya_sdxl_module_names, sgm_paths_by_diffusers_converter
+from tests.kohya_reference import kohya_sdxl_block, kohya_sdxl_module_names, sgm_paths_by_diffusers_converter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +106,30 @@ def test_locon_unet_only_with_cached_text_outputs_on_disk(tiny_sd, data):
     mtime = caches[0].stat().st_mtime_ns
     sdxl_train_network.main([*argv[:-1], "--output_name", "again"])  # existing caches are reused
     assert caches[0].stat().st_mtime_ns == mtime
+
+
+def test_block_dims_and_lr_weights_shape_an_sdxl_lora(tiny_sd, data):
+    """kohya's 23 SDXL blocks: block_dims/alphas set each module's rank, lr weight 0 leaves a block out."""
+    dims = [2 + i % 3 for i in range(23)]
+    alphas = [float(d) / 2 for d in dims]
+    down = "1.0,1.0,1.0,1.0,0.0"  # input_blocks 4 (block 5) gets lr weight 0
+    argv = sdxl_argv(tiny_sd, data, "--network_train_unet_only", "--max_train_steps", "1", "--network_args",
+                     f"block_dims={','.join(map(str, dims))}", f"block_alphas={','.join(map(str, alphas))}",
+                     f"down_lr_weight={down}")  # fmt: skip
+    sdxl_train_network.main(argv)
+    tensors, metadata = load_lora_file(data / "out" / "tiny.safetensors")
+    names = {key.partition(".")[0] for key in tensors}
+    expected = {n for n in _expected_names(tiny_sd, convs=False, text_encoders=False) if kohya_sdxl_block(n) != 5}
+    assert names == expected and len(expected) < len(_expected_names(tiny_sd, convs=False, text_encoders=False))
+    for name in names:
+        block = kohya_sdxl_block(name)
+        assert tensors[f"{name}.lora_down.weight"].shape[0] == dims[block], name
+        assert tensors[f"{name}.alpha"].item() == alphas[block], name
+    assert {k: v for k, v in json.loads(metadata["ss_network_args"]).items() if k != "dropout"} == {
+        "block_dims": ",".join(map(str, dims)),
+        "block_alphas": ",".join(map(str, alphas)),
+        "down_lr_weight": down,
+    }
 
 
 def test_cached_text_outputs_train_like_encoding_every_step(tiny_sd, data):

@@ -247,6 +247,16 @@ def test_tensorboard_scalars_and_sample_images(tiny_sd, data):
     assert len(samples) == 1 and Image.open(samples[0]).size == (64, 64)
 
 
+def test_fp16_run_samples_through_a_float32_vae_decode(tiny_sd, data):
+    """fp16 latents go through the float32 VAE (the pipeline's own decode clashed on the CPU)."""
+    prompts = data / "prompts.txt"
+    prompts.write_text("sks toy --w 64 --h 64 --s 2 --d 5\n")
+    train_network.main(base_argv(tiny_sd, data, "--max_train_steps", "1", "--mixed_precision", "fp16",
+                                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"))  # fmt: skip
+    (sample,) = (data / "out" / "sample").glob("tiny_000001_00_*_5.png")
+    assert np.asarray(Image.open(sample), dtype=np.float32).std() > 1  # an image, not NaN-black
+
+
 def test_sd2_v_prediction_single_file_with_options(tiny_sd, data):
     argv = base_argv(tiny_sd, data, "--pretrained_model_name_or_path", str(tiny_sd.sd2_file), "--v2",
                      "--v_parameterization", "--tokenizer_cache_dir", str(tiny_sd.tokenizer_cache_dir),

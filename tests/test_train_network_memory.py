@@ -146,3 +146,23 @@ def test_kohyas_loading_flags_train_the_same_on_a_single_file(tiny_sd, data):
     _, plain = run(tiny_sd, data, *single, "--output_name", "plain")
     _, flagged = run(tiny_sd, data, *single, "--lowram", "--disable_mmap_load_safetensors", "--output_name", "flags")
     assert flagged.losses == plain.losses and len(plain.losses) == 4
+
+
+def test_sdxl_frees_both_text_encoders_and_the_vae_once_cached(tiny_sd, data):
+    from library.training.sdxl_args import sdxl_train_network_parser
+    from library.training.sdxl_trainer import SDXLNetworkTrainer
+    from tests.test_sdxl_train_network import sdxl_argv
+
+    class Recording(SDXLNetworkTrainer):
+        def release_unneeded(self, inputs, plan):
+            model = inputs.model
+            refs = {name: weakref.ref(getattr(model, name)) for name in ("vae", "text_encoder", "text_encoder_2")}
+            super().release_unneeded(inputs, plan)
+            gc.collect()
+            self.alive = {name: ref() is not None for name, ref in refs.items()}
+
+    args = parse_args(sdxl_train_network_parser(), sdxl_argv(tiny_sd, data, *CACHED))
+    trainer = Recording(args)
+    trainer.train()
+    assert trainer.alive == {"vae": False, "text_encoder": False, "text_encoder_2": False}
+    assert (data / "out" / "tiny.safetensors").is_file()

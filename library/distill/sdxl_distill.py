@@ -16,7 +16,6 @@ from library.errors import ConfigError
 _NOT_ON_SDXL = {
     "theseus": "the Theseus hybrid runs SD1.x/SD2.x UNets only",
     "network_module": "distilling into a network is built for SD1.x/SD2.x only (train it with sdxl_train_network.py)",
-    "sample_prompts": "sample images are not built for SDXL students yet",
     "weighted_captions": "weighted captions are not built for SDXL yet",
     "v2": "SDXL is epsilon-prediction and has no v2 mode",
     "v_parameterization": "SDXL is epsilon-prediction and has no v2 mode",

@@ -36,6 +36,7 @@ from library.training.network_protocol import TrainableNetwork
 from library.training.noise import NoiseOptions, diffusion_loss, validation_timesteps
 from library.training.sampling import render_samples
 from library.training.saving import per_save_metadata
+from library.training.sdxl_sampling import render_sdxl_samples
 from library.training.sdxl_trainer import sdxl_batch_conditioning
 from library.training.text_conditioning import caption_hidden_states
 from library.training.theseus import ReplacementState, TheseusController
@@ -142,10 +143,9 @@ class DistillTask:
             return
         # The pipeline casts the prompt embeddings to the text encoder's dtype, which under mixed
         # precision is not the float32 student's; autocast runs both in the mixed dtype.
+        render = render_sdxl_samples if isinstance(self.model, SDXLModel) else render_samples
         with self._saved_weights(), self._evaluating(), self.accelerator.autocast():
-            render_samples(
-                self.args, self.accelerator.device, self.model, self.student, self.sample_prompts, epoch, step
-            )
+            render(self.args, self.accelerator.device, self.model, self.student, self.sample_prompts, epoch, step)
 
     def validate(self) -> dict[str, float]:
         """The loss terms of the saved weights on the held-out images, at fixed timesteps and noise."""

@@ -23,6 +23,7 @@ import diffusers
 import toml
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from library.errors import ConfigError
 from library.models.prompt_weighting import encode_sample_prompts
@@ -146,6 +147,21 @@ def sample_file_name(output_name: str | None, prompt_index: int, seed: int | Non
     return f"{prefix}{number}_{prompt_index:02d}_{time.strftime('%Y%m%d%H%M%S')}{seed_suffix}.png"
 
 
+def float32_decode(vae: torch.nn.Module) -> Callable[[DiffusionPipeline, torch.Tensor], Image.Image]:
+    """Decode a pipeline's latents with ``vae`` in float32 outside the run's autocast.
+
+    The pipelines' own decode casts nothing: float16 latents (an fp16 run) into a float32 VAE fail
+    on the CPU, and under autocast the VAE would run in half precision (SDXL's overflows in fp16).
+    """
+
+    def decode(pipeline: DiffusionPipeline, latents: torch.Tensor) -> Image.Image:
+        with torch.autocast(latents.device.type, enabled=False):
+            image = vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    return decode
+
+
 def generate_samples(
     components: dict,
     prompts: list[SamplePrompt],
@@ -164,7 +180,7 @@ def generate_samples(
         embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
-    return draw_samples(build, inputs, prompts, **options)
+    return draw_samples(build, inputs, prompts, decode=float32_decode(components["vae"]), **options)
 
 
 def draw_samples(
@@ -179,11 +195,13 @@ def draw_samples(
     epoch: int | None,
     step: int,
     device: torch.device,
+    decode: Callable[[DiffusionPipeline, torch.Tensor], Image.Image] | None = None,
 ) -> list[Path]:
     """Render each prompt with the current weights and save PNGs; training RNG is left untouched.
 
     ``build_pipeline(scheduler)`` is the family's diffusers pipeline over the loaded components and
     ``pipeline_inputs(prompt)`` its prompt embeddings (and, for SDXL, pooled text and size numbers).
+    ``decode(pipeline, latents)``, if given, turns the pipeline's latents into the image.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -198,14 +216,16 @@ def draw_samples(
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(device="cpu")
             generator.manual_seed(prompt.seed if prompt.seed is not None else torch.seed())
-            image = pipeline(
+            output = pipeline(
                 **pipeline_inputs(prompt),
                 width=prompt.width,
                 height=prompt.height,
                 num_inference_steps=prompt.sample_steps,
                 guidance_scale=prompt.scale,
                 generator=generator,
-            ).images[0]
+                **({"output_type": "latent"} if decode else {}),
+            )
+            image = decode(pipeline, output.images) if decode else output.images[0]
             path = out_dir / sample_file_name(output_name, index, prompt.seed, epoch=epoch, step=step)
             image.save(path)
             written.append(path)

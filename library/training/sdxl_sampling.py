@@ -18,7 +18,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from library.models.prompt_weighting import encode_sample_prompts
 from library.models.sdxl import SDXLModel
-from library.training.sampling import SamplePrompt, draw_samples
+from library.training.sampling import SamplePrompt, draw_samples, float32_decode
 
 
 def encode_sdxl_sample_prompts(model: SDXLModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +98,7 @@ def render_sdxl_samples(
             epoch=epoch,
             step=step,
             device=device,
+            decode=float32_decode(model.vae),
         )
     finally:
         model.vae.to(*vae_place)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from networks.network_args import NetworkArgs, NetworkArgsError, parse_lr_weights, parse_network_args
+from networks.network_args import SDXL_BLOCKS, NetworkArgs, NetworkArgsError, parse_lr_weights, parse_network_args
 
 
 @dataclass
@@ -73,3 +73,19 @@ def test_block_lr_weights_lay_out_down_mid_up_and_cut_at_threshold():
     )
     assert args.block_lr_weights() == [0.0, 0.5] + [1.0] * 10 + [2.0] + [1.0] * 12
     assert NetworkArgs().block_lr_weights() is None
+
+
+def test_sdxl_lr_weights_have_kohyas_23_blocks():
+    """kohya on SDXL: 9 down, 3 mid, 9 up values, presets over 9 blocks, and 1.0 for time embedding and out."""
+    args = parse_network_args(
+        NetworkArgs, {"down_lr_weight": "0.1,0.5", "mid_lr_weight": "2,3", "up_lr_weight": "zeros+2"}
+    )
+    assert args.block_lr_weights(SDXL_BLOCKS) == [1.0, 0.1, 0.5] + [1.0] * 7 + [2.0, 3.0, 1.0] + [2.0] * 9 + [1.0]
+    with pytest.raises(NetworkArgsError, match="mid_lr_weight on SD1/2: 2 values given, at most 1"):
+        args.block_lr_weights()  # SD1/2 has one mid block
+
+
+def test_lr_weights_are_kept_as_given_for_the_metadata():
+    args = parse_network_args(NetworkArgs, {"down_lr_weight": "0.5,,2", "up_lr_weight": "sine+0.1"})
+    assert args.to_metadata() == {"down_lr_weight": "0.5,0.0,2.0", "up_lr_weight": "sine+0.1"}
+    assert parse_network_args(NetworkArgs, args.to_metadata()) == args

@@ -12,7 +12,6 @@ from library.fileio import read_state_dict
 from library.models.sd_configs import CLIP_L_TEXT, OPEN_CLIP_BIGG_TEXT, SDXL_UNET
 from library.models.sdxl import load_sdxl
 from networks import lora
-from networks.network_args import NetworkArgsError
 from networks.sgm_names import sgm_module_path
 from networks.targets import layer_targets
 from tests.kohya_reference import kohya_sdxl_module_names, sgm_paths_by_diffusers_converter
@@ -127,8 +126,3 @@ def test_diffusers_sdxl_pipeline_loads_the_file_and_computes_as_we_do(sdxl, tmp_
     again.to(torch.float64).apply_to(plain_encoders, plain_unet)
     for actual, wanted in zip(_outputs(plain_encoders, plain_unet), expected):
         assert_close(actual, wanted)
-
-
-def test_blockwise_args_on_sdxl_are_refused_in_one_line(sdxl):
-    with pytest.raises(NetworkArgsError, match="SDXL"):
-        lora.create_network(1.0, 4, 1, None, sdxl.text_encoders, sdxl.unet, down_lr_weight="sine")

@@ -1,0 +1,92 @@
+"""Peak host memory and start-up (wall time to the first training step) of train_network.py, this
+checkout against an earlier commit of the suite, in one run with interleaved rounds.
+
+    python -m bench.bench_memory --previous 0866fcb            # before/after issue 14
+    python -m bench.bench_memory --previous 0866fcb --rounds 3 --work_dir /tmp/bench
+
+Inputs are bench_train_step's: an SD1.5-shaped random fp16 single file, a tokenizer folder and four
+256 px images; flags: LoRA dim 16, AdamW, cached latents, UNet only, fp32, SDPA, batch 1, 2 steps.
+Start-up is the time from launch until the progress bar of the training loop appears (everything
+before the first step: imports, loading, latent caching, network, optimizer). Peak memory is the
+child's maximum resident set size (``wait4``'s ru_maxrss). The earlier commit runs from a
+``git archive`` export, so nothing in this checkout changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_train_step import common_flags, make_inputs  # noqa: E402
+
+
+def export_commit(ref: str, into: Path) -> Path:
+    """The tree of ``ref`` as plain files (the previous code, runnable with this venv)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as file:
+        file.write(archive)
+        file.seek(0)
+        with tarfile.open(fileobj=file) as tar:
+            tar.extractall(into, filter="data")
+    return into
+
+
+def timed_run(command: list[str], cwd: Path) -> tuple[float, float, float]:
+    """(seconds to the first step, total seconds, peak RSS in GiB) of one child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_step, tail = None, b""
+    while chunk := process.stderr.read1(4096):
+        tail = (tail + chunk)[-20000:]
+        if first_step is None and b"steps:" in tail:
+            first_step = time.perf_counter() - start
+    _, status, usage = os.wait4(process.pid, 0)
+    total = time.perf_counter() - start
+    if status != 0 or first_step is None:
+        raise RuntimeError(f"{' '.join(command[:2])} failed:\n{tail.decode(errors='replace')[-3000:]}")
+    return first_step, total, usage.ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "sd-lite-bench")
+    parser.add_argument("--previous", type=str, help="an earlier commit of this suite to compare with")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, tokenizers, data = make_inputs(args.work_dir, args.size, images=4)
+
+    def command(repo: Path, out: str, *extra: str) -> list[str]:
+        flags = common_flags(checkpoint, tokenizers, data, args.work_dir / out, args.size, steps=2)
+        return [sys.executable, str(repo / "train_network.py"), *flags, "--network_train_unet_only", *extra]
+
+    configs = {"this checkout": command(REPO, "out-now")}
+    configs["this checkout, --cache_text_encoder_outputs"] = command(REPO, "out-te", "--cache_text_encoder_outputs")
+    if args.previous:
+        previous = export_commit(args.previous, args.work_dir / f"previous-{args.previous}")
+        configs = {f"previous ({args.previous})": command(previous, "out-prev"), **configs}
+    timed_run(next(iter(configs.values())), REPO)  # warm-up: the checkpoint into the page cache, latents cached
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, cmd in configs.items():
+            results[name].append(timed_run(cmd, REPO))
+    print(f"{'':48} {'start-up s':>10} {'total s':>8} {'peak RSS GiB':>12}")
+    for name, runs in results.items():
+        first, total, rss = (statistics.median(values) for values in zip(*runs))
+        print(f"{name:48} {first:10.1f} {total:8.1f} {rss:12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
