@@ -10,7 +10,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from library.errors import ConfigError
 from library.models.stable_diffusion import save_diffusers_folder, save_ldm_checkpoint
@@ -102,6 +103,10 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--vae_channels", default=",".join(map(str, VAE_CHANNELS)), help="VAE channels per level, multiples of 32"
     )
+    parser.add_argument(
+        "--unet_continue_from",
+        help="a toy_sd1 folder from an earlier run: its UNet and text encoder train --unet_steps more",
+    )
     parser.add_argument("--eval_images", type=int, default=720, help="images for the VAE reconstruction check")
     parser.add_argument("--eval_samples", type=int, default=2, help="samples per combination for the final check")
     parser.add_argument(
@@ -118,6 +123,10 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         folder = getattr(args, flag)
         if folder and not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"--{flag} '{folder}' is not a VAE folder (no config.json)")
+    if args.unet_continue_from:
+        for part in ("unet", "text_encoder"):
+            if not (Path(args.unet_continue_from) / part / "config.json").is_file():
+                raise ConfigError(f"--unet_continue_from '{args.unet_continue_from}' has no {part}/config.json")
     if args.vae_from and args.vae_continue_from:
         raise ConfigError("--vae_from skips the VAE stage and --vae_continue_from trains one: give one of them")
     out = Path(args.out)
@@ -152,8 +161,13 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         accuracy, psnr = reconstruction_report(model.vae, pretraining + held_out, args.eval_images, plan.seed)
         summary["reconstruction"] = {"psnr_db": psnr, **accuracy.rates(), "confusion": _pairs(accuracy.confusion)}
         report(f"VAE reconstruction: PSNR {psnr:.2f} dB, classifier {accuracy.rates()}")
+    if args.unet_continue_from:
+        source = Path(args.unet_continue_from)
+        model.unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32)
+        model.text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder").float()
+        summary["unet_continued_from"] = args.unet_continue_from
     if plan.unet_steps > 0:
-        unet_log = pretrain_diffusion(model, plan, report)
+        unet_log = pretrain_diffusion(model, plan, report, round_index=int(bool(args.unet_continue_from)))
         summary["unet"] = _stage_summary(unet_log)
     if plan.unet_steps > 0 and args.eval_samples > 0:
         for name, combos in (("pretraining", pretraining), ("held_out", held_out)):

@@ -200,9 +200,11 @@ def normalise_latent_scale(vae: AutoencoderKL, seed: int, per_combination: int =
 
 
 def pretrain_diffusion(
-    model: StableDiffusionModel, plan: PretrainPlan, report: Callable[[str], None] = print
+    model: StableDiffusionModel, plan: PretrainPlan, report: Callable[[str], None] = print, *, round_index: int = 0
 ) -> StageLog:
-    """UNet and text encoder together, epsilon prediction with the training scripts' noise code."""
+    """UNet and text encoder together, epsilon prediction with the training scripts' noise code.
+
+    ``round_index`` > 0 continues an earlier round's UNet and text encoder with other random draws."""
     means, stds, captions = encode_training_set(model.vae, plan)
     ids = tokenize_captions(model.tokenizer, captions)
     empty = tokenize_captions(model.tokenizer, [""])
@@ -211,7 +213,7 @@ def pretrain_diffusion(
     unet, text_encoder = model.unet, model.text_encoder
     for module in (unet, text_encoder):
         module.train().requires_grad_(True)
-    torch.manual_seed(plan.seed + 1)
+    torch.manual_seed(plan.seed + 1 + 1000 * round_index)
 
     def step_fn(step: int) -> torch.Tensor:
         pick = torch.randint(0, len(captions), (plan.unet_batch,))

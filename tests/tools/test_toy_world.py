@@ -123,3 +123,23 @@ def test_a_second_vae_stage_continues_the_first(tmp_path):
             + ["--vae_continue_from", str(tmp_path / "first" / "vae")]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_a_second_diffusion_round_continues_the_first(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    flags = ["--vae_steps", "1", "--vae_batch", "2", "--unet_batch", "2", "--images_per_combination", "1"]
+    flags += ["--eval_images", "0", "--eval_samples", "0", "--threads", "1"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "first"), "--unet_steps", "1", *flags])
+    source = tmp_path / "first" / "toy_sd1"
+    second = ["--out", str(tmp_path / "second"), "--vae_from", str(tmp_path / "first" / "vae")]
+    pretrain_toy_world.main([*second, "--unet_continue_from", str(source), "--unet_steps", "1", *flags])
+    report = json.loads((tmp_path / "second" / "pretrain_report.json").read_text())
+    assert report["unet_continued_from"] == str(source) and report["unet"]["steps"] == 1
+    before = UNet2DConditionModel.from_pretrained(source / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "second" / "toy_sd1" / "unet").state_dict()
+    moved = [key for key in before if not torch.equal(before[key], after[key])]
+    assert moved and max((after[k] - before[k]).abs().max() for k in moved) < 0.05  # one small step on
+    with pytest.raises(ConfigError, match="has no unet/config.json"):
+        pretrain_toy_world.main(["--out", str(tmp_path / "x"), "--unet_continue_from", str(tmp_path)])
+    assert not (tmp_path / "x").exists()
