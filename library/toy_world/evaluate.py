@@ -113,7 +113,10 @@ def sample_report(
     **sampling,
 ) -> Accuracy:
     """Classifier accuracy of ``per_combination`` seeded samples of each ``a <colour> <shape>``."""
-    jobs = [(c, s, seed * 100_003 + i) for i in range(per_combination) for c, s in combinations]
+    # One noise per sample: a seed shared by every prompt would make all of a round's samples fail
+    # or succeed together (one starting noise drawn for 60 prompts), a far noisier estimate.
+    pairs = [(c, s) for _ in range(per_combination) for c, s in combinations]
+    jobs = [(c, s, seed * 100_003 + n) for n, (c, s) in enumerate(pairs)]
     accuracy = Accuracy()
     for first in range(0, len(jobs), batch):
         chunk = jobs[first : first + batch]

@@ -58,3 +58,17 @@ def test_a_model_loaded_from_its_single_file_samples_the_same_images(model, tmp_
     assert found[0].size == (64, 64)
     difference = np.abs(np.asarray(found[0], dtype=int) - np.asarray(expected[0], dtype=int))
     assert difference.max() <= 1  # rounding of the saved weights, nothing else
+
+
+def test_every_sample_of_a_report_has_its_own_noise(model, monkeypatch):
+    from library.toy_world import evaluate
+
+    seeds, real_generate = [], evaluate.generate
+
+    def recording(model, prompts, chunk_seeds, **sampling):
+        seeds.extend(chunk_seeds)
+        return real_generate(model, prompts, chunk_seeds, **sampling)
+
+    monkeypatch.setattr(evaluate, "generate", recording)
+    sample_report(model, [("red", "star"), ("blue", "ring"), ("green", "cross")], per_combination=2, seed=0, steps=1)
+    assert len(seeds) == 6 and len(set(seeds)) == 6
