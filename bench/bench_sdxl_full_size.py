@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.bench_train_step import common_flags  # noqa: E402
+
 STEP_TIMES_MARK = "bench step times: "
 
 
@@ -76,29 +79,9 @@ def write_images(data: Path, size: int, images: int) -> None:
 
 
 def train_flags(checkpoint: Path, tokenizers: Path, data: Path, out: Path, size: int, steps: int) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(checkpoint),
-        "--tokenizer_cache_dir", str(tokenizers),
-        "--train_data_dir", str(data),
-        "--caption_extension", ".txt",
-        "--resolution", str(size),
-        "--output_dir", str(out),
-        "--output_name", "bench",
-        "--network_module", "networks.lora",
-        "--network_dim", "16",
-        "--network_alpha", "8",
-        "--learning_rate", "1e-4",
-        "--optimizer_type", "AdamW",
-        "--max_train_steps", str(steps),
-        "--train_batch_size", "1",
-        "--cache_latents",
-        "--cache_text_encoder_outputs",
-        "--network_train_unet_only",
-        "--mixed_precision", "bf16",
-        "--sdpa",
-        "--seed", "0",
-        "--max_data_loader_n_workers", "0",
-    ]  # fmt: skip
+    """bench_train_step's LoRA run in bf16, with SDXL's cached text-encoder outputs and UNet-only training."""
+    flags = common_flags(checkpoint, tokenizers, data, out, size, steps, mixed_precision="bf16")
+    return [*flags, "--cache_text_encoder_outputs", "--network_train_unet_only"]
 
 
 def child(argv: list[str]) -> None:

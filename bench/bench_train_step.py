@@ -64,7 +64,10 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     return checkpoint, tokenizers, data
 
 
-def common_flags(checkpoint: Path, tokenizers: Path, data: Path, out: Path, size: int, steps: int) -> list[str]:
+def common_flags(
+    checkpoint: Path, tokenizers: Path, data: Path, out: Path, size: int, steps: int, mixed_precision: str = "no"
+) -> list[str]:
+    """The LoRA run every benchmark times: dim 16, AdamW, batch 1, cached latents, SDPA."""
     return [
         "--pretrained_model_name_or_path", str(checkpoint),
         "--tokenizer_cache_dir", str(tokenizers),
@@ -82,7 +85,7 @@ def common_flags(checkpoint: Path, tokenizers: Path, data: Path, out: Path, size
         "--train_batch_size", "1",
         "--cache_latents",
         "--sdpa",
-        "--mixed_precision", "no",
+        "--mixed_precision", mixed_precision,
         "--seed", "0",
         "--max_data_loader_n_workers", "0",
     ]  # fmt: skip

@@ -12,3 +12,11 @@ def exit_status(main: Callable[[list[str]], None], *args) -> int:
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+def assert_one_line_refusal(main: Callable[[list[str]], None], argv: list[str], capsys) -> None:
+    """``argv`` ends the command line with exit status 2 and exactly one ``error: --...`` line."""
+    capsys.readouterr()
+    assert exit_status(main, *argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --"), lines

@@ -19,7 +19,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import distill_unet
 import train_network
-from library.cli import run_cli
 from library.distill.students import build_student, student_config
 from library.errors import ConfigError
 from library.models.stable_diffusion import load_stable_diffusion, save_diffusers_folder
@@ -27,6 +26,7 @@ from library.models.text_encoding import encode_tokens, tokenize_captions
 from library.training.theseus import draw_replacements
 from networks import lora
 from networks.lora_file import load_lora_file
+from tests.cli_runs import assert_one_line_refusal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -287,10 +287,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tiny_sd, data, capsys, e
     argv = distill_argv(tiny_sd.sd1_dir, data, data / "out", "--logging_dir", str(data / "logs"), *extra)
     with pytest.raises(ConfigError, match=message):
         distill_unet.main(argv)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: distill_unet.main(argv))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --")
+    assert_one_line_refusal(distill_unet.main, argv, capsys)
     assert not (data / "out").exists() and not (data / "logs").exists()
 
 

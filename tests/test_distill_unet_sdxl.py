@@ -10,9 +10,9 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 import distill_unet
-from library.cli import run_cli
 from library.errors import ConfigError, SuiteError
 from library.models.sdxl import load_sdxl
+from tests.cli_runs import assert_one_line_refusal
 from tests.test_distill_unet import distill_argv, state_objects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -150,10 +150,7 @@ def test_students_and_flags_of_the_other_family_are_one_line_exit_2(tiny_sd, dat
     argv = distill_argv(path, data, data / "out", "--tokenizer_cache_dir", str(tiny_sd.tokenizer_cache_dir), *extra)
     with pytest.raises(ConfigError, match=message):
         distill_unet.main(argv)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: distill_unet.main(argv))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --")
+    assert_one_line_refusal(distill_unet.main, argv, capsys)
     assert not (data / "out").exists()
 
 
