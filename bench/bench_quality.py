@@ -9,7 +9,10 @@ model's colour/shape accuracy on pretraining and held-out prompts. ``dreambooth`
 family, scored before and after: concept accuracy (samples of ``a <token> <shape>`` read as the
 concept), class prior (the shape in its known colours) and other prior (other pretraining prompts),
 beside the base model's own prior, trainable parameters and file size. The concept, the number of
-instance images, steps and seeds are flags.
+instance images, steps and seeds are flags. ``distill``: BK-SDM students of the toy model trained by
+``distill_unet.py`` with and without KD, scored against the teacher (bench/quality_distill.py).
+``ffn``: narrow FFNs by ``tools/compress_ffn.py``, ``pca`` against ``prune`` init, after each stage
+(bench/quality_ffn.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import train_network  # noqa: E402
+from bench.quality_distill import add_distill_args, distill_rows  # noqa: E402
+from bench.quality_ffn import add_ffn_args, ffn_rows  # noqa: E402
 from library.toy_world.concept import Concept, write_concept_set  # noqa: E402
 from library.toy_world.dreambooth import (  # noqa: E402
     DreamBoothRun,
@@ -102,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the toy model's single file")
     parser.add_argument("--tokenizers", required=True, help="its --tokenizer_cache_dir")
-    parser.add_argument("--rows", nargs="+", default=["base", "dreambooth"], choices=["base", "dreambooth"])
+    parser.add_argument(
+        "--rows", nargs="+", default=["base", "dreambooth"], choices=["base", "dreambooth", "distill", "ffn"]
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--concept", default="purple triangle", help="a held-out colour and shape")
     parser.add_argument("--token", default="sks")
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    add_distill_args(parser)
+    add_ffn_args(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
             print("| method | trainable | file | concept | concept colour | class prior | other prior | train |")
             print("|---|---|---|---|---|---|---|---|")
             dreambooth_rows(args, Path(tmp), args.methods)
+        if "distill" in args.rows:
+            distill_rows(args, Path(tmp))  # prints its title, header and rows
+        if "ffn" in args.rows:
+            ffn_rows(args, Path(tmp))
 
 
 if __name__ == "__main__":
