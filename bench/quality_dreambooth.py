@@ -88,6 +88,9 @@ RESIZE_SOURCES = ("lora r4", "lora r16")
 def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dreambooth and resize rows (bench/quality_dreambooth.py)")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    g.add_argument(
+        "--work_dir", help="keep the concept set, trained files and checkpoints here (default: a temporary folder)"
+    )
     g.add_argument("--save_every", type=int, default=25, help="checkpoint (and score) every N steps")
     g.add_argument("--checkpoint_samples", type=int, default=16, help="concept samples per checkpoint")
     g.add_argument(
