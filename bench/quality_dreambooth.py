@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import importlib
+import io
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
