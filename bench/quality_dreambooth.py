@@ -85,6 +85,10 @@ METHODS: dict[str, Method | None] = {
     # SD1.5's aux/width proportions (100/768-1280 and 50/320-1280) on the toy's 32-128 widths: the
     # default 100/50 clamp to most toy layers' full width, leaving no projection to speak of.
     "lilora r4 up_zero aux12/6": Method("networks.lilora", ("init=up_zero", "aux_down=12", "aux_up=6"), 4, 4.0),
+    # docs/lilora.md: an Adam step moves lora_up about sqrt(b / out) as far as a LoRA's, so a few times the lr.
+    "lilora r4 up_zero aux12/6 lr4e-3": Method(
+        "networks.lilora", ("init=up_zero", "aux_down=12", "aux_up=6"), 4, 4.0, 4e-3
+    ),
     FULL: None,  # distill_unet.py, see the module docstring
 }
 RESIZE_SOURCES = ("lora r4", "lora r16")
@@ -106,6 +110,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         help="kohya's flag for every run: the toy model was pretrained with 10%% empty captions and is sampled "
         "with CFG, so the unconditional prediction must keep training (docs/quality.md)",
     )
+    g.add_argument("--lr_scheduler", default="constant", help="kohya's flag for every run (constant: kohya's default)")
     g.add_argument("--full_lr", type=float, default=1e-4, help="learning rate of full UNet fine-tuning")
     g.add_argument("--resize_sv_ratios", default="128,64,32,16,8,4,2", help="resize_lora.py sv_ratio values")
     g.add_argument("--resize_ranks", default="1,2", help="resize_lora.py fixed ranks")
@@ -156,7 +161,11 @@ def network_parameters(base, method: Method) -> int:
 def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, name: str) -> Trained:
     method = METHODS[name]
     out = work / name.replace(" ", "_")
-    extra = [f"--save_every_n_steps={args.save_every}", f"--caption_dropout_rate={args.caption_dropout_rate}"]
+    extra = [
+        f"--save_every_n_steps={args.save_every}",
+        f"--caption_dropout_rate={args.caption_dropout_rate}",
+        f"--lr_scheduler={args.lr_scheduler}",
+    ]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
                             seed=args.seed)  # fmt: skip
