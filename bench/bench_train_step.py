@@ -6,9 +6,9 @@
 Both trainers get the same single-file checkpoint, tokenizer folder, images and flags (256 px,
 batch 1, LoRA dim 16, AdamW, cached latents, SDPA, UNet only, fp32). Each runs once to warm up (the
 checkpoint then sits in the page cache for both), then, in interleaved rounds, with few and with
-more steps; the difference divided by the extra steps is the time of one training step, free of
-start-up and model loading. Start-up is the wall time to the first step (the ``steps:`` progress
-bar); peak memory is the child process' maximum resident set size (``wait4``).
+more steps; the difference of the time after the first step began, divided by the extra steps, is
+the time of one training step, free of start-up and model loading. Start-up is the wall time to
+the first step (the ``steps:`` progress bar); peak memory is the child process' maximum resident set size (``wait4``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def measure(tools: dict, cwd: dict, few: int, many: int, rounds: int) -> dict[st
     results = {}
     for name, pairs in runs.items():
         results[name] = {
-            "step": statistics.median((b[1] - a[1]) / (many - few) for a, b in pairs),
+            # after the first step began, so that start-up's spread (loading varies by seconds) stays out
+            "step": statistics.median(((b[1] - b[0]) - (a[1] - a[0])) / (many - few) for a, b in pairs),
             "startup": statistics.median(run[0] for pair in pairs for run in pair),
             "rss": max(run[2] for pair in pairs for run in pair),
         }
