@@ -1,9 +1,12 @@
 """Baking LoRA/LoCon updates into an SD checkpoint's weights: ``W += ratio * alpha / rank * up @ down``.
 
-Each update is formed in float64 and added to the weight in float64, then stored in the weight's
-own dtype, so the only rounding is the final one (kohya adds in float32 and saves float32 unless
-told otherwise). Every module of every LoRA is matched to a layer before any weight changes: a
-module that matches no layer, or a layer of another shape, means the LoRA is for another model.
+Each update is formed in float64 and added to the weight in float64, then rounded once to the
+output dtype (``--save_precision``, else the weight's own), so the only rounding is the final one:
+an fp16 checkpoint saved as float keeps the float32 sum, not an fp16 one cast up (kohya adds in
+float32 and saves float32 unless told otherwise). Layers are baked one at a time, so only one
+float64 update exists at once (all of an SD1.5 LoCon's would take ~6 GB). Every module of every
+LoRA is matched to a layer before any weight changes: a module that matches no layer, or a layer of
+another shape, means the LoRA is for another model.
 """
 
 from __future__ import annotations
@@ -44,18 +47,20 @@ def match_layers(weights: SDWeights, inputs: list[LoRAInput]) -> dict[str, tuple
     return layers
 
 
-def bake_loras(weights: SDWeights, inputs: list[LoRAInput], ratios: list[float]) -> int:
-    """Add every module's ``ratio``-scaled update to its layer (in place); returns the number of layers changed."""
+def bake_loras(
+    weights: SDWeights, inputs: list[LoRAInput], ratios: list[float], dtype: torch.dtype | None = None
+) -> int:
+    """Add every module's ``ratio``-scaled update to its layer (in place), rounded once to ``dtype``
+    (``None``: the layer's dtype); returns the number of layers changed."""
     layers = match_layers(weights, inputs)
-    updates: dict[str, torch.Tensor] = {}
-    for lora, ratio in zip(inputs, ratios):
-        for name, module in lora.modules.items():
-            delta = module.delta(torch.float64) * ratio
-            updates[name] = updates[name] + delta if name in updates else delta
-    for name, delta in updates.items():
+    names = list(dict.fromkeys(name for lora in inputs for name in lora.modules))
+    for name in names:
         part, key = layers[name]
         weight = weights.tensor(part, key)
-        merged = weight.double() + delta.reshape(weight.shape)
-        weights.replace(part, key, merged.to(weight.dtype))
-    logger.info("merged %d LoRA modules into '%s'", len(updates), weights.source)
-    return len(updates)
+        merged = weight.to(torch.float64, copy=True)
+        for lora, ratio in zip(inputs, ratios):
+            if name in lora.modules:
+                merged += lora.modules[name].delta(torch.float64).reshape(weight.shape) * ratio
+        weights.replace(part, key, merged.to(dtype or weight.dtype))
+    logger.info("merged %d LoRA modules into '%s'", len(names), weights.source)
+    return len(names)
