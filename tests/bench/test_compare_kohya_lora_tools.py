@@ -23,6 +23,15 @@ def test_float32_ulps_counts_numpys_spacing():
     assert torch.equal(float32_ulps(reference, other), steps.abs())
 
 
+def test_float32_ulps_in_units_of_the_operand_scale():
+    # W + update cancelling to ~0: one ulp of W is one ulp, not ~500000 of the result's.
+    weight = torch.tensor([0.5, 0.5], dtype=torch.float32)
+    result = torch.tensor([1e-6, 1.5], dtype=torch.float32)  # the larger magnitude sets the unit
+    other = result.double() + float(np.spacing(np.float32(0.5))) * torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert torch.equal(float32_ulps(result, other.float(), weight), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert float32_ulps(result, other.float())[0] > 1e5
+
+
 def test_update_is_the_dense_scaled_product_also_for_3x3_convs():
     tensors = random_lora([LINEAR, CONV], 4, 2.0, 3, 6.0, seed=0, dtype=torch.float32)
     down = tensors[f"{CONV.name}.lora_down.weight"].double()
