@@ -128,8 +128,8 @@ def relative_errors(
 def float32_ulps(reference: torch.Tensor, other: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``|other - reference|`` in float32 units in the last place of ``max(|reference|, |scale|)`` (elementwise).
 
-    A baked weight ``W + update`` that cancels to nearly zero has a tiny ulp of its own, while
-    float32 arithmetic errs by ulps of its operands; ``scale=W`` measures in those.
+    A baked weight ``W + update`` near zero has a tiny ulp of its own, while kohya's float32
+    ``up @ down`` errs by ulps of its (much larger) terms; ``scale=max|W|`` measures at the tensor's scale.
     """
     magnitude = reference.float().abs()
     if scale is not None:
@@ -148,7 +148,7 @@ class BakeComparison:
     changed_by_one_only: list[str] = field(default_factory=list)
     only_in_kohya: list[str] = field(default_factory=list)
     only_in_ours: list[str] = field(default_factory=list)
-    max_ulps: float = 0.0  # largest |kohya - ours| in float32 ulps of max(|W|, |ours|), changed elements
+    max_ulps: float = 0.0  # largest |kohya - ours| in float32 ulps of max|W| (the tensor's scale)
     differing_elements: int = 0
     changed_elements: int = 0
     max_relative: float = 0.0  # largest max|kohya - ours| / max|ours| over the changed tensors
@@ -157,7 +157,7 @@ class BakeComparison:
     def __str__(self) -> str:
         return (
             f"{self.tensors} tensors; {self.changed} baked, {self.untouched} untouched and bit-identical; "
-            f"baked: max |kohya - ours| {self.max_ulps:.2f} float32 ulp of max(|W|, |ours|), "
+            f"baked: max |kohya - ours| {self.max_ulps:.2f} float32 ulp of max |W|, "
             f"{self.differing_elements}/{self.changed_elements} elements differ, "
             f"max |diff| / max |W| {self.max_relative:.2e}; dtypes {sorted(self.dtypes)}; "
             f"changed by one tool only: {len(self.changed_by_one_only)}; "
@@ -191,7 +191,7 @@ def compare_baked(original: Path, kohya: Path, ours: Path) -> BakeComparison:
                 result.changed_by_one_only.append(key)
             if not o.is_floating_point():
                 continue
-            ulps = float32_ulps(o, k, b)
+            ulps = float32_ulps(o, k, None if b is None else b.abs().max())
             result.max_ulps = max(result.max_ulps, float(ulps.max()))
             result.differing_elements += int((ulps > 0).sum())
             result.changed_elements += o.numel()
