@@ -3,10 +3,11 @@
 Each update is formed in float64 and added to the weight in float64, then rounded once to the
 output dtype (``--save_precision``, else the weight's own), so the only rounding is the final one:
 an fp16 checkpoint saved as float keeps the float32 sum, not an fp16 one cast up (kohya adds in
-float32 and saves float32 unless told otherwise). Layers are baked one at a time, so only one
-float64 update exists at once (all of an SD1.5 LoCon's would take ~6 GB). Every module of every
-LoRA is matched to a layer before any weight changes: a module that matches no layer, or a layer of
-another shape, means the LoRA is for another model.
+float32 and saves float32 unless told otherwise). Layers are baked one at a time and in blocks of
+rows, so the float64 work stays in small reused buffers (whole float64 updates of an SD1.5 LoCon
+would take ~6 GB, and fresh large buffers cost more in page faults than the arithmetic). Every
+module of every LoRA is matched to a layer before any weight changes: a module that matches no
+layer, or a layer of another shape, means the LoRA is for another model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from library.lora_tools.lora_sets import LoRAInput, LoRAModule
 from library.lora_tools.sd_weights import SDWeights
 
 logger = logging.getLogger(__name__)
+BLOCK_ELEMENTS = 1 << 18  # float64 rows per block: 2 MiB, reused by the allocator
 
 
 def _check_fits(module: LoRAModule, weight: torch.Tensor, lora: LoRAInput, weights: SDWeights) -> None:
@@ -57,10 +59,19 @@ def bake_loras(
     for name in names:
         part, key = layers[name]
         weight = weights.tensor(part, key)
-        merged = weight.to(torch.float64, copy=True)
-        for lora, ratio in zip(inputs, ratios):
-            if name in lora.modules:
-                merged += lora.modules[name].delta(torch.float64).reshape(weight.shape) * ratio
-        weights.replace(part, key, merged.to(dtype or weight.dtype))
+        parts = [
+            (lora.modules[name].up.double(), lora.modules[name].down.double(), lora.modules[name].scale, ratio)
+            for lora, ratio in zip(inputs, ratios)
+            if name in lora.modules
+        ]
+        matrix = weight.reshape(weight.shape[0], -1)
+        baked = torch.empty(matrix.shape, dtype=dtype or weight.dtype)
+        rows = max(1, BLOCK_ELEMENTS // matrix.shape[1])
+        for start in range(0, matrix.shape[0], rows):
+            block = matrix[start : start + rows].to(torch.float64, copy=True)
+            for up, down, scale, ratio in parts:  # the order of LoRAModule.delta(), then the ratio
+                block += (up[start : start + rows] @ down) * scale * ratio
+            baked[start : start + rows] = block
+        weights.replace(part, key, baked.reshape(weight.shape))
     logger.info("merged %d LoRA modules into '%s'", len(names), weights.source)
     return len(names)

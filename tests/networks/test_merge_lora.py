@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from library.lora_tools import checkpoint_merge
 from library.models.stable_diffusion import load_stable_diffusion
 from library.synthetic_lora import LoRATarget
 from networks import merge_lora
@@ -56,9 +57,15 @@ def test_bake_into_single_file_matches_float64_reference(family, tiny_sd, tiny_t
     assert len(before) - len(unchanged) == len(targets) - fused
 
 
-def test_bake_fp16_file_saved_as_float_rounds_once_to_float32(tiny_sd, tiny_targets, write_lora, tmp_path):
+@pytest.mark.parametrize("block", [None, 40])
+def test_bake_fp16_file_saved_as_float_rounds_once_to_float32(
+    block, tiny_sd, tiny_targets, write_lora, tmp_path, monkeypatch
+):
     # kohya's default for an fp16 checkpoint: bake in float32, save float32. The float32 output must be
-    # the float64 sum rounded once, not the sum rounded to fp16 first and cast up.
+    # the float64 sum rounded once, not the sum rounded to fp16 first and cast up. block=40 elements
+    # bakes every layer in many row blocks (one row at a time where a row is longer).
+    if block:
+        monkeypatch.setattr(checkpoint_merge, "BLOCK_ELEMENTS", block)
     fp16_file = tmp_path / "sd1_fp16.safetensors"
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(tiny_sd.sd1_file).items()}, fp16_file)
     targets = tiny_targets["sd1"]
