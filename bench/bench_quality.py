@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
         if "base" in args.rows:
             print("| row | colour | shape | both |\n|---|---|---|---|")
             model = load_base(args.model, args.tokenizers)
@@ -73,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(row, flush=True)
         trained = {}
         if "dreambooth" in args.rows:
-            trained = dreambooth_rows(args, Path(tmp), args.methods)  # prints its title, header and rows
+            trained = dreambooth_rows(args, work, args.methods)  # prints its title, header and rows
         if "resize" in args.rows:
-            resize_rows(args, Path(tmp), trained)  # trains lora r4 / r16 itself if dreambooth did not
+            resize_rows(args, work, trained)  # trains lora r4 / r16 itself if dreambooth did not
         if "distill" in args.rows:
             distill_rows(args, Path(tmp))  # prints its title, header and rows
         if "ffn" in args.rows:

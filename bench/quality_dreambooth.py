@@ -2,11 +2,12 @@
 
 ``bench/bench_quality.py --rows dreambooth resize`` calls :func:`dreambooth_rows` and
 :func:`resize_rows`. Each method trains the same concept set with the same kohya flags
-(:func:`library.toy_world.dreambooth.train_network_argv`), saving a checkpoint every
-``--save_every`` steps (kohya's ``--save_every_n_steps``); every checkpoint's concept accuracy is
-scored, so "steps to 80%" is the first checkpoint at or above 0.8. The final file gets the full
-report (concept, class prior, other prior). Every network file is applied with ``networks.lora``,
-as a consumer loads it (a Light LoRA saves a plain kohya LoRA).
+(:func:`library.toy_world.dreambooth.train_network_argv`, plus ``--caption_dropout_rate``: without
+it the unconditional prediction drifts with the concept and CFG pushes samples away from it),
+saving a checkpoint every ``--save_every`` steps (kohya's ``--save_every_n_steps``); every
+checkpoint's concept accuracy is scored, so "steps to 80%" is the first checkpoint at or above
+0.8. The final file gets the full report (concept, class prior, other prior). Every network file
+is applied with ``networks.lora``, as a consumer loads it (a Light LoRA saves a plain kohya LoRA).
 
 - Light LoRA variants the suite refuses or lacks (both factors zero, Gaussian aux) train through
   the bench-only module :mod:`bench.lilora_variants`.
@@ -76,6 +77,9 @@ METHODS: dict[str, Method | None] = {
         for init in ("up_zero", "down_zero", "joint", "both_zero", "gaussian")
     },
     "lilora r4 gaussian_scaled": _lilora(4, "gaussian_scaled"),
+    # SD1.5's aux/width proportions (100/768-1280 and 50/320-1280) on the toy's 32-128 widths: the
+    # default 100/50 clamp to most toy layers' full width, leaving no projection to speak of.
+    "lilora r4 up_zero aux12/6": Method("networks.lilora", ("init=up_zero", "aux_down=12", "aux_up=6"), 4, 4.0),
     FULL: None,  # distill_unet.py, see the module docstring
 }
 RESIZE_SOURCES = ("lora r4", "lora r16")
@@ -84,8 +88,18 @@ RESIZE_SOURCES = ("lora r4", "lora r16")
 def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dreambooth and resize rows (bench/quality_dreambooth.py)")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    g.add_argument(
+        "--work_dir", help="keep the concept set, trained files and checkpoints here (default: a temporary folder)"
+    )
     g.add_argument("--save_every", type=int, default=25, help="checkpoint (and score) every N steps")
     g.add_argument("--checkpoint_samples", type=int, default=16, help="concept samples per checkpoint")
+    g.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.1,
+        help="kohya's flag for every run: the toy model was pretrained with 10%% empty captions and is sampled "
+        "with CFG, so the unconditional prediction must keep training (docs/quality.md)",
+    )
     g.add_argument("--full_lr", type=float, default=1e-4, help="learning rate of full UNet fine-tuning")
     g.add_argument("--resize_sv_ratios", default="128,64,32,16,8,4,2", help="resize_lora.py sv_ratio values")
     g.add_argument("--resize_ranks", default="1,2", help="resize_lora.py fixed ranks")
@@ -136,21 +150,20 @@ def network_parameters(base, method: Method) -> int:
 def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, name: str) -> Trained:
     method = METHODS[name]
     out = work / name.replace(" ", "_")
-    every = [f"--save_every_n_steps={args.save_every}"]
+    extra = [f"--save_every_n_steps={args.save_every}", f"--caption_dropout_rate={args.caption_dropout_rate}"]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
                             seed=args.seed)  # fmt: skip
         argv = _full_finetune_argv(args, concept_dir, out, run)
-        seconds = _cpu_run(distill_unet.main, argv + every)
+        seconds = _cpu_run(distill_unet.main, argv + extra)
         final = out / "concept"
         weights = final / "unet" / "diffusion_pytorch_model.safetensors"
         parameters = sum(p.numel() for p in base.unet.parameters())
         return Trained(final, _checkpoints(out), seconds, parameters, weights.stat().st_size)
     run = DreamBoothRun(method.module, method.dim, method.alpha, method.network_args, method.learning_rate,
                         args.steps, args.batch, args.seed)  # fmt: skip
-    seconds = _cpu_run(
-        train_network.main, train_network_argv(args.model, args.tokenizers, concept_dir, out, run) + every
-    )
+    argv = train_network_argv(args.model, args.tokenizers, concept_dir, out, run)
+    seconds = _cpu_run(train_network.main, argv + extra)
     final = out / "concept.safetensors"
     parameters = network_parameters(base, method)
     return Trained(final, _checkpoints(out), seconds, parameters, final.stat().st_size)

@@ -41,7 +41,7 @@ def toy_files(tmp_path_factory):
 
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
-                  seed=0, save_every=1, full_lr=1e-4)  # fmt: skip
+                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1)  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
 
