@@ -25,12 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
-    """SD1.5-shaped random checkpoint (fp16 single file), tokenizer folder and a small dataset."""
-    import numpy as np
+def write_random_sd15(checkpoint: Path, tokenizers: Path, dtype=None) -> None:
+    """An SD1.5-shaped random single-file checkpoint (fp16 by default) and the tokenizer folder it names."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from library.models.families import SD1, make_training_scheduler
@@ -38,24 +36,32 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     from library.models.stable_diffusion import StableDiffusionModel, save_ldm_checkpoint
     from library.tiny_sd import write_tiny_tokenizer
 
+    print(f"writing an SD1.5-sized random checkpoint to {checkpoint} ...", flush=True)
+    torch.manual_seed(0)
+    tokenizer = write_tiny_tokenizer(tokenizers / SD1.tokenizer_folder, v2=False)
+    model = StableDiffusionModel(
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+        vae=AutoencoderKL(**SD_VAE),
+        unet=UNet2DConditionModel(**SD15_UNET),
+        tokenizer=tokenizer,
+        noise_scheduler=make_training_scheduler(False),
+        v2=False,
+        v_parameterization=False,
+        source="random",
+    )
+    save_ldm_checkpoint(model, checkpoint, dtype=torch.float16 if dtype is None else dtype)
+
+
+def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
+    """SD1.5-shaped random checkpoint (fp16 single file), tokenizer folder and a small dataset."""
+    import numpy as np
+    from PIL import Image
+
     checkpoint = work / "sd15_random.safetensors"
     tokenizers = work / "tokenizers"
     data = work / "img"
     if not checkpoint.exists():
-        print(f"writing an SD1.5-sized random checkpoint to {checkpoint} ...", flush=True)
-        torch.manual_seed(0)
-        tokenizer = write_tiny_tokenizer(tokenizers / SD1.tokenizer_folder, v2=False)
-        model = StableDiffusionModel(
-            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
-            vae=AutoencoderKL(**SD_VAE),
-            unet=UNet2DConditionModel(**SD15_UNET),
-            tokenizer=tokenizer,
-            noise_scheduler=make_training_scheduler(False),
-            v2=False,
-            v_parameterization=False,
-            source="random",
-        )
-        save_ldm_checkpoint(model, checkpoint, dtype=torch.float16)
+        write_random_sd15(checkpoint, tokenizers)
     folder = data / "10_bench"
     if not folder.exists():
         folder.mkdir(parents=True)
