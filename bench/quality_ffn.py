@@ -15,6 +15,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -104,6 +105,48 @@ def _row(init, stage, parameters, errors, mse, samples: SampleSet, reference: Sa
     )
 
 
+def calibrate(args: argparse.Namespace, root: Path, combinations: list[tuple[str, str]]) -> tuple[list[str], Path]:
+    """Toy images and prompts of ``combinations`` under ``root``, and the calibrate stage on them;
+    returns the flags every later stage shares and the calibration file."""
+    data = root / "img"
+    write_dataset(data / "1_toy", combinations, args.ffn_images, args.seed)
+    prompts = _prompt_file(root / "prompts.txt", combinations, args.seed)
+    common = _common_argv(args, data, root / "out")
+    blocks = ["--network_args", f"blocks={args.ffn_blocks}"]
+    return common, compress_ffn.main(["calibrate", *common, "--calib_prompts", str(prompts), *blocks])
+
+
+def stage_files(
+    args: argparse.Namespace, common: list[str], calibration_file: Path, ratio: float, init: str
+) -> Iterator[tuple[str, Path, float | None]]:
+    """Run init -> blockwise -> theseus (up to ``--ffn_last_stage``) for one init and width; yields
+    (row label, network file, the stage's CPU seconds) as each stage ends. The Theseus stage gives two
+    files: its checkpoint when p reaches 1 (half way) and its end, after end-to-end fine-tuning."""
+    stages = STAGES[: STAGES.index(args.ffn_last_stage) + 1]
+    weights = None
+    for stage in stages:
+        name = f"{stage}_{init}_{ratio}"
+        started = time.process_time()
+        half = max(1, args.ffn_theseus_steps // 2)
+        if stage == "init":
+            flags = ["--calib_file", str(calibration_file), "--init", init, *_network_args(args, ratio)]
+        elif stage == "blockwise":
+            flags = ["--calib_file", str(calibration_file), "--network_weights", str(weights)]
+            flags += ["--max_train_steps", str(args.ffn_blockwise_steps)]
+        else:
+            flags = ["--network_weights", str(weights), f"--theseus_schedule={theseus_schedule(half)}"]
+            flags += ["--max_train_steps", str(args.ffn_theseus_steps), "--optimizer_type", "AdamW"]
+            flags += ["--learning_rate", str(args.ffn_lr), "--cache_latents", "--caption_dropout_rate", "0.1"]
+            flags += ["--save_every_n_steps", str(half)]  # the student when p reaches 1, before end to end
+        weights = compress_ffn.main([stage, *common, *flags, "--output_name", name])
+        seconds = time.process_time() - started
+        if stage == "theseus":
+            yield "theseus (p = 1)", weights.with_name(f"{name}-step{half:08d}{weights.suffix}"), None
+            yield "+ end to end", weights, seconds
+        else:
+            yield stage, weights, seconds
+
+
 def ffn_rows(args: argparse.Namespace, work: Path) -> list[str]:
     """The original model's row, the calibration, then per init one row per stage; printed as they come."""
     stages = STAGES[: STAGES.index(args.ffn_last_stage) + 1]
@@ -112,11 +155,6 @@ def ffn_rows(args: argparse.Namespace, work: Path) -> list[str]:
     print(HEADER, flush=True)
     began, began_wall = time.process_time(), time.perf_counter()
     pretraining, _ = combination_split(args.seed)
-    root = work / "ffn"
-    data = root / "img"
-    write_dataset(data / "1_toy", pretraining, args.ffn_images, args.seed)
-    prompts = _prompt_file(root / "prompts.txt", pretraining, args.seed)
-    common = _common_argv(args, data, root / "out")
     original = load_base(args.model, args.tokenizers)
     jobs = sample_jobs(pretraining, args.ffn_samples, args.seed)
     reference = draw_samples(original, jobs)
@@ -124,42 +162,18 @@ def ffn_rows(args: argparse.Namespace, work: Path) -> list[str]:
     rows = [_row("original", "-", count_parameters(original.unet), {}, 0.0, reference, reference, None)]
     print(rows[-1], flush=True)
     started = time.process_time()
-    blocks = ["--network_args", f"blocks={args.ffn_blocks}"]
-    calibration_file = compress_ffn.main(["calibrate", *common, "--calib_prompts", str(prompts), *blocks])
+    common, calibration_file = calibrate(args, work / "ffn", pretraining)
     print(f"calibration: {time.process_time() - started:.0f} CPU s", flush=True)
     heldout = Calibration.load(calibration_file).heldout
     for ratio, init in [(ratio, init) for ratio in args.ffn_ratios for init in args.ffn_inits]:
-        weights = None
-        for stage in stages:
-            name = f"{stage}_{init}_{ratio}"
-            started = time.process_time()
-            if stage == "init":
-                flags = ["--calib_file", str(calibration_file), "--init", init, *_network_args(args, ratio)]
-            elif stage == "blockwise":
-                flags = ["--calib_file", str(calibration_file), "--network_weights", str(weights)]
-                flags += ["--max_train_steps", str(args.ffn_blockwise_steps)]
-            else:
-                half = max(1, args.ffn_theseus_steps // 2)
-                schedule = theseus_schedule(half)  # p = 1 from half way: then end to end
-                flags = ["--network_weights", str(weights), f"--theseus_schedule={schedule}"]
-                flags += ["--max_train_steps", str(args.ffn_theseus_steps), "--optimizer_type", "AdamW"]
-                flags += ["--learning_rate", str(args.ffn_lr), "--cache_latents", "--caption_dropout_rate", "0.1"]
-                flags += ["--save_every_n_steps", str(half)]  # the student when p reaches 1, before end to end
-            weights = compress_ffn.main([stage, *common, *flags, "--output_name", name])
-            seconds = time.process_time() - started
-            scored = {stage: weights}
-            if stage == "theseus":
-                scored = {"theseus (p = 1)": weights.with_name(f"{name}-step{half:08d}{weights.suffix}")}
-                scored["+ end to end"] = weights
-            for label, path in scored.items():
-                unet, network = _narrowed(original.unet, path)
-                errors = relative_errors(network, heldout)
-                samples = draw_samples(original, jobs, unet=unet)
-                mse = prediction_mse(unet, original.unet, batch)
-                parameters = count_parameters(compress_unet(unet, network))  # what the export stage writes
-                cells = (parameters, errors, mse, samples, reference, seconds if path == weights else None)
-                rows.append(_row(f"{init}, {ratio}", label, *cells))
-                print(rows[-1], flush=True)
+        for label, weights, seconds in stage_files(args, common, calibration_file, ratio, init):
+            unet, network = _narrowed(original.unet, weights)
+            errors = relative_errors(network, heldout)
+            samples = draw_samples(original, jobs, unet=unet)
+            mse = prediction_mse(unet, original.unet, batch)
+            parameters = count_parameters(compress_unet(unet, network))  # what the export stage writes
+            rows.append(_row(f"{init}, {ratio}", label, parameters, errors, mse, samples, reference, seconds))
+            print(rows[-1], flush=True)
     spent, wall = time.process_time() - began, time.perf_counter() - began_wall
     print(f"ffn rows: {spent:.0f} CPU s ({wall:.0f} s wall)", flush=True)
     return rows
