@@ -30,7 +30,7 @@ from library.toy_world.generator import combination_split, write_dataset
 
 STUDENTS = ("bk_base", "bk_small", "bk_tiny")
 HEADER = (
-    "| UNet | mode | parameters | prediction MSE | sample MSE | PSNR | colour | shape | both | train |\n"
+    "| UNet | mode | parameters | prediction MSE | sample MSE | PSNR | colour | shape | both | train CPU |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -39,7 +39,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distill rows")
     g.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     g.add_argument("--distill_modes", nargs="+", default=["kd", "no_kd"], choices=list(DISTILL_MODES))
-    g.add_argument("--distill_steps", type=int, default=150, help="training steps per student and mode")
+    g.add_argument("--distill_steps", type=int, default=200, help="training steps per student and mode")
     g.add_argument("--distill_batch", type=int, default=16)
     g.add_argument("--distill_lr", type=float, default=5e-4)
     g.add_argument("--distill_images", type=int, default=4, help="training images per pretraining combination")
@@ -60,6 +60,7 @@ def distill_rows(args: argparse.Namespace, work: Path) -> list[str]:
     """Teacher row, then per student its initialisation and one row per mode; printed as they come."""
     print(f"\nDistillation: {args.distill_steps} steps, batch {args.distill_batch}, lr {args.distill_lr}")
     print(HEADER, flush=True)
+    began, began_wall = time.process_time(), time.perf_counter()
     pretraining, _ = combination_split(args.seed)
     data = work / "distill_data" / "img"
     write_dataset(data / "1_toy", pretraining, args.distill_images, args.seed)
@@ -78,12 +79,14 @@ def distill_rows(args: argparse.Namespace, work: Path) -> list[str]:
         for mode in args.distill_modes:
             run = DistillRun(student, mode, args.distill_steps, args.distill_batch, args.distill_lr, args.seed)
             out = work / f"{student}_{mode}"
-            started = time.perf_counter()
+            started = time.process_time()
             distill_unet.main(distill_argv(args.model, args.tokenizers, data, out, run))
-            seconds = time.perf_counter() - started
+            seconds = time.process_time() - started
             unet = load_student(out)
             samples = draw_samples(teacher, jobs, unet=unet)
             mse = prediction_mse(unet, teacher.unet, batch)
             rows.append(_row(student, mode, parameter_count(unet), mse, samples, reference, seconds))
             print(rows[-1], flush=True)
+    spent, wall = time.process_time() - began, time.perf_counter() - began_wall
+    print(f"distill rows: {spent:.0f} CPU s ({wall:.0f} s wall)", flush=True)
     return rows

@@ -15,6 +15,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,17 +33,19 @@ from tools import compress_ffn
 INITS = ("pca", "prune")
 STAGES = ("init", "blockwise", "theseus")
 HEADER = (
-    "| FFNs | stage | UNet parameters | FFN error mean (worst) | prediction MSE | sample MSE | PSNR | colour | shape "
-    "| both | stage time |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| init, k/4C | stage | UNet parameters | FFN error mean (worst) | prediction MSE | sample MSE | PSNR "
+    "| colour | shape | both | stage CPU |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def add_ffn_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ffn rows")
     g.add_argument("--ffn_blocks", default="all", help="lowrank_ffn's blocks= (kohya block names or all)")
-    g.add_argument("--ffn_ratio", type=float, default=0.25, help="narrow width as a fraction of 4C")
+    g.add_argument(
+        "--ffn_ratios", nargs="+", type=float, default=[0.25, 0.125], help="narrow widths as fractions of 4C"
+    )
     g.add_argument("--ffn_inits", nargs="+", default=list(INITS), choices=list(INITS))
-    g.add_argument("--ffn_stages", nargs="+", default=list(STAGES), choices=list(STAGES), help="stages to run")
+    g.add_argument("--ffn_last_stage", default=STAGES[-1], choices=list(STAGES), help="run the stages up to this one")
     g.add_argument("--ffn_blockwise_steps", type=int, default=200)
     g.add_argument("--ffn_theseus_steps", type=int, default=100, help="p = 1 from half way: the rest is end to end")
     g.add_argument("--ffn_lr", type=float, default=1e-4, help="theseus stage learning rate (AdamW)")
@@ -64,8 +67,8 @@ def _common_argv(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     ]
 
 
-def _network_args(args: argparse.Namespace) -> list[str]:
-    return ["--network_args", f"blocks={args.ffn_blocks}", f"ratio={args.ffn_ratio}"]
+def _network_args(args: argparse.Namespace, ratio: float) -> list[str]:
+    return ["--network_args", f"blocks={args.ffn_blocks}", f"ratio={ratio}"]
 
 
 def _prompt_file(path: Path, combinations: list[tuple[str, str]], seed: int) -> Path:
@@ -102,51 +105,75 @@ def _row(init, stage, parameters, errors, mse, samples: SampleSet, reference: Sa
     )
 
 
+def calibrate(args: argparse.Namespace, root: Path, combinations: list[tuple[str, str]]) -> tuple[list[str], Path]:
+    """Toy images and prompts of ``combinations`` under ``root``, and the calibrate stage on them;
+    returns the flags every later stage shares and the calibration file."""
+    data = root / "img"
+    write_dataset(data / "1_toy", combinations, args.ffn_images, args.seed)
+    prompts = _prompt_file(root / "prompts.txt", combinations, args.seed)
+    common = _common_argv(args, data, root / "out")
+    blocks = ["--network_args", f"blocks={args.ffn_blocks}"]
+    return common, compress_ffn.main(["calibrate", *common, "--calib_prompts", str(prompts), *blocks])
+
+
+def stage_files(
+    args: argparse.Namespace, common: list[str], calibration_file: Path, ratio: float, init: str
+) -> Iterator[tuple[str, Path, float | None]]:
+    """Run init -> blockwise -> theseus (up to ``--ffn_last_stage``) for one init and width; yields
+    (row label, network file, the stage's CPU seconds) as each stage ends. The Theseus stage gives two
+    files: its checkpoint when p reaches 1 (half way) and its end, after end-to-end fine-tuning."""
+    stages = STAGES[: STAGES.index(args.ffn_last_stage) + 1]
+    weights = None
+    for stage in stages:
+        name = f"{stage}_{init}_{ratio}"
+        started = time.process_time()
+        half = max(1, args.ffn_theseus_steps // 2)
+        if stage == "init":
+            flags = ["--calib_file", str(calibration_file), "--init", init, *_network_args(args, ratio)]
+        elif stage == "blockwise":
+            flags = ["--calib_file", str(calibration_file), "--network_weights", str(weights)]
+            flags += ["--max_train_steps", str(args.ffn_blockwise_steps)]
+        else:
+            flags = ["--network_weights", str(weights), f"--theseus_schedule={theseus_schedule(half)}"]
+            flags += ["--max_train_steps", str(args.ffn_theseus_steps), "--optimizer_type", "AdamW"]
+            flags += ["--learning_rate", str(args.ffn_lr), "--cache_latents", "--caption_dropout_rate", "0.1"]
+            flags += ["--save_every_n_steps", str(half)]  # the student when p reaches 1, before end to end
+        weights = compress_ffn.main([stage, *common, *flags, "--output_name", name])
+        seconds = time.process_time() - started
+        if stage == "theseus":
+            yield "theseus (p = 1)", weights.with_name(f"{name}-step{half:08d}{weights.suffix}"), None
+            yield "+ end to end", weights, seconds
+        else:
+            yield stage, weights, seconds
+
+
 def ffn_rows(args: argparse.Namespace, work: Path) -> list[str]:
     """The original model's row, the calibration, then per init one row per stage; printed as they come."""
-    stages = " -> ".join(args.ffn_stages)
-    print(f"\nNarrow FFNs: blocks={args.ffn_blocks} ratio={args.ffn_ratio}, stages {stages}")
+    stages = STAGES[: STAGES.index(args.ffn_last_stage) + 1]
+    ratios = ", ".join(str(r) for r in args.ffn_ratios)
+    print(f"\nNarrow FFNs: blocks={args.ffn_blocks}, ratio {ratios} of 4C, stages {' -> '.join(stages)}")
     print(HEADER, flush=True)
+    began, began_wall = time.process_time(), time.perf_counter()
     pretraining, _ = combination_split(args.seed)
-    root = work / "ffn"
-    data = root / "img"
-    write_dataset(data / "1_toy", pretraining, args.ffn_images, args.seed)
-    prompts = _prompt_file(root / "prompts.txt", pretraining, args.seed)
-    common = _common_argv(args, data, root / "out")
     original = load_base(args.model, args.tokenizers)
     jobs = sample_jobs(pretraining, args.ffn_samples, args.seed)
     reference = draw_samples(original, jobs)
     batch = prediction_batch(original, pretraining, 2 * len(pretraining), args.seed)
     rows = [_row("original", "-", count_parameters(original.unet), {}, 0.0, reference, reference, None)]
     print(rows[-1], flush=True)
-    started = time.perf_counter()
-    calibration_file = compress_ffn.main(["calibrate", *common, "--calib_prompts", str(prompts), *_network_args(args)])
-    print(f"calibration: {time.perf_counter() - started:.0f} s", flush=True)
+    started = time.process_time()
+    common, calibration_file = calibrate(args, work / "ffn", pretraining)
+    print(f"calibration: {time.process_time() - started:.0f} CPU s", flush=True)
     heldout = Calibration.load(calibration_file).heldout
-    for init in args.ffn_inits:
-        weights = None
-        for stage in args.ffn_stages:
-            name = f"{stage}_{init}"
-            started = time.perf_counter()
-            if stage == "init":
-                flags = ["--calib_file", str(calibration_file), "--init", init, *_network_args(args)]
-            elif stage == "blockwise":
-                flags = ["--calib_file", str(calibration_file), "--network_weights", str(weights)]
-                flags += ["--max_train_steps", str(args.ffn_blockwise_steps)]
-            else:
-                schedule = theseus_schedule(args.ffn_theseus_steps // 2)  # p = 1 from half way: then end to end
-                flags = ["--network_weights", str(weights), f"--theseus_schedule={schedule}"]
-                flags += ["--max_train_steps", str(args.ffn_theseus_steps), "--optimizer_type", "AdamW"]
-                flags += ["--learning_rate", str(args.ffn_lr), "--cache_latents", "--caption_dropout_rate", "0.1"]
-            if weights is None and stage != "init":
-                raise SystemExit(f"--ffn_stages {stage} needs the stages before it")
-            weights = compress_ffn.main([stage, *common, *flags, "--output_name", name])
-            seconds = time.perf_counter() - started
+    for ratio, init in [(ratio, init) for ratio in args.ffn_ratios for init in args.ffn_inits]:
+        for label, weights, seconds in stage_files(args, common, calibration_file, ratio, init):
             unet, network = _narrowed(original.unet, weights)
             errors = relative_errors(network, heldout)
             samples = draw_samples(original, jobs, unet=unet)
             mse = prediction_mse(unet, original.unet, batch)
             parameters = count_parameters(compress_unet(unet, network))  # what the export stage writes
-            rows.append(_row(init, stage, parameters, errors, mse, samples, reference, seconds))
+            rows.append(_row(f"{init}, {ratio}", label, parameters, errors, mse, samples, reference, seconds))
             print(rows[-1], flush=True)
+    spent, wall = time.process_time() - began, time.perf_counter() - began_wall
+    print(f"ffn rows: {spent:.0f} CPU s ({wall:.0f} s wall)", flush=True)
     return rows

@@ -43,7 +43,7 @@ class DistillRun:
 
     student: str = "bk_tiny"
     mode: str = "kd"
-    max_train_steps: int = 150
+    max_train_steps: int = 200
     train_batch_size: int = 16
     learning_rate: float = 5e-4
     seed: int = 0
