@@ -43,8 +43,8 @@ def toy_files(tmp_path_factory):
 
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
-                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1, samples=1,
-                  concept="purple triangle", token="sks")  # fmt: skip
+                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1,
+                  samples=1, concept="purple triangle", token="sks")  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
 
