@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from library.models.stable_diffusion import StableDiffusionModel
 from library.models.text_encoding import encode_tokens, tokenize_captions
 from library.toy_world.generator import caption, combination_split, sample_images
-from library.toy_world.model import rescale_latents
+from library.toy_world.model import PRETRAINING_NOISE_OFFSET, rescale_latents
 from library.training.noise import NoiseOptions, diffusion_loss
 
 # Image indices of the two stages and of evaluation never overlap (image i is a function of (seed, i)).
@@ -52,10 +52,7 @@ class PretrainPlan:
     images_per_combination: int = 50  # the UNet's set: 60 pretraining combinations x 50 latents
     caption_dropout: float = 0.1  # empty captions teach the unconditional prediction CFG needs
     min_snr_gamma: float = 5.0
-    # kohya's --noise_offset. SD's schedule leaves 0.07 of the signal at t=999; over an 8x8 latent
-    # its mean (the image's colour) is readable through the noise, so without an offset the model
-    # learns to take colour from the starting noise instead of the prompt (docs/quality.md).
-    noise_offset: float = 0.0
+    noise_offset: float = PRETRAINING_NOISE_OFFSET  # kohya's --noise_offset (why: model.py)
     # An exponential moving average of the UNet and text encoder is what the stage returns (0: off):
     # samples of the averaged weights are steadier than those of the last step (diffusers' EMAModel).
     ema_decay: float = 0.0
