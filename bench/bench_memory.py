@@ -15,19 +15,17 @@ child's maximum resident set size (``wait4``'s ru_maxrss). The earlier commit ru
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_train_step import common_flags, make_inputs  # noqa: E402
+from bench.bench_train_step import common_flags, make_inputs, timed_run  # noqa: E402
 
 
 def export_commit(ref: str, into: Path) -> Path:
@@ -40,22 +38,6 @@ def export_commit(ref: str, into: Path) -> Path:
         with tarfile.open(fileobj=file) as tar:
             tar.extractall(into, filter="data")
     return into
-
-
-def timed_run(command: list[str], cwd: Path) -> tuple[float, float, float]:
-    """(seconds to the first step, total seconds, peak RSS in GiB) of one child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_step, tail = None, b""
-    while chunk := process.stderr.read1(4096):
-        tail = (tail + chunk)[-20000:]
-        if first_step is None and b"steps:" in tail:
-            first_step = time.perf_counter() - start
-    _, status, usage = os.wait4(process.pid, 0)
-    total = time.perf_counter() - start
-    if status != 0 or first_step is None:
-        raise RuntimeError(f"{' '.join(command[:2])} failed:\n{tail.decode(errors='replace')[-3000:]}")
-    return first_step, total, usage.ru_maxrss / 2**20
 
 
 def main() -> None:

@@ -1,26 +1,35 @@
-"""Our merge_lora.py / svd_merge_lora.py against kohya's own scripts on SD1.5-shaped random LoRAs, same run.
+"""Our merge_lora.py / svd_merge_lora.py against kohya's own scripts on SD1.5-shaped random files, same run.
 
 Needs a kohya sd-scripts checkout (``--kohya_dir``; its ``library`` must import: run it with an
 environment that has kohya's requirements, or give ``--extra_path`` folders with import stubs for
 the image packages the LoRA tools never call). Writes everything under ``--work_dir``.
 
-    python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--extra_path DIR] [--conv]
+    python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--extra_path DIR] [--conv] \
+        [--lock /work/bigmem.lock]
 
 Checks: ``merge_lora.py --kohya_arithmetic`` (and ``--concat``) write kohya's tensors bit for bit;
-``svd_merge_lora.py`` gives kohya's ranks and an update closer to the exact sum than kohya's.
+the exact merge's update is the exact sum (kohya's is not); ``svd_merge_lora.py`` gives kohya's
+ranks and an update closer to the exact sum than kohya's; ``merge_lora.py --sd_model`` bakes an
+SD1.5-shaped random fp16 checkpoint into kohya's float32 tensors to float32 rounding, every
+untouched tensor bit for bit. Each script runs in its own process, timed (wall, CPU, peak RSS).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.bench_resize import sd15_targets
@@ -28,17 +37,69 @@ from library.synthetic_lora import random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Runs a script as ``python script args`` would (its folder first on sys.path) and prints the
+# child's peak RSS (VmHWM of its own address space; ru_maxrss would include the forking parent's)
+# on its last stderr line, also when the script ends in sys.exit.
+_CHILD = (
+    "import atexit, os, runpy, sys\n"
+    "def peak():\n"
+    "    hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]\n"
+    "    print(f'peak_rss_kib={hwm.split()[1]}', file=sys.stderr)\n"
+    "atexit.register(peak)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
-def run(cwd: Path, script: str, args: list[str], pythonpath: str) -> float:
+
+@dataclass(frozen=True)
+class Timing:
+    """One script run: wall seconds, CPU seconds (user + system) and peak resident memory in GiB."""
+
+    wall: float
+    cpu: float
+    peak_gib: float
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} s wall, {self.cpu:.1f} s CPU, {self.peak_gib:.2f} GiB peak"
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cwd: Path, script: str, args: list[str], pythonpath: str) -> Timing:
     env = dict(os.environ, PYTHONPATH=pythonpath)
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    start, cpu = time.perf_counter(), _children_cpu()
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, script, *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
+    lines = done.stderr.strip().splitlines()
     if done.returncode != 0:
-        raise RuntimeError(f"{script} failed: {done.stderr.strip().splitlines()[-1]}")
-    return time.perf_counter() - start
+        message = next((line for line in reversed(lines) if not line.startswith("peak_rss_kib=")), "")
+        raise RuntimeError(f"{cwd / script} failed: {message}")
+    peak_kib = int(next(line for line in reversed(lines) if line.startswith("peak_rss_kib=")).split("=")[1])
+    return Timing(wall, cpu, peak_kib / 2**20)
+
+
+@contextmanager
+def held(lock: Path | None):
+    """Hold an advisory lock (the shared machine's big-memory lock) for the block; nothing when None."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def update(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A module's dense update ``alpha / rank * up @ down`` in float64 (conv kernels flattened)."""
     down = tensors[f"{name}.lora_down.weight"].double()
     up = tensors[f"{name}.lora_up.weight"].double()
     return (
@@ -48,13 +109,182 @@ def update(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     )
 
 
+def exact_sum(inputs: list[dict[str, torch.Tensor]], ratios: list[float], name: str) -> torch.Tensor:
+    """``Σ ratio_i * update_i`` in float64: what a merge of the inputs should equal."""
+    return sum(ratio * update(tensors, name) for tensors, ratio in zip(inputs, ratios))
+
+
+def relative_errors(
+    merged: dict[str, torch.Tensor], inputs: list[dict[str, torch.Tensor]], ratios: list[float], names: list[str]
+) -> list[float]:
+    """Per module ``||update(merged) - exact sum||_F / ||exact sum||_F``."""
+    errors = []
+    for name in names:
+        exact = exact_sum(inputs, ratios, name)
+        errors.append(float(torch.linalg.matrix_norm(update(merged, name) - exact) / torch.linalg.matrix_norm(exact)))
+    return errors
+
+
+def float32_ulps(reference: torch.Tensor, other: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``|other - reference|`` in float32 units in the last place of ``max(|reference|, |scale|)`` (elementwise).
+
+    A baked weight ``W + update`` near zero has a tiny ulp of its own, while kohya's float32
+    ``up @ down`` errs by ulps of its (much larger) terms; ``scale=max|W|`` measures at the tensor's scale.
+    """
+    magnitude = reference.float().abs()
+    if scale is not None:
+        magnitude = torch.maximum(magnitude, scale.float().abs())
+    ulp = torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude
+    return (other.double() - reference.double()).abs() / ulp.double()
+
+
+@dataclass
+class BakeComparison:
+    """Two baked checkpoints (kohya's, ours) against each other and the checkpoint they were baked from."""
+
+    tensors: int = 0
+    changed: int = 0  # tensors that differ from the input in either output
+    untouched: int = 0  # tensors equal to the input (cast) in both outputs, so bit-identical to each other
+    changed_by_one_only: list[str] = field(default_factory=list)
+    only_in_kohya: list[str] = field(default_factory=list)
+    only_in_ours: list[str] = field(default_factory=list)
+    max_ulps: float = 0.0  # largest |kohya - ours| in float32 ulps of max|W| (the tensor's scale)
+    differing_elements: int = 0
+    changed_elements: int = 0
+    max_relative: float = 0.0  # largest max|kohya - ours| / max|ours| over the changed tensors
+    dtypes: set[str] = field(default_factory=set)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tensors} tensors; {self.changed} baked, {self.untouched} untouched and bit-identical; "
+            f"baked: max |kohya - ours| {self.max_ulps:.2f} float32 ulp of max |W|, "
+            f"{self.differing_elements}/{self.changed_elements} elements differ, "
+            f"max |diff| / max |W| {self.max_relative:.2e}; dtypes {sorted(self.dtypes)}; "
+            f"changed by one tool only: {len(self.changed_by_one_only)}; "
+            f"keys only in kohya's: {len(self.only_in_kohya)}, only in ours: {len(self.only_in_ours)}"
+        )
+
+
+def compare_baked(original: Path, kohya: Path, ours: Path) -> BakeComparison:
+    """Compare every tensor of the two baked files, one at a time (SD1.5 in float32 is ~4 GiB a file)."""
+    result = BakeComparison()
+    with (
+        safe_open(original, "pt") as base,
+        safe_open(kohya, "pt") as theirs,
+        safe_open(ours, "pt") as mine,
+    ):
+        kohya_keys, our_keys, base_keys = set(theirs.keys()), set(mine.keys()), set(base.keys())
+        result.only_in_kohya = sorted(kohya_keys - our_keys)
+        result.only_in_ours = sorted(our_keys - kohya_keys)
+        for key in sorted(kohya_keys & our_keys):
+            k, o = theirs.get_tensor(key), mine.get_tensor(key)
+            result.tensors += 1
+            result.dtypes |= {f"kohya {k.dtype}", f"ours {o.dtype}"}
+            b = base.get_tensor(key).to(o.dtype) if key in base_keys else None
+            k_same = b is not None and torch.equal(k.to(o.dtype), b)
+            o_same = b is not None and torch.equal(o, b)
+            if k_same and o_same:
+                result.untouched += 1
+                continue
+            result.changed += 1
+            if k_same != o_same:
+                result.changed_by_one_only.append(key)
+            if not o.is_floating_point():
+                continue
+            ulps = float32_ulps(o, k, None if b is None else b.abs().max())
+            result.max_ulps = max(result.max_ulps, float(ulps.max()))
+            result.differing_elements += int((ulps > 0).sum())
+            result.changed_elements += o.numel()
+            diff = (k.double() - o.double()).abs().max() / o.double().abs().max()
+            result.max_relative = max(result.max_relative, float(diff))
+    return result
+
+
+def write_loras(work: Path, targets, specs: list[tuple[int, float, int, float]], prefix: str) -> list[str]:
+    """fp16 kohya LoRA/LoCon files, one per ``(dim, alpha, conv_dim, conv_alpha)``."""
+    files = []
+    for index, (dim, alpha, conv_dim, conv_alpha) in enumerate(specs):
+        path = work / f"{prefix}{index}.safetensors"
+        tensors = random_lora(targets, dim, alpha, conv_dim, conv_alpha, seed=index, dtype=torch.float16)
+        save_file(tensors, path)
+        files.append(str(path))
+    return files
+
+
+def compare_merges(args, work: Path, files: list[str], names: list[str], kohya_path: str) -> None:
+    inputs = [load_file(f) for f in files]
+    for label, extra, chosen in [("sum", [], [0, 1]), ("concat", ["--concat"], [0, 2])]:
+        kohya_out, ours_out = work / f"kohya_{label}.safetensors", work / f"ours_{label}.safetensors"
+        common = ["--models", *(files[i] for i in chosen), "--ratios", "0.7", "-0.4", *extra]
+        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
+        ours_t = run(REPO, "networks/merge_lora.py", [*common, "--kohya_arithmetic", "--save_to", str(ours_out)], "")
+        kohya, ours = load_file(kohya_out), load_file(ours_out)
+        same = set(kohya) == set(ours) and all(torch.equal(kohya[k], ours[k]) for k in kohya)
+        dtypes = sorted({str(v.dtype) for v in kohya.values()} | {str(v.dtype) for v in ours.values()})
+        print(f"merge_lora {label}: kohya {kohya_t}; ours --kohya_arithmetic {ours_t}; tensors equal: {same} {dtypes}")
+        if label == "sum":
+            exact_out = work / "ours_exact.safetensors"
+            exact_t = run(REPO, "networks/merge_lora.py", [*common, "--save_to", str(exact_out)], "")
+            exact = load_file(exact_out)
+            ranks = sorted({exact[f"{n}.lora_down.weight"].shape[0] for n in names})
+            ours_errors = relative_errors(exact, [inputs[i] for i in chosen], [0.7, -0.4], names)
+            kohya_errors = relative_errors(kohya, [inputs[i] for i in chosen], [0.7, -0.4], names)
+            print(
+                f"merge_lora exact (ours, no flag): {exact_t}; ranks {ranks}; relative error to the exact sum "
+                f"max {max(ours_errors):.1e} (float32 storage); kohya's sum of factors: "
+                f"{min(kohya_errors):.2f}-{max(kohya_errors):.2f}"
+            )
+
+
+def compare_svd_merge(args, work: Path, files: list[str], names: list[str], kohya_path: str) -> None:
+    kohya_out, ours_out = work / "kohya_svd.safetensors", work / "ours_svd.safetensors"
+    common = ["--models", *files[:2], "--ratios", "0.7", "-0.4", "--new_rank", "8", "--new_conv_rank", "4"]
+    kohya_t = run(args.kohya_dir, "networks/svd_merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
+    ours_t = run(REPO, "networks/svd_merge_lora.py", [*common, "--save_to", str(ours_out)], "")
+    kohya, ours = load_file(kohya_out), load_file(ours_out)
+    inputs = [load_file(f) for f in files[:2]]
+    ranks_kohya = [kohya[f"{n}.lora_down.weight"].shape[0] for n in names]
+    ranks_ours = [ours[f"{n}.lora_down.weight"].shape[0] for n in names]
+    ours_errors = relative_errors(ours, inputs, [0.7, -0.4], names)
+    kohya_errors = relative_errors(kohya, inputs, [0.7, -0.4], names)
+    ratios = [a / b for a, b in zip(ours_errors, kohya_errors)]
+    closer = sum(a <= b for a, b in zip(ours_errors, kohya_errors))
+    print(
+        f"svd_merge_lora: kohya {kohya_t}; ours {ours_t}; same ranks: {ranks_kohya == ranks_ours} "
+        f"({sorted(set(ranks_ours))}); ours closer to the exact sum in {closer}/{len(names)} modules; "
+        f"relative error ours {min(ours_errors):.3f}-{max(ours_errors):.3f}, "
+        f"kohya {min(kohya_errors):.3f}-{max(kohya_errors):.3f}; ratio ours/kohya {min(ratios):.3f}-{max(ratios):.3f}"
+    )
+
+
+def compare_bake(args, work: Path, kohya_path: str) -> None:
+    from bench.bench_train_step import write_random_sd15
+
+    checkpoint = work / "sd15_random_fp16.safetensors"
+    with held(args.lock):
+        if not checkpoint.exists():
+            write_random_sd15(checkpoint, work / "tokenizers")
+        files = write_loras(work, sd15_targets(), [(16, 8.0, 8, 4.0), (8, 8.0, 4, 4.0)], "locon")
+        kohya_out, ours_out = work / "kohya_baked.safetensors", work / "ours_baked.safetensors"
+        common = ["--sd_model", str(checkpoint), "--models", *files, "--ratios", "0.7", "-0.4"]
+        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
+        ours_args = [*common, "--save_precision", "float", "--save_to", str(ours_out)]
+        ours_t = run(REPO, "networks/merge_lora.py", ours_args, "")
+        result = compare_baked(checkpoint, kohya_out, ours_out)
+    print(f"merge_lora --sd_model (LoCon, {len(sd15_targets())} modules each): kohya {kohya_t}; ours {ours_t}")
+    print(f"  {result}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kohya_dir", required=True, type=Path)
-    parser.add_argument("--extra_path", default="", help="folders prepended to kohya's PYTHONPATH (import stubs)")
+    parser.add_argument("--extra_path", default="", help="folders appended to kohya's PYTHONPATH (import stubs)")
     parser.add_argument("--work_dir", type=Path, default=None)
     parser.add_argument("--conv", action="store_true", help="LoCon inputs (kohya's dense SVDs then take minutes)")
-    parser.add_argument("--skip_merge", action="store_true", help="only the svd_merge_lora.py comparison")
+    parser.add_argument("--skip_merge", action="store_true", help="leave out the LoRA-into-LoRA merges")
+    parser.add_argument("--skip_svd", action="store_true", help="leave out svd_merge_lora.py")
+    parser.add_argument("--skip_bake", action="store_true", help="leave out baking into an SD1.5-shaped checkpoint")
+    parser.add_argument("--lock", type=Path, default=None, help="a file to flock while the bake runs (big memory)")
     args = parser.parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kohya_compare_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -62,44 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     targets = [t for t in sd15_targets() if args.conv or not t.is_conv or t.kernel_size == (1, 1)]
     if not args.conv:
         targets = [t for t in targets if "resnets" not in t.path and "samplers" not in t.path]
-    files = []
-    for index, (dim, alpha) in enumerate([(16, 8.0), (16, 4.0), (8, 8.0)]):
-        path = work / f"lora{index}.safetensors"
-        save_file(random_lora(targets, dim, alpha, dim // 2, alpha / 2, seed=index, dtype=torch.float16), path)
-        files.append(str(path))
-    print(f"{len(targets)} SD1.5 modules per LoRA; files in {work}")
+    files = write_loras(work, targets, [(16, 8.0, 8, 4.0), (16, 4.0, 8, 2.0), (8, 8.0, 4, 4.0)], "lora")
+    print(f"{len(targets)} SD1.5 modules per LoRA; torch threads {torch.get_num_threads()}; files in {work}")
     names = sorted({t.name for t in targets})
-
-    merges = [] if args.skip_merge else [("sum", [], files[:2]), ("concat", ["--concat"], [files[0], files[2]])]
-    for label, extra, inputs in merges:
-        kohya_out, ours_out = work / f"kohya_{label}.safetensors", work / f"ours_{label}.safetensors"
-        common = ["--models", *inputs, "--ratios", "0.7", "-0.4", *extra]
-        kohya_s = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
-        ours_s = run(REPO, "networks/merge_lora.py", [*common, "--kohya_arithmetic", "--save_to", str(ours_out)], "")
-        kohya, ours = load_file(kohya_out), load_file(ours_out)
-        same = set(kohya) == set(ours) and all(torch.equal(kohya[k].float(), ours[k].float()) for k in kohya)
-        dtypes = {str(v.dtype) for v in kohya.values()} | {str(v.dtype) for v in ours.values()}
-        print(f"merge_lora {label}: kohya {kohya_s:.1f} s, ours {ours_s:.1f} s; tensors equal: {same} ({dtypes})")
-
-    kohya_out, ours_out = work / "kohya_svd.safetensors", work / "ours_svd.safetensors"
-    common = ["--models", *files[:2], "--ratios", "0.7", "-0.4", "--new_rank", "8", "--new_conv_rank", "4"]
-    kohya_s = run(args.kohya_dir, "networks/svd_merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
-    ours_s = run(REPO, "networks/svd_merge_lora.py", [*common, "--save_to", str(ours_out)], "")
-    kohya, ours = load_file(kohya_out), load_file(ours_out)
-    inputs = [load_file(f) for f in files[:2]]
-    same_ranks = all(kohya[f"{n}.lora_down.weight"].shape == ours[f"{n}.lora_down.weight"].shape for n in names)
-    closer, ratios = 0, []
-    for name in names:
-        exact = 0.7 * update(inputs[0], name) - 0.4 * update(inputs[1], name)
-        ours_error = torch.linalg.matrix_norm(update(ours, name) - exact)
-        kohya_error = torch.linalg.matrix_norm(update(kohya, name) - exact)
-        closer += int(ours_error <= kohya_error)
-        ratios.append(float(ours_error / kohya_error))
-    print(
-        f"svd_merge_lora: kohya {kohya_s:.1f} s, ours {ours_s:.1f} s; same ranks: {same_ranks}; "
-        f"ours closer to the exact sum in {closer}/{len(names)} modules "
-        f"(error ratio ours/kohya {min(ratios):.3f}-{max(ratios):.3f})"
-    )
+    if not args.skip_merge:
+        compare_merges(args, work, files, names, kohya_path)
+    if not args.skip_svd:
+        compare_svd_merge(args, work, files, names, kohya_path)
+    if not args.skip_bake:
+        compare_bake(args, work, kohya_path)
 
 
 if __name__ == "__main__":

@@ -54,22 +54,47 @@ def _header(file, path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
+def _copies(stored: torch.dtype, key: str, dtype: DtypeFor, device) -> bool:
+    """Whether ``cast_tensor`` returns a new tensor (a cast or a move), so the read may use a shared buffer."""
+    target = dtype(key) if callable(dtype) else dtype
+    if target is not None and stored.is_floating_point and target != stored:
+        return True
+    return device is not None and torch.device(device).type != "cpu"
+
+
 def read_safetensors_unmapped(
     path: str | os.PathLike, *, dtype: DtypeFor = None, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, read one at a time without a memory map; floats cast to ``dtype``, on ``device``."""
+    """Every tensor of the file, read one at a time without a memory map; floats cast to ``dtype``, on ``device``.
+
+    A tensor that is cast or moved is read into one scratch buffer reused for every such tensor
+    (the size of the largest), so the file's bytes never take fresh memory of their own: fresh pages
+    cost a fault each (on a virtual machine, a host fault), and thousands of freed read buffers
+    leave the heap fragmented and raise glibc's mmap threshold for the rest of the run.
+    """
     path = Path(path)
     end = path.stat().st_size
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb", buffering=0) as file:
         header, start = _header(file, path)
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for name, info in entries:
             begin, stop = info["data_offsets"]
             if info["dtype"] not in DTYPES or start + stop > end or stop < begin:
                 raise CheckpointError(
                     f"cannot read checkpoint '{path}': truncated or corrupt file (tensor '{name}', {info['dtype']})"
                 )
-            buffer = torch.empty(stop - begin, dtype=torch.uint8)
+        scratch_size = max(
+            (stop - begin for name, info in entries for begin, stop in [info["data_offsets"]]
+             if _copies(DTYPES[info["dtype"]], name, dtype, device)),
+            default=0,
+        )  # fmt: skip
+        scratch = torch.empty(scratch_size, dtype=torch.uint8)
+        for name, info in entries:
+            begin, stop = info["data_offsets"]
+            stored = DTYPES[info["dtype"]]
+            copies = _copies(stored, name, dtype, device)
+            buffer = scratch[: stop - begin] if copies else torch.empty(stop - begin, dtype=torch.uint8)
             file.seek(start + begin)
             view = memoryview(buffer.numpy())
             read = 0
@@ -78,5 +103,5 @@ def read_safetensors_unmapped(
                 if not count:
                     raise CheckpointError(f"cannot read checkpoint '{path}': truncated file (tensor '{name}')")
                 read += count
-            out[name] = cast_tensor(buffer.view(DTYPES[info["dtype"]]).reshape(info["shape"]), name, dtype, device)
+            out[name] = cast_tensor(buffer.view(stored).reshape(info["shape"]), name, dtype, device)
     return out

@@ -1,9 +1,13 @@
 """Baking LoRA/LoCon updates into an SD checkpoint's weights: ``W += ratio * alpha / rank * up @ down``.
 
-Each update is formed in float64 and added to the weight in float64, then stored in the weight's
-own dtype, so the only rounding is the final one (kohya adds in float32 and saves float32 unless
-told otherwise). Every module of every LoRA is matched to a layer before any weight changes: a
-module that matches no layer, or a layer of another shape, means the LoRA is for another model.
+Each update is formed in float64 and added to the weight in float64, then rounded once to the
+output dtype (``--save_precision``, else the weight's own), so the only rounding is the final one:
+an fp16 checkpoint saved as float keeps the float32 sum, not an fp16 one cast up (kohya adds in
+float32 and saves float32 unless told otherwise). Layers are baked one at a time and in blocks of
+rows, so the float64 work stays in small reused buffers (whole float64 updates of an SD1.5 LoCon
+would take ~6 GB, and fresh large buffers cost more in page faults than the arithmetic). Every
+module of every LoRA is matched to a layer before any weight changes: a module that matches no
+layer, or a layer of another shape, means the LoRA is for another model.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from library.lora_tools.lora_sets import LoRAInput, LoRAModule
 from library.lora_tools.sd_weights import SDWeights
 
 logger = logging.getLogger(__name__)
+BLOCK_ELEMENTS = 1 << 18  # float64 rows per block: 2 MiB, reused by the allocator
 
 
 def _check_fits(module: LoRAModule, weight: torch.Tensor, lora: LoRAInput, weights: SDWeights) -> None:
@@ -44,18 +49,29 @@ def match_layers(weights: SDWeights, inputs: list[LoRAInput]) -> dict[str, tuple
     return layers
 
 
-def bake_loras(weights: SDWeights, inputs: list[LoRAInput], ratios: list[float]) -> int:
-    """Add every module's ``ratio``-scaled update to its layer (in place); returns the number of layers changed."""
+def bake_loras(
+    weights: SDWeights, inputs: list[LoRAInput], ratios: list[float], dtype: torch.dtype | None = None
+) -> int:
+    """Add every module's ``ratio``-scaled update to its layer (in place), rounded once to ``dtype``
+    (``None``: the layer's dtype); returns the number of layers changed."""
     layers = match_layers(weights, inputs)
-    updates: dict[str, torch.Tensor] = {}
-    for lora, ratio in zip(inputs, ratios):
-        for name, module in lora.modules.items():
-            delta = module.delta(torch.float64) * ratio
-            updates[name] = updates[name] + delta if name in updates else delta
-    for name, delta in updates.items():
+    names = list(dict.fromkeys(name for lora in inputs for name in lora.modules))
+    for name in names:
         part, key = layers[name]
         weight = weights.tensor(part, key)
-        merged = weight.double() + delta.reshape(weight.shape)
-        weights.replace(part, key, merged.to(weight.dtype))
-    logger.info("merged %d LoRA modules into '%s'", len(updates), weights.source)
-    return len(updates)
+        parts = [
+            (lora.modules[name].up.double(), lora.modules[name].down.double(), lora.modules[name].scale, ratio)
+            for lora, ratio in zip(inputs, ratios)
+            if name in lora.modules
+        ]
+        matrix = weight.reshape(weight.shape[0], -1)
+        baked = torch.empty(matrix.shape, dtype=dtype or weight.dtype)
+        rows = max(1, BLOCK_ELEMENTS // matrix.shape[1])
+        for start in range(0, matrix.shape[0], rows):
+            block = matrix[start : start + rows].to(torch.float64, copy=True)
+            for up, down, scale, ratio in parts:  # the order of LoRAModule.delta(), then the ratio
+                block += (up[start : start + rows] @ down) * scale * ratio
+            baked[start : start + rows] = block
+        weights.replace(part, key, baked.reshape(weight.shape))
+    logger.info("merged %d LoRA modules into '%s'", len(names), weights.source)
+    return len(names)

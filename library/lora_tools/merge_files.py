@@ -42,7 +42,7 @@ def merge_into_checkpoint(
     dtype = precision_dtype(save_precision)
     inputs, ratios = read_loras(models, ratios)
     weights = read_sd_weights(sd_model)
-    bake_loras(weights, inputs, ratios)
+    bake_loras(weights, inputs, ratios, dtype)
     write_sd_weights(weights, target, dtype)
     logger.info("saved '%s'", target)
 

@@ -10,6 +10,8 @@ one line, so a code path that still needed the module fails loudly instead of si
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import logging
 
@@ -53,3 +55,27 @@ def release_unneeded_models(model, *, vae: bool, text_encoders: bool) -> list[st
             torch.cuda.empty_cache()
         logger.info("freed %s: their outputs are cached", ", ".join(freed))
     return freed
+
+
+def return_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
+
+    Why: tensors below glibc's mmap threshold live on the heap, and glibc returns freed heap memory
+    only from the top of the heap. What loading, latent caching and freed models leave behind in the
+    middle stays in the process' resident set for the whole run (about 0.4 GB on an SD1.5 run)
+    unless trimmed. Called between phases, never per step (it costs a walk over the free lists).
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc; musl, macOS and Windows have no malloc_trim
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from library.file_hash import file_sha256
 from library.models.families import ModelFamily, family_of
 from library.training.args import METADATA_FIELDS
 
@@ -91,11 +92,8 @@ def legacy_model_hash(path: Path) -> str:
 
 
 def full_file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """kohya's ``ss_new_*_hash``: the whole file's SHA-256 (prefetched by the scripts at start-up)."""
+    return file_sha256(path)
 
 
 def _model_identity(prefix: str, path: str | None) -> dict[str, str]:

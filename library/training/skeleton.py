@@ -27,6 +27,7 @@ from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import DatasetGroup, build_dataset_group, build_validation_group, make_dataloader
 from library.models.stable_diffusion import StableDiffusionModel
 from library.training.loop import Cadence, Schedule, TrainingRun
+from library.training.memory import return_free_heap
 from library.training.model_setup import prepare_latents
 from library.training.network_protocol import TrainableNetwork
 from library.training.optimizers import make_lr_scheduler, make_optimizer
@@ -200,6 +201,7 @@ class TrainerSkeleton:
         if sample_prompts:
             make_sampler(args.sample_sampler, False)  # an unknown sampler name fails now, not mid-run
         model = self.load_models()
+        return_free_heap()  # what the reads and conversions freed
         accelerator = make_accelerator(args, self.log_name)
         args.seed = shared_seed(accelerator, args.seed)
         set_seed(args.seed)
@@ -214,6 +216,7 @@ class TrainerSkeleton:
         prepare_latents(args, accelerator, model, [group, validation])
         plan = self.build_task(inputs)
         self.release_unneeded(inputs, plan)
+        return_free_heap()  # what latent caching and the released models freed
         loader = make_dataloader(group, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
         validation_loader = make_dataloader(validation) if validation is not None else None
         prepared = prepare_optimization(args, accelerator, plan.param_groups, loader, validation_loader)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from library.lora_tools import checkpoint_merge
 from library.models.stable_diffusion import load_stable_diffusion
 from library.synthetic_lora import LoRATarget
 from networks import merge_lora
@@ -54,6 +55,32 @@ def test_bake_into_single_file_matches_float64_reference(family, tiny_sd, tiny_t
     # exactly the adapted layers changed (SD2 stores q, k and v as one OpenCLIP in_proj tensor)
     fused = sum(t.path.endswith(("k_proj", "v_proj")) for t in targets) if family == "sd2" else 0
     assert len(before) - len(unchanged) == len(targets) - fused
+
+
+@pytest.mark.parametrize("block", [None, 40])
+def test_bake_fp16_file_saved_as_float_rounds_once_to_float32(
+    block, tiny_sd, tiny_targets, write_lora, tmp_path, monkeypatch
+):
+    # kohya's default for an fp16 checkpoint: bake in float32, save float32. The float32 output must be
+    # the float64 sum rounded once, not the sum rounded to fp16 first and cast up. block=40 elements
+    # bakes every layer in many row blocks (one row at a time where a row is longer).
+    if block:
+        monkeypatch.setattr(checkpoint_merge, "BLOCK_ELEMENTS", block)
+    fp16_file = tmp_path / "sd1_fp16.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(tiny_sd.sd1_file).items()}, fp16_file)
+    targets = tiny_targets["sd1"]
+    lora = write_lora(targets, "a", seed=4, dtype=torch.float16)
+    out = tmp_path / "merged.safetensors"
+    assert run("--sd_model", fp16_file, "--models", lora, "--ratios", 0.7, "--save_to", out,
+               "--save_precision", "float") == 0  # fmt: skip
+    cache = tiny_sd.tokenizer_cache_dir
+    original, merged = (load_stable_diffusion(p, tokenizer_cache_dir=cache) for p in (fp16_file, out))
+    for target in targets:
+        expected = expected_weight(original, [(load_file(lora), 0.7)], target, torch.float32)
+        torch.testing.assert_close(module_at(merged, target).weight, expected, rtol=0, atol=0)
+    before, after = load_file(fp16_file), load_file(out)
+    assert {v.dtype for v in after.values() if v.is_floating_point()} == {torch.float32}
+    assert sum(not torch.equal(before[k].float(), after[k].float()) for k in before) == len(targets)
 
 
 def test_bake_into_sd2_folder_with_save_precision(tiny_sd, tiny_targets, write_lora, tmp_path):

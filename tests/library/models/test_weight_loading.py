@@ -128,3 +128,27 @@ def test_unmapped_reader_equals_safetensors_and_reports_truncation(tiny_sd, tmp_
     cut.write_bytes(b"\xff" * 8 + data[8:])
     with pytest.raises(CheckpointError, match="cut.safetensors'"):
         read_state_dict(cut, dtype=torch.float16)
+
+
+def test_cast_reads_share_one_buffer_and_stored_reads_own_theirs(tiny_sd, monkeypatch):
+    """A cast read takes no fresh memory per tensor (one scratch buffer, the largest tensor's size);
+    a read without a cast hands out each tensor's own buffer (never the scratch: see the equality tests)."""
+    reference = safetensors.torch.load_file(str(tiny_sd.sd1_file))
+    sizes = {k: v.numel() * v.element_size() for k, v in reference.items()}
+    floats = [k for k, v in reference.items() if v.is_floating_point() and v.dtype != torch.float16]
+    empty, buffers = torch.empty, []
+
+    def recording_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        if kwargs.get("dtype") == torch.uint8:
+            buffers.append(tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    cast = read_safetensors_unmapped(tiny_sd.sd1_file, dtype=torch.float16)
+    assert floats and all(cast[k].dtype == torch.float16 for k in floats)
+    others = [sizes[k] for k in reference if k not in floats]
+    assert sorted(buffers) == sorted([max(sizes[k] for k in floats), *others])
+    buffers.clear()
+    read_safetensors_unmapped(tiny_sd.sd1_file)
+    assert sorted(buffers) == sorted([0, *sizes.values()])

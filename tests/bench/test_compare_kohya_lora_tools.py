@@ -1,0 +1,108 @@
+"""The helpers of bench/compare_kohya_lora_tools.py on tiny tensors (no kohya checkout needed)."""
+
+import fcntl
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bench.compare_kohya_lora_tools import compare_baked, float32_ulps, held, relative_errors, run, update
+from library.synthetic_lora import LoRATarget, random_lora
+
+LINEAR = LoRATarget("lora_unet", "down_blocks.0.attentions.0.proj_in", 12, 10)
+CONV = LoRATarget("lora_unet", "down_blocks.0.resnets.0.conv1", 6, 4, (3, 3), is_conv=True)
+NAMES = [LINEAR.name, CONV.name]
+
+
+def test_float32_ulps_counts_numpys_spacing():
+    reference = torch.tensor([1.0, -3.5, 1e-3, 123.25, 0.0], dtype=torch.float32)
+    steps = torch.tensor([0.0, 1.0, 3.0, -2.0, 1.0], dtype=torch.float64)
+    spacing = torch.from_numpy(np.spacing(np.abs(reference.numpy()))).double()
+    other = (reference.double() + steps * spacing).float()
+    assert torch.equal(float32_ulps(reference, other), steps.abs())
+
+
+def test_float32_ulps_in_units_of_the_operand_scale():
+    # W + update cancelling to ~0: one ulp of W is one ulp, not ~500000 of the result's.
+    weight = torch.tensor([0.5, 0.5], dtype=torch.float32)
+    result = torch.tensor([1e-6, 1.5], dtype=torch.float32)  # the larger magnitude sets the unit
+    other = result.double() + float(np.spacing(np.float32(0.5))) * torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert torch.equal(float32_ulps(result, other.float(), weight), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert float32_ulps(result, other.float())[0] > 1e5
+
+
+def test_update_is_the_dense_scaled_product_also_for_3x3_convs():
+    tensors = random_lora([LINEAR, CONV], 4, 2.0, 3, 6.0, seed=0, dtype=torch.float32)
+    down = tensors[f"{CONV.name}.lora_down.weight"].double()
+    up = tensors[f"{CONV.name}.lora_up.weight"].double()
+    # The kernel applied as kohya bakes it: a conv of down's kernels by up's 1x1 kernels.
+    kernel = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3) * 6.0 / 3
+    torch.testing.assert_close(update(tensors, CONV.name), kernel.reshape(6, -1), rtol=1e-12, atol=0)
+    assert update(tensors, LINEAR.name).shape == (12, 10)
+
+
+def test_relative_errors_against_known_scalings():
+    first = random_lora([LINEAR, CONV], 4, 2.0, 3, 6.0, seed=1, dtype=torch.float32)
+    second = random_lora([LINEAR, CONV], 2, 2.0, 2, 1.0, seed=2, dtype=torch.float32)
+    assert max(relative_errors(first, [first], [1.0], NAMES)) < 1e-15
+    # The input as the merge of itself at ratio 0.5: the error is as large as the exact sum.
+    assert relative_errors(first, [first], [0.5], NAMES) == pytest.approx([1.0, 1.0], rel=1e-12)
+    # A concatenation of the factors with ratio-scaled up factors is the exact sum of two inputs.
+    merged = {}
+    for name in NAMES:
+        parts = [(first, 0.7), (second, -0.4)]
+        ups = [t[f"{name}.lora_up.weight"].double() * r * float(t[f"{name}.alpha"]) for t, r in parts]
+        downs = [t[f"{name}.lora_down.weight"].double() / t[f"{name}.lora_down.weight"].shape[0] for t, _ in parts]
+        merged[f"{name}.lora_up.weight"] = torch.cat(ups, dim=1)
+        merged[f"{name}.lora_down.weight"] = torch.cat(downs, dim=0)
+        merged[f"{name}.alpha"] = torch.tensor(float(merged[f"{name}.lora_down.weight"].shape[0]))
+    assert max(relative_errors(merged, [first, second], [0.7, -0.4], NAMES)) < 1e-14
+
+
+def test_compare_baked_separates_baked_untouched_and_one_sided_tensors(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(5, 7, generator=generator).half() for k in ("kept", "baked", "kohya_only_change")}
+    base["step"] = torch.tensor([3], dtype=torch.int64)
+    delta = torch.randn(5, 7, generator=generator, dtype=torch.float64) * 0.1
+    ours = {k: v.float() for k, v in base.items() if k != "step"}
+    ours["step"] = base["step"]
+    ours["baked"] = (base["baked"].double() + delta).float()
+    kohya = dict(ours)
+    spacing = torch.from_numpy(np.spacing(np.abs(ours["baked"].numpy())))
+    kohya["baked"] = ours["baked"].clone()
+    kohya["baked"][0, :3] += 2 * spacing[0, :3]  # two float32 ulps off in three elements
+    kohya["kohya_only_change"] = ours["kohya_only_change"] + 1e-3
+    kohya["extra"] = torch.zeros(2)
+    paths = [tmp_path / f"{n}.safetensors" for n in ("base", "kohya", "ours")]
+    for path, tensors in zip(paths, (base, kohya, ours)):
+        save_file(tensors, path)
+
+    result = compare_baked(*paths)
+
+    assert (result.tensors, result.changed, result.untouched) == (4, 2, 2)
+    assert result.changed_by_one_only == ["kohya_only_change"]
+    assert (result.only_in_kohya, result.only_in_ours) == (["extra"], [])
+    assert result.differing_elements == 3 + 35 and result.changed_elements == 70
+    assert result.max_ulps > 2  # the 1e-3 shift is many ulps
+    assert result.dtypes == {"kohya torch.float32", "ours torch.float32", "kohya torch.int64", "ours torch.int64"}
+
+
+def test_run_reports_time_and_peak_memory_and_the_failure_line(tmp_path):
+    script = tmp_path / "script.py"
+    # A 256 MiB block written through, so its pages are resident; the script ends in sys.exit like ours.
+    script.write_text(
+        "import sys\nblock = bytearray(b'x' * (256 * 2**20))\nsys.exit(0 if sys.argv[1] == 'ok' else 'bad input')\n"
+    )
+    timing = run(tmp_path, "script.py", ["ok"], "")
+    assert timing.wall > 0 and timing.cpu > 0 and 0.25 <= timing.peak_gib < 2
+    with pytest.raises(RuntimeError, match="bad input"):
+        run(tmp_path, "script.py", ["no"], "")
+
+
+def test_held_takes_the_lock_for_the_block(tmp_path):
+    lock = tmp_path / "big.lock"
+    with held(lock), open(lock) as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock) as other:  # released after the block
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
