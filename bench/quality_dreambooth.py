@@ -25,10 +25,15 @@ more about the neighbours than about the method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
+import io
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -80,6 +85,10 @@ METHODS: dict[str, Method | None] = {
     # SD1.5's aux/width proportions (100/768-1280 and 50/320-1280) on the toy's 32-128 widths: the
     # default 100/50 clamp to most toy layers' full width, leaving no projection to speak of.
     "lilora r4 up_zero aux12/6": Method("networks.lilora", ("init=up_zero", "aux_down=12", "aux_up=6"), 4, 4.0),
+    # docs/lilora.md: an Adam step moves lora_up about sqrt(b / out) as far as a LoRA's, so a few times the lr.
+    "lilora r4 up_zero aux12/6 lr4e-3": Method(
+        "networks.lilora", ("init=up_zero", "aux_down=12", "aux_up=6"), 4, 4.0, 4e-3
+    ),
     FULL: None,  # distill_unet.py, see the module docstring
 }
 RESIZE_SOURCES = ("lora r4", "lora r16")
@@ -91,6 +100,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--work_dir", help="keep the concept set, trained files and checkpoints here (default: a temporary folder)"
     )
+    g.add_argument("--jobs", type=int, default=2, help="methods trained side by side (processes, one thread each)")
     g.add_argument("--save_every", type=int, default=25, help="checkpoint (and score) every N steps")
     g.add_argument("--checkpoint_samples", type=int, default=16, help="concept samples per checkpoint")
     g.add_argument(
@@ -100,6 +110,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         help="kohya's flag for every run: the toy model was pretrained with 10%% empty captions and is sampled "
         "with CFG, so the unconditional prediction must keep training (docs/quality.md)",
     )
+    g.add_argument("--lr_scheduler", default="constant", help="kohya's flag for every run (constant: kohya's default)")
     g.add_argument("--full_lr", type=float, default=1e-4, help="learning rate of full UNet fine-tuning")
     g.add_argument("--resize_sv_ratios", default="128,64,32,16,8,4,2", help="resize_lora.py sv_ratio values")
     g.add_argument("--resize_ranks", default="1,2", help="resize_lora.py fixed ranks")
@@ -150,7 +161,11 @@ def network_parameters(base, method: Method) -> int:
 def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, name: str) -> Trained:
     method = METHODS[name]
     out = work / name.replace(" ", "_")
-    extra = [f"--save_every_n_steps={args.save_every}", f"--caption_dropout_rate={args.caption_dropout_rate}"]
+    extra = [
+        f"--save_every_n_steps={args.save_every}",
+        f"--caption_dropout_rate={args.caption_dropout_rate}",
+        f"--lr_scheduler={args.lr_scheduler}",
+    ]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
                             seed=args.seed)  # fmt: skip
@@ -218,9 +233,49 @@ def _concept_set(args: argparse.Namespace, work: Path) -> tuple[Concept, Path]:
     return concept, concept_dir
 
 
-def dreambooth_rows(args: argparse.Namespace, work: Path, methods: list[str]) -> dict[str, Trained]:
-    """Train each method, print its row (and the concept accuracy curve); the runs, for the resize rows."""
+@dataclass
+class MethodResult:
+    """A trained method scored: its run, the final report and the concept accuracy by step."""
+
+    name: str
+    run: Trained
+    report: dict[str, float]
+    curve: dict[int, float]
+
+
+def score_method(args: argparse.Namespace, work: Path, name: str) -> MethodResult:
+    """Train ``name`` and score its checkpoints and final file (one worker's job)."""
+    torch.set_num_threads(args.threads)
     concept, concept_dir = _concept_set(args, work)
+    base = load_base(args.model, args.tokenizers)
+    run = train_method(args, base, concept_dir, work, name)
+    full = METHODS[name] is None
+    curve = {
+        step: concept_accuracy(with_trained(base, path, full), concept, args.checkpoint_samples, args.seed)
+        for step, path in sorted(run.checkpoints.items())
+    }
+    report = concept_report(with_trained(base, run.final, full), concept, args.samples, args.seed)
+    if args.checkpoint_samples == args.samples:  # the same seeds: the report's concept figure
+        curve[args.steps] = report["concept"]
+    else:
+        final = with_trained(base, run.final, full)
+        curve[args.steps] = concept_accuracy(final, concept, args.checkpoint_samples, args.seed)
+    return MethodResult(name, run, report, curve)
+
+
+def _in_workers(function, items: list, jobs: int):
+    """``function(item)`` for each item, in order; ``jobs`` > 1 runs them in that many spawned processes
+    (one torch thread each: on two cores two small runs side by side beat one run on two threads)."""
+    if jobs <= 1:
+        yield from map(function, items)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(function, items)
+
+
+def dreambooth_rows(args: argparse.Namespace, work: Path, methods: list[str]) -> dict[str, MethodResult]:
+    """Train each method, print its row (and the concept accuracy curve); the results, for the resize rows."""
+    concept, _ = _concept_set(args, work)
     base = load_base(args.model, args.tokenizers)
     before = concept_report(base, concept, args.samples, args.seed)
     print(f"\nDreamBooth '{args.concept}' as '{args.token}', {args.images} images, {args.steps} steps, "
@@ -229,33 +284,23 @@ def dreambooth_rows(args: argparse.Namespace, work: Path, methods: list[str]) ->
     print("| method | trainable | file | concept | concept colour | class prior | other prior | train CPU s | "
           "steps to 80% |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     print(f"| base model | - | - | {_report_cells(before)} | - | - |", flush=True)
-    trained, curves = {}, {}
-    for name in methods:
-        run = trained[name] = train_method(args, base, concept_dir, work, name)
-        full = METHODS[name] is None
-        curve = {
-            step: concept_accuracy(with_trained(base, path, full), concept, args.checkpoint_samples, args.seed)
-            for step, path in sorted(run.checkpoints.items())
-        }
-        report = concept_report(with_trained(base, run.final, full), concept, args.samples, args.seed)
-        if args.checkpoint_samples == args.samples:  # the same seeds: the report's concept figure
-            curve[args.steps] = report["concept"]
-        else:
-            curve[args.steps] = concept_accuracy(
-                with_trained(base, run.final, full), concept, args.checkpoint_samples, args.seed
-            )
-        curves[name] = curve
+    results = {}
+    for result in _in_workers(partial(score_method, args, work), methods, args.jobs):
+        results[result.name] = result
+        run = result.run
         print(
-            f"| {name} | {run.parameters:,} | {run.size_bytes / 1000:,.0f} KB | {_report_cells(report)} | "
-            f"{run.cpu_seconds:.0f} | {steps_to(curve)} |",
+            f"| {result.name} | {run.parameters:,} | {run.size_bytes / 1000:,.0f} KB | {_report_cells(result.report)} "
+            f"| {run.cpu_seconds:.0f} | {steps_to(result.curve)} |",
             flush=True,
         )
-    steps = sorted({step for curve in curves.values() for step in curve})
+    steps = sorted({step for result in results.values() for step in result.curve})
     print(f"\nConcept accuracy by step ({args.checkpoint_samples} samples per checkpoint)")
     print("| method | " + " | ".join(str(s) for s in steps) + " |\n|---|" + "---|" * len(steps))
-    for name, curve in curves.items():
-        print(f"| {name} | " + " | ".join(f"{curve[s]:.2f}" if s in curve else "-" for s in steps) + " |")
-    return trained
+    for name, result in results.items():
+        print(
+            f"| {name} | " + " | ".join(f"{result.curve[s]:.2f}" if s in result.curve else "-" for s in steps) + " |"
+        )
+    return results
 
 
 def mean_rank(path: Path) -> float:
@@ -264,30 +309,44 @@ def mean_rank(path: Path) -> float:
     return sum(ranks) / max(1, len(ranks))
 
 
-def resize_rows(args: argparse.Namespace, work: Path, trained: dict[str, Trained]) -> None:
-    """The trained LoRAs through ``resize_lora.py``: each sv_ratio (rank capped at the source's) and fixed rank."""
-    concept, concept_dir = _concept_set(args, work)
+def score_resized(args: argparse.Namespace, work: Path, job: tuple[str, Path, str, list[str] | None]) -> str:
+    """One resize row: ``resize_lora.py`` on the source file with ``flags`` (None: the source as it is)."""
+    torch.set_num_threads(args.threads)
+    source, source_file, label, flags = job
+    concept, _ = _concept_set(args, work)
+    path = source_file
+    if flags is not None:
+        path = work / f"{source.replace(' ', '_')}_{label.replace(' ', '_')}.safetensors"
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary lines would split the table
+            resize_lora.main(["--model", str(source_file), "--save_to", str(path), *flags])
     base = load_base(args.model, args.tokenizers)
+    report = concept_report(with_trained(base, path, False), concept, args.samples, args.seed)
+    return (
+        f"| {source} | {label} | {mean_rank(path):.2f} | {path.stat().st_size / 1000:,.0f} KB | "
+        f"{_report_cells(report)} |"
+    )
+
+
+def resize_rows(args: argparse.Namespace, work: Path, trained: dict[str, MethodResult]) -> None:
+    """The trained LoRAs through ``resize_lora.py``: each sv_ratio (rank capped at the source's) and fixed rank."""
     ratios = [float(v) for v in args.resize_sv_ratios.split(",") if v]
     ranks = [int(v) for v in args.resize_ranks.split(",") if v]
+    _concept_set(args, work)  # written once here, before workers read it
+    missing = [source for source in RESIZE_SOURCES if source not in trained]
+    trained = trained | {r.name: r for r in _in_workers(partial(score_method, args, work), missing, args.jobs)}
     print(f"\nResize ('{args.concept}' LoRAs of {args.steps} steps; resize_lora.py, float files)")
     print("| source | resize | mean rank | file | concept | concept colour | class prior | other prior |")
     print("|---|---|---|---|---|---|---|---|")
+    jobs = []
     for source in RESIZE_SOURCES:
-        run = trained.get(source) or train_method(args, base, concept_dir, work, source)
-        rank = METHODS[source].dim
-        settings = [("none", None)]
-        settings += [(f"sv_ratio {v:g}", [f"--new_rank={rank}", "--dynamic_method=sv_ratio", f"--dynamic_param={v}"])
-                     for v in ratios]  # fmt: skip
-        settings += [(f"rank {r}", [f"--new_rank={r}"]) for r in ranks if r < rank]
-        for label, flags in settings:
-            path = run.final
-            if flags is not None:
-                path = work / f"{source.replace(' ', '_')}_{label.replace(' ', '_')}.safetensors"
-                resize_lora.main(["--model", str(run.final), "--save_to", str(path), *flags])
-            report = concept_report(with_trained(base, path, False), concept, args.samples, args.seed)
-            print(
-                f"| {source} | {label} | {mean_rank(path):.2f} | {path.stat().st_size / 1000:,.0f} KB | "
-                f"{_report_cells(report)} |",
-                flush=True,
-            )
+        result, rank = trained[source], METHODS[source].dim
+        print(
+            f"| {source} | none | {mean_rank(result.run.final):.2f} | {result.run.size_bytes / 1000:,.0f} KB | "
+            f"{_report_cells(result.report)} |",
+            flush=True,
+        )
+        dynamic = [f"--new_rank={rank}", "--dynamic_method=sv_ratio"]
+        jobs += [(source, result.run.final, f"sv_ratio {v:g}", [*dynamic, f"--dynamic_param={v}"]) for v in ratios]
+        jobs += [(source, result.run.final, f"rank {r}", [f"--new_rank={r}"]) for r in ranks if r < rank]
+    for row in _in_workers(partial(score_resized, args, work), jobs, args.jobs):
+        print(row, flush=True)

@@ -12,8 +12,10 @@ from bench import lilora_variants
 from bench.quality_dreambooth import (
     METHODS,
     _full_finetune_argv,
+    _in_workers,
     mean_rank,
     network_parameters,
+    score_resized,
     steps_to,
     train_method,
     with_trained,
@@ -41,7 +43,8 @@ def toy_files(tmp_path_factory):
 
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
-                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1)  # fmt: skip
+                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1,
+                  samples=1, concept="purple triangle", token="sks")  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
 
@@ -111,12 +114,21 @@ def test_full_finetuning_is_distill_unet_on_the_dreambooth_flags(toy_files, tmp_
     assert changed  # the fine-tuned UNet, not the base one
 
 
-def test_a_lora_run_keeps_its_checkpoints_and_ranks(toy_files, tmp_path):
+def test_a_lora_run_keeps_its_checkpoints_and_resizes_to_the_rank_asked(toy_files, tmp_path):
     args = _args(toy_files)
     base = load_base(args.model, args.tokenizers)
     trained = train_method(args, base, toy_files / "concept", tmp_path, "lora r4")
     assert sorted(trained.checkpoints) == [1]
     assert mean_rank(trained.final) == 4
+    (tmp_path / "concept").symlink_to(toy_files / "concept")  # the bench's work folder holds the concept set
+    row = score_resized(args, tmp_path, ("lora r4", trained.final, "rank 2", ["--new_rank=2"]))
+    resized = tmp_path / "lora_r4_rank_2.safetensors"
+    assert mean_rank(resized) == 2 and row.startswith("| lora r4 | rank 2 | 2.00 |")
+
+
+def test_workers_return_results_in_order():
+    assert list(_in_workers(abs, [-3, 1, -2], jobs=2)) == [3, 1, 2]
+    assert list(_in_workers(abs, [-3, 1], jobs=1)) == [3, 1]
 
 
 def test_steps_to_threshold():
