@@ -101,6 +101,11 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         help="a VAE folder from an earlier run: train it --vae_steps more (a second VAE stage), on new images",
     )
     parser.add_argument(
+        "--vae_decoder_only",
+        action="store_true",
+        help="with --vae_continue_from: train only the decoder, so the latent space (and a UNet on it) stays",
+    )
+    parser.add_argument(
         "--vae_channels", default=",".join(map(str, VAE_CHANNELS)), help="VAE channels per level, multiples of 32"
     )
     parser.add_argument(
@@ -127,6 +132,8 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
         for part in ("unet", "text_encoder"):
             if not (Path(args.unet_continue_from) / part / "config.json").is_file():
                 raise ConfigError(f"--unet_continue_from '{args.unet_continue_from}' has no {part}/config.json")
+    if args.vae_decoder_only and not args.vae_continue_from:
+        raise ConfigError("--vae_decoder_only trains a VAE further: give --vae_continue_from")
     if args.vae_from and args.vae_continue_from:
         raise ConfigError("--vae_from skips the VAE stage and --vae_continue_from trains one: give one of them")
     out = Path(args.out)
@@ -153,9 +160,12 @@ def pretrain_main(argv: list[str] | None = None) -> Path:
             summary["vae_continued_from"] = args.vae_continue_from
         continued = bool(args.vae_continue_from)
         first_image = VAE_CONTINUED_IMAGES_FROM if continued else VAE_IMAGES_FROM
-        vae_log = pretrain_vae(model.vae, plan, report, continued=continued, first_image=first_image)
+        vae_log = pretrain_vae(
+            model.vae, plan, report, continued=continued, first_image=first_image, decoder_only=args.vae_decoder_only
+        )
         summary["vae"] = _stage_summary(vae_log)
-        summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan.seed)
+        if not args.vae_decoder_only:  # the encoder, and so the latent scale, did not change
+            summary["vae"]["latent_rescale"] = normalise_latent_scale(model.vae, plan.seed)
         model.vae.save_pretrained(out / "vae")
     if args.eval_images > 0:
         accuracy, psnr = reconstruction_report(model.vae, pretraining + held_out, args.eval_images, plan.seed)

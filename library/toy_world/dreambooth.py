@@ -22,6 +22,7 @@ from library.models.stable_diffusion import StableDiffusionModel, load_stable_di
 from library.toy_world.concept import Concept
 from library.toy_world.evaluate import Accuracy, generate
 from library.toy_world.generator import caption, combination_split
+from library.toy_world.model import PRETRAINING_NOISE_OFFSET
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class DreamBoothRun:
     max_train_steps: int = 200
     train_batch_size: int = 4
     seed: int = 0
+    # Fine-tune with the offset the base model was pretrained with (kohya users pass the same flag).
+    noise_offset: float = PRETRAINING_NOISE_OFFSET
 
 
 def train_network_argv(
@@ -65,6 +68,7 @@ def train_network_argv(
         f"--max_train_steps={run.max_train_steps}",
         f"--train_batch_size={run.train_batch_size}",
         f"--seed={run.seed}",
+        f"--noise_offset={run.noise_offset}",
         "--max_data_loader_n_workers=0",
         f"--output_dir={output_dir}",
         f"--output_name={output_name}",

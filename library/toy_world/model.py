@@ -28,6 +28,11 @@ LATENT_SIZE = SIZE // 8
 # a channel's image-wide level: on two-colour images the decoder then learns shapes long before
 # colours (docs/quality.md). 64 channels give two per group and keep colour in their ratio.
 VAE_CHANNELS = (64, 64, 64, 64)
+# kohya's --noise_offset of the committed model's diffusion rounds, and so of fine-tuning it. SD's
+# schedule leaves 0.07 of the signal at t=999; over an 8x8 latent its mean (the image's colour) is
+# readable through the noise, so without an offset the model takes colour from the starting noise
+# instead of the prompt (docs/quality.md).
+PRETRAINING_NOISE_OFFSET = 0.5
 
 
 def toy_unet_config() -> dict:

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
 
 from library.models.stable_diffusion import StableDiffusionModel
 from library.models.text_encoding import encode_tokens, tokenize_captions
 from library.toy_world.generator import caption, combination_split, sample_images
-from library.toy_world.model import rescale_latents
+from library.toy_world.model import PRETRAINING_NOISE_OFFSET, rescale_latents
 from library.training.noise import NoiseOptions, diffusion_loss
 
 # Image indices of the two stages and of evaluation never overlap (image i is a function of (seed, i)).
@@ -51,6 +52,10 @@ class PretrainPlan:
     images_per_combination: int = 50  # the UNet's set: 60 pretraining combinations x 50 latents
     caption_dropout: float = 0.1  # empty captions teach the unconditional prediction CFG needs
     min_snr_gamma: float = 5.0
+    noise_offset: float = PRETRAINING_NOISE_OFFSET  # kohya's --noise_offset (why: model.py)
+    # An exponential moving average of the UNet and text encoder is what the stage returns (0: off):
+    # samples of the averaged weights are steadier than those of the last step (diffusers' EMAModel).
+    ema_decay: float = 0.0
     warmup_steps: int = 50
     minutes_per_stage: float | None = None
 
@@ -114,6 +119,7 @@ def _run_stage(
     plan: PretrainPlan,
     report: Callable[[str], None],
     name: str,
+    after_step: Callable[[], None] | None = None,
 ) -> StageLog:
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, steps, min(plan.warmup_steps, max(1, steps // 10)))
@@ -127,6 +133,8 @@ def _run_stage(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         done = step + 1
         elapsed = time.perf_counter() - start
@@ -147,12 +155,18 @@ def pretrain_vae(
     *,
     continued: bool = False,
     first_image: int = VAE_IMAGES_FROM,
+    decoder_only: bool = False,
 ) -> StageLog:
     """Reconstruction (colour-weighted MSE) plus a small KL term on fresh images of the pretraining
     combinations. ``continued``: ``vae`` is an earlier stage's result, trained further on images
-    from ``first_image`` on (so a second stage never sees the first stage's images again)."""
+    from ``first_image`` on (so a second stage never sees the first stage's images again).
+    ``decoder_only``: the encoder is frozen, so the latent space (and a UNet trained on it) stays
+    valid while the decoder improves, as SD's own ft-MSE decoder was trained."""
     pretraining, _ = combination_split(plan.seed)
     vae.train().requires_grad_(True)
+    if decoder_only:
+        for part in (vae.encoder, vae.quant_conv):
+            part.eval().requires_grad_(False)
     torch.manual_seed(plan.seed + int(continued))
     if not continued:
         with torch.no_grad():
@@ -166,10 +180,14 @@ def pretrain_vae(
         pixels = images_to_tensor([im for _, im in sample_images(pretraining, plan.vae_batch, plan.seed, first)])
         posterior = vae.encode(pixels).latent_dist
         decoded = vae.decode(posterior.sample()).sample
+        loss = reconstruction_loss(decoded, pixels, plan.chroma_weight)
+        if decoder_only:
+            return loss
         kl = posterior.kl() / posterior.mean[0].numel()  # diffusers sums over the latent elements
-        return reconstruction_loss(decoded, pixels, plan.chroma_weight) + plan.kl_weight * kl.mean()
+        return loss + plan.kl_weight * kl.mean()
 
-    log = _run_stage(step_fn, list(vae.parameters()), plan.vae_lr, plan.vae_steps, plan, report, "vae")
+    parameters = [p for p in vae.parameters() if p.requires_grad]
+    log = _run_stage(step_fn, parameters, plan.vae_lr, plan.vae_steps, plan, report, "vae")
     vae.eval().requires_grad_(False)
     return log
 
@@ -208,7 +226,7 @@ def pretrain_diffusion(
     means, stds, captions = encode_training_set(model.vae, plan)
     ids = tokenize_captions(model.tokenizer, captions)
     empty = tokenize_captions(model.tokenizer, [""])
-    options = NoiseOptions(min_snr_gamma=plan.min_snr_gamma)
+    options = NoiseOptions(min_snr_gamma=plan.min_snr_gamma, noise_offset=plan.noise_offset or None)
     scheduler = model.noise_scheduler
     unet, text_encoder = model.unet, model.text_encoder
     for module in (unet, text_encoder):
@@ -230,7 +248,11 @@ def pretrain_diffusion(
         return diffusion_loss(predict, latents, scheduler, options, torch.ones(plan.unet_batch)).loss
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    log = _run_stage(step_fn, parameters, plan.unet_lr, plan.unet_steps, plan, report, "unet")
+    ema = EMAModel(parameters, decay=plan.ema_decay) if plan.ema_decay > 0 else None
+    after_step = (lambda: ema.step(parameters)) if ema is not None else None
+    log = _run_stage(step_fn, parameters, plan.unet_lr, plan.unet_steps, plan, report, "unet", after_step)
+    if ema is not None:
+        ema.copy_to(parameters)
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
     return log

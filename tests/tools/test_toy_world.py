@@ -143,3 +143,46 @@ def test_a_second_diffusion_round_continues_the_first(tmp_path):
     with pytest.raises(ConfigError, match="has no unet/config.json"):
         pretrain_toy_world.main(["--out", str(tmp_path / "x"), "--unet_continue_from", str(tmp_path)])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_decoder_only_vae_stage_keeps_the_latent_space(tmp_path):
+    from diffusers import AutoencoderKL
+
+    flags = ["--vae_batch", "2", "--unet_steps", "0", "--eval_images", "0", "--threads", "1"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "first"), "--vae_steps", "1", *flags])
+    first_vae = tmp_path / "first" / "vae"
+    second = ["--out", str(tmp_path / "second"), "--vae_continue_from", str(first_vae), "--vae_decoder_only"]
+    pretrain_toy_world.main([*second, "--vae_steps", "1", *flags])
+    before = AutoencoderKL.from_pretrained(first_vae).state_dict()
+    after = AutoencoderKL.from_pretrained(tmp_path / "second" / "vae").state_dict()
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    assert moved and all(key.startswith(("decoder.", "post_quant_conv.")) for key in moved)
+    report = json.loads((tmp_path / "second" / "pretrain_report.json").read_text())
+    assert "latent_rescale" not in report["vae"]  # same encoder, same latent scale
+    with pytest.raises(ConfigError, match="--vae_decoder_only trains a VAE further"):
+        pretrain_toy_world.main(["--out", str(tmp_path / "x"), "--vae_decoder_only"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_ema_of_a_diffusion_round_averages_its_steps(tmp_path):
+    """With --ema_decay the written weights are a moving average of the steps' weights: after two
+    steps, one fixed mix of the first step's and the second step's weights in every changed tensor."""
+    from diffusers import UNet2DConditionModel
+
+    flags = ["--vae_steps", "1", "--vae_batch", "2", "--unet_batch", "2", "--images_per_combination", "1"]
+    flags += ["--eval_images", "0", "--eval_samples", "0", "--threads", "1", "--noise_offset", "0.3"]
+    pretrain_toy_world.main(["--out", str(tmp_path / "vae"), "--unet_steps", "0", *flags])
+    common = [*flags, "--vae_from", str(tmp_path / "vae" / "vae")]
+    runs = {"one": ["--unet_steps", "1"], "two": ["--unet_steps", "2"], "ema": ["--unet_steps", "2"]}
+    runs["ema"] += ["--ema_decay", "0.999"]
+    weights = {}
+    for name, extra in runs.items():
+        pretrain_toy_world.main(["--out", str(tmp_path / name), *common, *extra])
+        unet = UNet2DConditionModel.from_pretrained(tmp_path / name / "toy_sd1" / "unet")
+        weights[name] = torch.cat([p.detach().flatten() for p in unet.parameters()]).double()
+    # the first steps of a one-step and a two-step round coincide (same draws, full learning rate)
+    step1, step2, ema = weights["one"], weights["two"], weights["ema"]
+    changed = (step1 - step2).abs() > 1e-4  # well above float32 rounding of the saved weights
+    mix = (ema - step2)[changed] / (step1 - step2)[changed]
+    assert 0 < float(mix.median()) < 1
+    assert torch.allclose(mix, mix.median(), atol=1e-3)
