@@ -1,15 +1,18 @@
 """Quality on the pretrained toy world: what each method does to what the model draws (docs/quality.md).
 
     python -m bench.bench_quality --model assets/toy_world/toy_sd1.safetensors \\
-        --tokenizers assets/toy_world/tokenizers --rows base dreambooth
+        --tokenizers assets/toy_world/tokenizers            # every row; about 45 min on 2 cores
 
 Every row comes from seeded samples of the toy model read by the pixel classifier. ``base``: the
 model's colour/shape accuracy on pretraining and held-out prompts. ``dreambooth``: a new concept
 (a held-out colour/shape bound to ``--token``) trained by ``train_network.py`` with each network
-family, scored before and after: concept accuracy (samples of ``a <token> <shape>`` read as the
-concept), class prior (the shape in its known colours) and other prior (other pretraining prompts),
-beside the base model's own prior, trainable parameters and file size. The concept, the number of
-instance images, steps and seeds are flags. ``distill``: BK-SDM students of the toy model trained by
+family (LoRA, LoCon, Light LoRA variants, full UNet fine-tuning as the ceiling), scored before and
+after: concept accuracy (samples of ``a <token> <shape>`` read as the concept, also at every
+checkpoint), class prior (the shape in its known colours) and other prior (other pretraining
+prompts), beside the base model's own prior, trainable parameters and file size. ``resize``: the
+LoRA r4/r16 files through ``resize_lora.py`` at each sv_ratio and fixed rank
+(bench/quality_dreambooth.py). The concept, the number of instance images, steps and seeds are
+flags. ``distill``: BK-SDM students of the toy model trained by
 ``distill_unet.py`` with and without KD, scored against the teacher (bench/quality_distill.py).
 ``ffn``: narrow FFNs by ``tools/compress_ffn.py``, ``pca`` against ``prune`` init, after each stage
 (bench/quality_ffn.py).
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=6, help="instance images")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--reg_per_colour", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=200, help="training steps per DreamBooth run")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per DreamBooth run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
     parser.add_argument("--seed", type=int, default=0)

@@ -101,7 +101,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         "--work_dir", help="keep the concept set, trained files and checkpoints here (default: a temporary folder)"
     )
     g.add_argument("--jobs", type=int, default=2, help="methods trained side by side (processes, one thread each)")
-    g.add_argument("--save_every", type=int, default=25, help="checkpoint (and score) every N steps")
+    g.add_argument("--save_every", type=int, default=50, help="checkpoint (and score) every N steps")
     g.add_argument("--checkpoint_samples", type=int, default=16, help="concept samples per checkpoint")
     g.add_argument(
         "--caption_dropout_rate",
