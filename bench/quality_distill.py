@@ -16,16 +16,17 @@ import time
 from pathlib import Path
 
 import distill_unet
+from library.distill.cost import count_parameters
 from library.toy_world.distill_runs import (
     DISTILL_MODES,
     DistillRun,
     distill_argv,
     initial_student,
     load_student,
-    parameter_count,
 )
 from library.toy_world.dreambooth import load_base
-from library.toy_world.fidelity import SampleSet, draw_samples, fidelity, prediction_batch, prediction_mse, sample_jobs
+from library.toy_world.evaluate import sample_jobs
+from library.toy_world.fidelity import SampleSet, draw_samples, fidelity, prediction_batch, prediction_mse
 from library.toy_world.generator import combination_split, write_dataset
 
 STUDENTS = ("bk_base", "bk_small", "bk_tiny")
@@ -68,13 +69,13 @@ def distill_rows(args: argparse.Namespace, work: Path) -> list[str]:
     jobs = sample_jobs(pretraining, args.distill_samples, args.seed)
     reference = draw_samples(teacher, jobs)
     batch = prediction_batch(teacher, pretraining, 2 * len(pretraining), args.seed)
-    rows = [_row("teacher", "-", parameter_count(teacher.unet), 0.0, reference, reference, None)]
+    rows = [_row("teacher", "-", count_parameters(teacher.unet), 0.0, reference, reference, None)]
     print(rows[-1], flush=True)
     for student in args.students:
         unet = initial_student(teacher.unet, student)
         samples = draw_samples(teacher, jobs, unet=unet)
         mse = prediction_mse(unet, teacher.unet, batch)
-        rows.append(_row(student, "init", parameter_count(unet), mse, samples, reference, None))
+        rows.append(_row(student, "init", count_parameters(unet), mse, samples, reference, None))
         print(rows[-1], flush=True)
         for mode in args.distill_modes:
             run = DistillRun(student, mode, args.distill_steps, args.distill_batch, args.distill_lr, args.seed)
@@ -85,7 +86,7 @@ def distill_rows(args: argparse.Namespace, work: Path) -> list[str]:
             unet = load_student(out)
             samples = draw_samples(teacher, jobs, unet=unet)
             mse = prediction_mse(unet, teacher.unet, batch)
-            rows.append(_row(student, mode, parameter_count(unet), mse, samples, reference, seconds))
+            rows.append(_row(student, mode, count_parameters(unet), mse, samples, reference, seconds))
             print(rows[-1], flush=True)
     spent, wall = time.process_time() - began, time.perf_counter() - began_wall
     print(f"distill rows: {spent:.0f} CPU s ({wall:.0f} s wall)", flush=True)

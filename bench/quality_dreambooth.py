@@ -49,9 +49,9 @@ from library.toy_world.dreambooth import (
     apply_network_file,
     concept_report,
     load_base,
+    score_prompts,
     train_network_argv,
 )
-from library.toy_world.evaluate import Accuracy, generate
 
 FULL = "full unet"
 
@@ -129,13 +129,8 @@ class Trained:
 
 def concept_accuracy(model, concept: Concept, samples: int, seed: int, steps: int = 20) -> float:
     """Samples of the concept prompt read as the concept; the seeds :func:`concept_report` uses."""
-    accuracy = Accuracy()
-    for first in range(0, samples, 64):
-        count = min(64, samples - first)
-        seeds = [seed * 100_003 + first + i for i in range(count)]
-        for image in generate(model, [concept.prompt] * count, seeds, steps=steps):
-            accuracy.add(concept.colour, concept.shape, image)
-    return accuracy.rates()["both"]
+    jobs = [(concept.prompt, concept.colour, concept.shape)] * samples
+    return score_prompts(model, jobs, seed, steps).rates()["both"]
 
 
 def _checkpoints(out: Path) -> dict[int, Path]:

@@ -25,7 +25,8 @@ from library.ffn_compression.calibration import Calibration, relative_errors
 from library.ffn_compression.unet import compress_unet
 from library.toy_world.distill_runs import theseus_schedule
 from library.toy_world.dreambooth import load_base
-from library.toy_world.fidelity import SampleSet, draw_samples, fidelity, prediction_batch, prediction_mse, sample_jobs
+from library.toy_world.evaluate import sample_jobs
+from library.toy_world.fidelity import SampleSet, draw_samples, fidelity, prediction_batch, prediction_mse
 from library.toy_world.generator import caption, combination_split, write_dataset
 from networks import lowrank_ffn
 from tools import compress_ffn

@@ -100,7 +100,3 @@ def initial_student(teacher: UNet2DConditionModel, student: str) -> UNet2DCondit
     """The student before training: BK-SDM's weight copy from the teacher, where ``distill_unet.py`` starts."""
     unet, _ = build_student(teacher, student_config(teacher.config, student), dtype=torch.float32)
     return unet.eval().requires_grad_(False)
-
-
-def parameter_count(unet: torch.nn.Module) -> int:
-    return sum(p.numel() for p in unet.parameters())

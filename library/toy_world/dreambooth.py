@@ -20,7 +20,7 @@ import torch
 
 from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion
 from library.toy_world.concept import Concept
-from library.toy_world.evaluate import Accuracy, generate
+from library.toy_world.evaluate import Accuracy, generate, noise_seed
 from library.toy_world.generator import caption, combination_split
 from library.toy_world.model import PRETRAINING_NOISE_OFFSET
 
@@ -96,12 +96,12 @@ def apply_network_file(model: StableDiffusionModel, path: str | os.PathLike, net
     network.to(torch.float32).eval().requires_grad_(False)
 
 
-def _score(model: StableDiffusionModel, jobs: list[tuple[str, str, str]], seed: int, steps: int) -> Accuracy:
+def score_prompts(model: StableDiffusionModel, jobs: list[tuple[str, str, str]], seed: int, steps: int) -> Accuracy:
     """``jobs``: (prompt, expected colour, expected shape); one sample each, seeds from ``seed``."""
     accuracy = Accuracy()
     for first in range(0, len(jobs), 64):
         chunk = jobs[first : first + 64]
-        seeds = [seed * 100_003 + first + i for i in range(len(chunk))]
+        seeds = [noise_seed(seed, first + i) for i in range(len(chunk))]
         images = generate(model, [prompt for prompt, _, _ in chunk], seeds, steps=steps)
         for (_, colour, shape), image in zip(chunk, images):
             accuracy.add(colour, shape, image)
@@ -119,10 +119,10 @@ def concept_report(
     others = [(c, s) for c, s in pretraining if s != concept.shape][:: max(1, len(pretraining) // 12)]
     class_jobs = [(caption(c, concept.shape), c, concept.shape) for c in known for _ in range(max(1, samples // 4))]
     other_jobs = [(caption(c, s), c, s) for c, s in others for _ in range(max(1, samples // 4))]
-    concept_rates = _score(model, concept_jobs, seed, steps).rates()
+    concept_rates = score_prompts(model, concept_jobs, seed, steps).rates()
     return {
         "concept": concept_rates["both"],
         "concept_colour": concept_rates["colour"],
-        "class_prior": _score(model, class_jobs, seed + 1, steps).rates()["both"],
-        "other_prior": _score(model, other_jobs, seed + 2, steps).rates()["both"],
+        "class_prior": score_prompts(model, class_jobs, seed + 1, steps).rates()["both"],
+        "other_prior": score_prompts(model, other_jobs, seed + 2, steps).rates()["both"],
     }

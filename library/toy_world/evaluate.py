@@ -104,6 +104,17 @@ def generate(
     ).images
 
 
+def noise_seed(seed: int, index: int) -> int:
+    """The starting-noise seed of sample ``index`` of a scored set drawn with ``seed``."""
+    return seed * 100_003 + index
+
+
+def sample_jobs(combinations: list[tuple[str, str]], per_combination: int, seed: int) -> list[tuple[str, str, int]]:
+    """(colour, shape, noise seed) per sample, ``per_combination`` of each combination."""
+    pairs = [(c, s) for _ in range(per_combination) for c, s in combinations]
+    return [(c, s, noise_seed(seed, n)) for n, (c, s) in enumerate(pairs)]
+
+
 def sample_report(
     model: StableDiffusionModel,
     combinations: list[tuple[str, str]],
@@ -115,8 +126,7 @@ def sample_report(
     """Classifier accuracy of ``per_combination`` seeded samples of each ``a <colour> <shape>``."""
     # One noise per sample: a seed shared by every prompt would make all of a round's samples fail
     # or succeed together (one starting noise drawn for 60 prompts), a far noisier estimate.
-    pairs = [(c, s) for _ in range(per_combination) for c, s in combinations]
-    jobs = [(c, s, seed * 100_003 + n) for n, (c, s) in enumerate(pairs)]
+    jobs = sample_jobs(combinations, per_combination, seed)
     accuracy = Accuracy()
     for first in range(0, len(jobs), batch):
         chunk = jobs[first : first + batch]

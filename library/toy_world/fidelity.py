@@ -52,12 +52,6 @@ class Fidelity:
     psnr: float
 
 
-def sample_jobs(combinations: list[tuple[str, str]], per_combination: int, seed: int) -> list[tuple[str, str, int]]:
-    """(colour, shape, noise seed) per sample; the seeds of :func:`library.toy_world.evaluate.sample_report`."""
-    pairs = [(c, s) for _ in range(per_combination) for c, s in combinations]
-    return [(c, s, seed * 100_003 + n) for n, (c, s) in enumerate(pairs)]
-
-
 def draw_samples(
     model: StableDiffusionModel,
     jobs: list[tuple[str, str, int]],

@@ -3,6 +3,7 @@
 import pytest
 
 import distill_unet
+from library.distill.cost import count_parameters
 from library.distill.students import preset_config
 from library.models.stable_diffusion import save_ldm_checkpoint
 from library.toy_world.distill_runs import (
@@ -11,7 +12,6 @@ from library.toy_world.distill_runs import (
     distill_argv,
     initial_student,
     load_student,
-    parameter_count,
 )
 from library.toy_world.generator import write_dataset
 from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
@@ -61,6 +61,6 @@ def test_a_run_saves_the_student_it_names_and_it_loads_back(toy_files, tmp_path)
     expected = preset_config(teacher.unet.config, "bk_tiny")
     assert list(student.config.block_out_channels) == list(expected["block_out_channels"])
     assert student.config.layers_per_block == 1 and student.config.mid_block_type is None
-    assert parameter_count(student) == parameter_count(initial_student(teacher.unet, "bk_tiny"))
-    assert parameter_count(student) < parameter_count(teacher.unet)
+    assert count_parameters(student) == count_parameters(initial_student(teacher.unet, "bk_tiny"))
+    assert count_parameters(student) < count_parameters(teacher.unet)
     assert not any(p.requires_grad for p in student.parameters())

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from library.toy_world.evaluate import sample_report
+from library.toy_world.evaluate import sample_jobs, sample_report
 from library.toy_world.fidelity import (
     SampleSet,
     draw_samples,
     fidelity,
     prediction_batch,
     prediction_mse,
-    sample_jobs,
 )
 from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
 
