@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=6, help="instance images")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--reg_per_colour", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600, help="training steps per DreamBooth run")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per DreamBooth run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
     parser.add_argument("--seed", type=int, default=0)
