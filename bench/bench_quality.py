@@ -1,7 +1,7 @@
 """Quality on the pretrained toy world: what each method does to what the model draws (docs/quality.md).
 
     python -m bench.bench_quality --model assets/toy_world/toy_sd1.safetensors \\
-        --tokenizers assets/toy_world/tokenizers            # every row; about 45 min on 2 cores
+        --tokenizers assets/toy_world/tokenizers            # every row; about 27 min on 2 cores
 
 Every row comes from seeded samples of the toy model read by the pixel classifier. ``base``: the
 model's colour/shape accuracy on pretraining and held-out prompts. ``dreambooth``: a new concept
