@@ -1,7 +1,7 @@
 """Quality on the pretrained toy world: what each method does to what the model draws (docs/quality.md).
 
     python -m bench.bench_quality --model assets/toy_world/toy_sd1.safetensors \\
-        --tokenizers assets/toy_world/tokenizers            # every row; about 45 min on 2 cores
+        --tokenizers assets/toy_world/tokenizers            # every row; about 27 min on 2 cores
 
 Every row comes from seeded samples of the toy model read by the pixel classifier. ``base``: the
 model's colour/shape accuracy on pretraining and held-out prompts. ``dreambooth``: a new concept
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=6, help="instance images")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--reg_per_colour", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600, help="training steps per DreamBooth run")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per DreamBooth run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
     parser.add_argument("--seed", type=int, default=0)

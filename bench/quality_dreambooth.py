@@ -2,8 +2,8 @@
 
 ``bench/bench_quality.py --rows dreambooth resize`` calls :func:`dreambooth_rows` and
 :func:`resize_rows`. Each method trains the same concept set with the same kohya flags
-(:func:`library.toy_world.dreambooth.train_network_argv`, plus ``--caption_dropout_rate``: without
-it the unconditional prediction drifts with the concept and CFG pushes samples away from it),
+(:func:`library.toy_world.dreambooth.train_network_argv`, which passes ``--caption_dropout_rate``:
+without it the unconditional prediction drifts with the concept and CFG pushes samples away from it),
 saving a checkpoint every ``--save_every`` steps (kohya's ``--save_every_n_steps``); every
 checkpoint's concept accuracy is scored, so "steps to 80%" is the first checkpoint at or above
 0.8. The final file gets the full report (concept, class prior, other prior). Every network file
@@ -110,6 +110,11 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         help="kohya's flag for every run: the toy model was pretrained with 10%% empty captions and is sampled "
         "with CFG, so the unconditional prediction must keep training (docs/quality.md)",
     )
+    g.add_argument(
+        "--network_train_unet_only",
+        action="store_true",
+        help="kohya's flag for every network run (default: the network trains the text encoder too, kohya's default)",
+    )
     g.add_argument("--lr_scheduler", default="constant", help="kohya's flag for every run (constant: kohya's default)")
     g.add_argument("--full_lr", type=float, default=1e-4, help="learning rate of full UNet fine-tuning")
     g.add_argument("--resize_sv_ratios", default="128,64,32,16,8,4,2", help="resize_lora.py sv_ratio values")
@@ -144,12 +149,14 @@ def _cpu_run(main, argv: list[str]) -> float:
     return time.process_time() - started
 
 
-def network_parameters(base, method: Method) -> int:
-    """Trainable parameters of the network as ``train_network.py --network_train_unet_only`` builds it."""
+def network_parameters(base, method: Method, unet_only: bool) -> int:
+    """Trainable parameters of the network as ``train_network.py`` builds it (UNet and text encoder,
+    or the UNet alone with ``--network_train_unet_only``)."""
     model = copy.deepcopy(base)
     module = importlib.import_module(method.module)
     kwargs = dict(arg.split("=", 1) for arg in method.network_args)
-    network = module.create_network(1.0, method.dim, method.alpha, model.vae, None, model.unet, **kwargs)
+    text_encoder = None if unet_only else model.text_encoder
+    network = module.create_network(1.0, method.dim, method.alpha, model.vae, text_encoder, model.unet, **kwargs)
     return sum(p.numel() for p in network.get_trainable_params())
 
 
@@ -158,12 +165,11 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
     out = work / name.replace(" ", "_")
     extra = [
         f"--save_every_n_steps={args.save_every}",
-        f"--caption_dropout_rate={args.caption_dropout_rate}",
         f"--lr_scheduler={args.lr_scheduler}",
     ]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
-                            seed=args.seed)  # fmt: skip
+                            seed=args.seed, caption_dropout_rate=args.caption_dropout_rate)  # fmt: skip
         argv = _full_finetune_argv(args, concept_dir, out, run)
         seconds = _cpu_run(distill_unet.main, argv + extra)
         final = out / "concept"
@@ -171,11 +177,12 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
         parameters = sum(p.numel() for p in base.unet.parameters())
         return Trained(final, _checkpoints(out), seconds, parameters, weights.stat().st_size)
     run = DreamBoothRun(method.module, method.dim, method.alpha, method.network_args, method.learning_rate,
-                        args.steps, args.batch, args.seed)  # fmt: skip
+                        args.steps, args.batch, args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                        train_text_encoder=not args.network_train_unet_only)  # fmt: skip
     argv = train_network_argv(args.model, args.tokenizers, concept_dir, out, run)
     seconds = _cpu_run(train_network.main, argv + extra)
     final = out / "concept.safetensors"
-    parameters = network_parameters(base, method)
+    parameters = network_parameters(base, method, args.network_train_unet_only)
     return Trained(final, _checkpoints(out), seconds, parameters, final.stat().st_size)
 
 

@@ -73,7 +73,7 @@ def _network_args(args: argparse.Namespace, ratio: float) -> list[str]:
 
 
 def _prompt_file(path: Path, combinations: list[tuple[str, str]], seed: int) -> Path:
-    """Every fourth pretraining prompt, sampled as the bench samples (Euler, 20 steps, CFG 4)."""
+    """Every fourth pretraining prompt for the calibration's CFG samples (Euler, 20 steps, CFG 4)."""
     lines = [
         f"{caption(c, s)} --w 64 --h 64 --s 20 --l 4 --ss euler --d {seed * 1000 + i}"
         for i, (c, s) in enumerate(combinations[::4])

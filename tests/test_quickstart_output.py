@@ -21,22 +21,24 @@ def _foreign_lines(stderr: str) -> list[str]:
 @pytest.mark.slow
 def test_quickstart_sized_run_prints_nothing_but_ours(tmp_path):
     made = subprocess.run(
-        [sys.executable, "tools/make_tiny_sd.py", "--out", str(tmp_path / "tiny")],
+        [sys.executable, "tools/make_toy_world.py", "--out", str(tmp_path / "toy"), "--per_combination", "1",
+         "--concept", "purple triangle"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert made.returncode == 0 and _foreign_lines(made.stderr) == []
-    dataset = (REPO / "examples" / "quickstart_dataset.toml").read_text().replace("tiny/", f"{tmp_path}/tiny/")
-    (tmp_path / "dataset.toml").write_text(dataset)
+    dataset = (REPO / "examples" / "quickstart_toy_dataset.toml").read_text()
+    assert dataset.count('"toy/') == 2
+    (tmp_path / "dataset.toml").write_text(dataset.replace('"toy/', f'"{tmp_path}/toy/'))
     config = (REPO / "examples" / "quickstart.toml").read_text()
     for old, new in {
-        '"tiny/': f'"{tmp_path}/tiny/',
-        "examples/quickstart_dataset.toml": str(tmp_path / "dataset.toml"),
+        '"assets/': f'"{REPO}/assets/',
+        "examples/quickstart_toy_dataset.toml": str(tmp_path / "dataset.toml"),
         "output/quickstart": str(tmp_path / "out"),
         "examples/quickstart_prompts.txt": str(REPO / "examples" / "quickstart_prompts.txt"),
-        "max_train_steps = 20": "max_train_steps = 2",
-        "save_every_n_steps = 10": "save_every_n_steps = 1",
-        "sample_every_n_steps = 10": "sample_every_n_steps = 2",
-        'sample_sampler = "euler_a"': 'sample_sampler = "ddim"',  # kohya's default, whose scheduler diffusers warns on
+        "max_train_steps = 200": "max_train_steps = 2",
+        "save_every_n_steps = 100": "save_every_n_steps = 1",
+        "sample_every_n_steps = 50": "sample_every_n_steps = 2",
+        'sample_sampler = "euler"': 'sample_sampler = "ddim"',  # kohya's default, whose scheduler diffusers warns on
     }.items():
         assert old in config
         config = config.replace(old, new)
@@ -46,5 +48,5 @@ def test_quickstart_sized_run_prints_nothing_but_ours(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert (tmp_path / "out" / "tiny_lora.safetensors").is_file() and list((tmp_path / "out" / "sample").glob("*.png"))
+    assert (tmp_path / "out" / "toy_lora.safetensors").is_file() and list((tmp_path / "out" / "sample").glob("*.png"))
     assert _foreign_lines(trained.stderr) == []

@@ -44,6 +44,7 @@ def toy_files(tmp_path_factory):
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
                   seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1,
+                  network_train_unet_only=False,
                   samples=1, concept="purple triangle", token="sks")  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
@@ -93,8 +94,11 @@ def test_trainable_parameters_count_the_cores(toy_files):
     base = load_base(toy_files / "toy.safetensors", toy_files / "tokenizers")
     suite = lilora.create_network(1.0, 1, 1.0, None, None, base.unet, init="up_zero")
     expected = sum(m.lilora_down.numel() + m.lilora_up.numel() for m in suite.adapters)
-    assert network_parameters(base, METHODS["lilora r1 both_zero"]) == expected
-    assert network_parameters(base, METHODS["lilora r1 up_zero"]) == expected
+    assert network_parameters(base, METHODS["lilora r1 both_zero"], unet_only=True) == expected
+    assert network_parameters(base, METHODS["lilora r1 up_zero"], unet_only=True) == expected
+    with_text_encoder = lilora.create_network(1.0, 1, 1.0, None, base.text_encoder, base.unet, init="up_zero")
+    expected = sum(m.lilora_down.numel() + m.lilora_up.numel() for m in with_text_encoder.adapters)
+    assert network_parameters(base, METHODS["lilora r1 up_zero"], unet_only=False) == expected
 
 
 def test_full_finetuning_is_distill_unet_on_the_dreambooth_flags(toy_files, tmp_path):

@@ -37,12 +37,18 @@ def test_a_trained_network_file_changes_what_the_base_model_draws(toy_files, tmp
     train_network.main(train_network_argv(model_file, tokenizers, toy_files / "concept", tmp_path, run))
     weights, metadata = load_lora_file(tmp_path / "concept.safetensors")
     assert metadata["ss_network_module"] == module and metadata["ss_num_reg_images"] == "10"
-    assert all(key.startswith("lora_unet_") for key in weights)  # --network_train_unet_only
+    assert {key.split("_")[1] for key in weights} == {"unet", "te"}  # kohya's default trains both
     model = load_base(toy_files / "toy.safetensors", toy_files / "tokenizers")
     before = np.asarray(generate(model, ["a sks triangle"], [3], steps=2)[0], dtype=int)
     apply_network_file(model, tmp_path / "concept.safetensors", module)
     after = np.asarray(generate(model, ["a sks triangle"], [3], steps=2)[0], dtype=int)
     assert np.abs(after - before).max() > 0
+
+
+def test_a_unet_only_run_passes_kohyas_flag():
+    run = DreamBoothRun(train_text_encoder=False)
+    assert "--network_train_unet_only" in train_network_argv("m", "t", "c", "o", run)
+    assert "--network_train_unet_only" not in train_network_argv("m", "t", "c", "o", DreamBoothRun())
 
 
 def test_the_report_scores_concept_and_prior_prompts(toy_files):
