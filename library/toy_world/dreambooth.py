@@ -93,7 +93,8 @@ def load_base(model: str | os.PathLike, tokenizers: str | os.PathLike) -> Stable
     """The base model in float32 and eval mode, as sampling wants it."""
     loaded = load_stable_diffusion(model, tokenizer_cache_dir=tokenizers)
     for module in (loaded.text_encoder, loaded.vae, loaded.unet):
-        module.to(torch.float32).eval().requires_grad_(False)
+        # .float(), not .to(torch.float32): diffusers' ModelMixin.to warns on every dtype cast.
+        module.float().eval().requires_grad_(False)
     return loaded
 
 

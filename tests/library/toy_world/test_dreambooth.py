@@ -56,3 +56,18 @@ def test_the_report_scores_concept_and_prior_prompts(toy_files):
     report = concept_report(model, Concept("purple", "triangle"), samples=4, steps=2)
     assert set(report) == {"concept", "concept_colour", "class_prior", "other_prior"}
     assert all(0.0 <= value <= 1.0 for value in report.values())
+
+
+def test_load_base_casts_an_fp16_file_to_float32_without_diffusers_warnings(tmp_path, monkeypatch):
+    import torch
+    from diffusers.models import modeling_utils
+
+    tokenizer = write_toy_tokenizer(tokenizer_cache_folder(tmp_path / "tokenizers"))
+    save_ldm_checkpoint(build_toy_model(tokenizer, seed=0), tmp_path / "toy16.safetensors", torch.float16)
+    warned = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda message, *a, **k: warned.append(message))
+    model = load_base(tmp_path / "toy16.safetensors", tmp_path / "tokenizers")
+    for module in (model.text_encoder, model.vae, model.unet):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    assert warned == []  # ModelMixin.to(dtype) warns on every call; .float() does not
