@@ -111,13 +111,24 @@ def test_disk_cache_is_written_in_kohyas_format_and_reused(tiny_sd, data):
     _, first = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "a")
     image = next(p for p in (data / "img").rglob("*.png"))
     key = next(k for k in first.text_outputs if k.endswith(image.stem) or image.stem in k)
+    caption = image.with_suffix(".txt").read_text().strip()
     with np.load(te_outputs_npz_path(image)) as npz:
-        assert set(npz.files) == {"hidden_state1", "clip_skip"} and int(npz["clip_skip"]) == 0
+        assert set(npz.files) == {"hidden_state1", "clip_skip", "caption"} and int(npz["clip_skip"]) == 0
         assert np.array_equal(npz["hidden_state1"], first.text_outputs[key][0].numpy())
-    marked = {"hidden_state1": np.full((77, 8), 3.0, np.float32), "clip_skip": np.array(0)}
+        assert str(npz["caption"]) == caption
+    marked = {"hidden_state1": np.full((77, 8), 3.0, np.float32), "clip_skip": np.array(0), "caption": caption}
     np.savez(te_outputs_npz_path(image), **marked)  # a valid file is reused as it is
     _, second = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "b")
     assert torch.equal(second.text_outputs[key][0], torch.full((77, 8), 3.0))
+    # an edited caption (or a file without one, as kohya writes them) is encoded again
+    image.with_suffix(".txt").write_text(caption + ", edited\n")
+    _, edited = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "e")
+    assert not torch.equal(edited.text_outputs[key][0], torch.full((77, 8), 3.0))
+    with np.load(te_outputs_npz_path(image)) as npz:
+        assert str(npz["caption"]) == caption + ", edited"
+    np.savez(te_outputs_npz_path(image), **{k: v for k, v in marked.items() if k != "caption"})
+    _, kohyas = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "k")
+    assert not torch.equal(kohyas.text_outputs[key][0], torch.full((77, 8), 3.0))
     # another --clip_skip (or an SDXL file with other keys) is recomputed, not reused
     _, third = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2")
     with np.load(te_outputs_npz_path(image)) as npz:

@@ -27,6 +27,7 @@ from library.errors import ConfigError
 
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
 TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")  # kohya's SDXL keys
+CAPTION_KEY = "caption"  # ours, not kohya's: the processed caption a file's outputs encode
 SD_TE_OUTPUT_KEYS = ("hidden_state1",)  # SD1/SD2: the UNet's conditioning (clip skip applied)
 # Caption options that change a caption between steps (kohya's list, plus per-epoch dropout).
 _CHANGING_OPTIONS = (
@@ -56,7 +57,7 @@ def check_text_encoder_outputs_cacheable(blueprints: Iterable[DatasetBlueprint])
                     )
 
 
-def _load_valid(path: Path, chunks_length: int, keys: tuple[str, ...], extra: dict) -> TextOutputs | None:
+def _load_valid(path: Path, chunks_length: int, keys: tuple[str, ...], extra: dict[str, object]) -> TextOutputs | None:
     """The file's outputs when it holds exactly ``keys`` and ``extra`` for ``chunks_length`` tokens."""
     try:
         with np.load(path) as npz:
@@ -82,7 +83,9 @@ def cache_text_encoder_outputs(
 
     ``encode(captions)`` returns batched outputs, one per key; captions are processed as a training
     step would (prefix/suffix, keep-tokens separator), with nothing random left to apply. ``extra``
-    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``).
+    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``). Each file also holds
+    the caption it encodes (``caption``, beside kohya's keys, which kohya's loaders ignore): a file
+    whose caption was edited since, or one without it (written by kohya), is encoded again.
     """
     extra = extra or {}
     jobs: dict[str, tuple[Path, str]] = {}
@@ -97,8 +100,9 @@ def cache_text_encoder_outputs(
                 jobs[record.key] = (record.path, caption)
     cache: dict[str, TextOutputs] = {}
     todo, length = [], group_length(groups)
-    for key, (path, _) in jobs.items():
-        found = _load_valid(te_outputs_npz_path(path), length, keys, extra) if to_disk else None
+    for key, (path, caption) in jobs.items():
+        expected = {**extra, CAPTION_KEY: caption}
+        found = _load_valid(te_outputs_npz_path(path), length, keys, expected) if to_disk else None
         if found is not None:
             cache[key] = found
         else:
@@ -112,6 +116,7 @@ def cache_text_encoder_outputs(
             if to_disk:
                 arrays = dict(zip(keys, (t.numpy() for t in cache[key])))
                 arrays.update({name: np.array(value) for name, value in extra.items()})
+                arrays[CAPTION_KEY] = np.array(jobs[key][1])
                 # a fresh file: keys of another model family's cache must not survive beside these
                 save_npz(te_outputs_npz_path(jobs[key][0]), arrays, keep_old_keys=False)
     return cache
