@@ -145,8 +145,12 @@ def _refuse_code(path: Path, names: list[str]) -> None:
             )
 
 
-def torch_load_weights(path: str | os.PathLike) -> object:
+def torch_load_weights(path: str | os.PathLike, *, mmap: bool = False) -> object:
     """``torch.load`` that never runs code from the file.
+
+    ``mmap``: map the tensors of a zip-format file (torch >= 1.6's) instead of reading them, so
+    looking at a checkpoint's keys costs no memory and a load never holds the whole file beside the
+    tensors; legacy (pre-zip) files are read as before.
 
     torch's weights-only unpickler builds only tensors, storages and plain containers; it takes an
     allow-list of extra globals, which here maps every other name the file holds to an inert
@@ -161,7 +165,7 @@ def torch_load_weights(path: str | os.PathLike) -> object:
         if names:
             logger.info("'%s': %d pickled non-tensor objects read as inert stand-ins: %s", path, len(names), names)
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"cannot load '{path}' as weights: its pickle is corrupt or holds more than tensors and plain data "
@@ -208,7 +212,7 @@ def read_state_dict(
             with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
                 names = file.keys()  # safe_open handles are not iterable
                 return {key: file.get_tensor(key) for key in names}
-        loaded = torch_load_weights(path)
+        loaded = torch_load_weights(path, mmap=mmap)
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError) as err:

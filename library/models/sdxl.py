@@ -98,7 +98,7 @@ def is_sdxl_model_path(path: str | os.PathLike) -> bool:
     choose their checks and data layout from it). A missing path is not SDXL; its loader reports it.
 
     Folders: ``text_encoder_2/``; ``.safetensors`` files: the tensor names alone (nothing is read);
-    other files are read whole.
+    torch checkpoints are mapped, not read (legacy pre-zip ones are read whole).
     """
     path = Path(path)
     if path.is_dir():

@@ -174,3 +174,22 @@ def test_atomic_directory_flushes_every_file_and_folder_before_the_rename(tmp_pa
     assert {"weights.bin", "model_index.json", "unet", temporary_name} <= set(flushed)
     assert flushed[-1] == tmp_path.name  # the parent, after the rename
     assert (tmp_path / "model" / "unet" / "weights.bin").read_bytes() == b"w"
+
+
+def test_a_zip_format_ckpt_is_mapped_not_read_and_a_legacy_one_still_loads(tmp_path, monkeypatch):
+    """Telling a .ckpt's family (is_sdxl_model_path) or loading it must not read the whole file first."""
+    calls, real_load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("mmap", False))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    for legacy in (False, True):
+        ckpt = tmp_path / f"w{int(legacy)}.ckpt"
+        torch.save({"state_dict": WEIGHTS}, ckpt, _use_new_zipfile_serialization=not legacy)
+        for mmap in (True, False):
+            calls.clear()
+            loaded = read_state_dict(ckpt, mmap=mmap)
+            assert all(torch.equal(loaded[k], WEIGHTS[k]) for k in WEIGHTS)
+            assert calls == [mmap and not legacy]  # torch maps only zip-format files
