@@ -1,10 +1,12 @@
 """Our merge_lora.py / svd_merge_lora.py against kohya's own scripts on SD1.5-shaped random files, same run.
 
-Needs a kohya sd-scripts checkout (``--kohya_dir``; its ``library`` must import: run it with an
-environment that has kohya's requirements, or give ``--extra_path`` folders with import stubs for
-the image packages the LoRA tools never call). Writes everything under ``--work_dir``.
+Needs a kohya sd-scripts checkout (``--kohya_dir``; its ``library`` must import). kohya's
+``library/utils.py`` and ``train_util.py`` import torchvision, cv2 and imagesize for image code the
+LoRA tools never call; ``--extra_path`` (default: ``bench/kohya_stubs``, import stubs that raise if
+used) stands in for them, so kohya's tools run in this suite's environment; give ``--extra_path ""``
+in an environment with kohya's requirements. Writes everything under ``--work_dir``.
 
-    python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--extra_path DIR] [--conv] \
+    python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--conv] \
         [--lock /work/bigmem.lock]
 
 Checks: ``merge_lora.py --kohya_arithmetic`` (and ``--concat``) write kohya's tensors bit for bit;
@@ -278,7 +280,11 @@ def compare_bake(args, work: Path, kohya_path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kohya_dir", required=True, type=Path)
-    parser.add_argument("--extra_path", default="", help="folders appended to kohya's PYTHONPATH (import stubs)")
+    parser.add_argument(
+        "--extra_path",
+        default=str(REPO / "bench" / "kohya_stubs"),
+        help="folders appended to kohya's PYTHONPATH (default: the import stubs for torchvision, cv2, imagesize)",
+    )
     parser.add_argument("--work_dir", type=Path, default=None)
     parser.add_argument("--conv", action="store_true", help="LoCon inputs (kohya's dense SVDs then take minutes)")
     parser.add_argument("--skip_merge", action="store_true", help="leave out the LoRA-into-LoRA merges")
