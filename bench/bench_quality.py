@@ -34,16 +34,20 @@ from bench.quality_distill import add_distill_args, distill_rows  # noqa: E402
 from bench.quality_dreambooth import add_dreambooth_args, dreambooth_rows, resize_rows  # noqa: E402
 from bench.quality_ffn import add_ffn_args, ffn_rows  # noqa: E402
 from library.toy_world.dreambooth import load_base  # noqa: E402
-from library.toy_world.evaluate import sample_report  # noqa: E402
+from library.toy_world.evaluate import SAMPLE_GUIDANCE, sample_report  # noqa: E402
 from library.toy_world.generator import combination_split  # noqa: E402
 
 
-def base_rows(model, seed: int, samples: int) -> list[str]:
+def base_rows(model, seed: int, samples: int, guidances: list[float]) -> list[str]:
     pretraining, held_out = combination_split(seed)
     rows = []
-    for name, combinations in (("pretraining", pretraining), ("held-out", held_out)):
-        rates = sample_report(model, combinations, samples, seed).rates()
-        rows.append(f"| base, {name} prompts | {rates['colour']:.2f} | {rates['shape']:.2f} | {rates['both']:.2f} |")
+    for guidance in guidances:
+        for name, combinations in (("pretraining", pretraining), ("held-out", held_out)):
+            rates = sample_report(model, combinations, samples, seed, guidance=guidance).rates()
+            rows.append(
+                f"| base, {name} prompts, guidance {guidance:g} | {rates['colour']:.2f} | {rates['shape']:.2f} "
+                f"| {rates['both']:.2f} |"
+            )
     return rows
 
 
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guidance", type=float, nargs="+", default=[SAMPLE_GUIDANCE], help="CFG scales of the base rows"
+    )
     parser.add_argument("--threads", type=int, default=1)
     add_dreambooth_args(parser)
     add_distill_args(parser)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if "base" in args.rows:
             print("| row | colour | shape | both |\n|---|---|---|---|")
             model = load_base(args.model, args.tokenizers)
-            for row in base_rows(model, args.seed, max(1, args.samples // 4)):
+            for row in base_rows(model, args.seed, max(1, args.samples // 4), args.guidance):
                 print(row, flush=True)
         trained = {}
         if "dreambooth" in args.rows:

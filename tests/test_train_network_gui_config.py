@@ -36,6 +36,7 @@ def test_gui_config_trains_and_saves_under_accelerate_launch(tiny_sd, data):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not [line for line in result.stderr.splitlines() if "deprecated" in line]  # e.g. transformers' torch_dtype
     ignored = [line for line in result.stderr.splitlines() if "ignoring keys" in line]
     assert len(ignored) == 1 and ignored[0].endswith(
         "ignoring keys that no flag of this script knows: epoch, noise_offset_type (did you mean noise_offset?)"

@@ -153,8 +153,8 @@ def _load_folder(path: Path, dtype, vae_dtype) -> SDXLModel:
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype)
+        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load diffusers folder '{path}': {str(err).splitlines()[0]}") from err
     tokenizers = [_tokenizer_from(path / name, f"diffusers folder '{path}'") for name in ("tokenizer", "tokenizer_2")]

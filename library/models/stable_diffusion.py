@@ -107,7 +107,7 @@ def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype, vae_dtype)
     try:
         unet = _load_unet_folder(path / "unet", dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load diffusers folder '{path}': {str(err).splitlines()[0]}") from err
     detected_v2 = text_encoder.config.hidden_act == "gelu"

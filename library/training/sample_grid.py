@@ -39,8 +39,8 @@ def contact_sheet(files: dict[tuple[str, int], Path], gap: int = 2) -> Image.Ima
     """Rows: prompt indices; columns: steps (or epochs) in order; missing cells stay white."""
     columns = sorted({when for when, _ in files}, key=_order)
     rows = sorted({prompt for _, prompt in files})
-    first = Image.open(next(iter(files.values())))
-    width, height = first.size
+    with Image.open(next(iter(files.values()))) as first:
+        width, height = first.size
     sheet = Image.new("RGB", (len(columns) * (width + gap) - gap, len(rows) * (height + gap) - gap), "white")
     for (when, prompt), path in files.items():
         with Image.open(path) as image:
