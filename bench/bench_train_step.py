@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_random_sd15(checkpoint: Path, tokenizers: Path, dtype=None) -> None:
+def write_random_sd15(checkpoint: str | Path, tokenizers: str | Path, dtype=None) -> None:
     """An SD1.5-shaped random single-file checkpoint (fp16 by default) and the tokenizer folder it names."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -38,7 +38,7 @@ def write_random_sd15(checkpoint: Path, tokenizers: Path, dtype=None) -> None:
 
     print(f"writing an SD1.5-sized random checkpoint to {checkpoint} ...", flush=True)
     torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(tokenizers / SD1.tokenizer_folder, v2=False)
+    tokenizer = write_tiny_tokenizer(Path(tokenizers) / SD1.tokenizer_folder, v2=False)
     model = StableDiffusionModel(
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
         vae=AutoencoderKL(**SD_VAE),
@@ -61,7 +61,12 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     tokenizers = work / "tokenizers"
     data = work / "img"
     if not checkpoint.exists():
-        write_random_sd15(checkpoint, tokenizers)
+        # In a child process: Linux carries a process' peak RSS over fork and exec, so every trainer
+        # timed later would report at least the 6 GB this writer peaks at.
+        code = (
+            f"from bench.bench_train_step import write_random_sd15 as w; w({str(checkpoint)!r}, {str(tokenizers)!r})"
+        )
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     folder = data / "10_bench"
     if not folder.exists():
         folder.mkdir(parents=True)
