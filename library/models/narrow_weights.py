@@ -43,8 +43,11 @@ def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` in ``dtype``, written into this thread's scratch buffer for ``(device, dtype)``.
 
     One buffer (the largest weight's size) serves every layer: a fresh tensor per product would
-    fault in fresh pages every step (costly on virtual machines) and fragment the heap.
+    fault in fresh pages every step (costly on virtual machines) and fragment the heap. Under
+    ``torch.compile`` (``--torch_compile``) a plain cast, which the compiler places itself.
     """
+    if torch.compiler.is_compiling():
+        return weight.to(dtype)
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (weight.device, dtype)
     buffer = buffers.get(key)

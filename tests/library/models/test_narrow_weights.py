@@ -156,3 +156,23 @@ def test_the_trainer_keeps_weights_narrow_unless_base_weights_are_merged_into_th
     args.base_weights = ["base.safetensors"]
     assert loading_options(args, frozen_dtypes=True)["keep_narrow"] is False
     assert "keep_narrow" not in loading_options(args)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_narrow_layers_compile_with_torch_compile(backend):
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 4)]
+        return nn.Sequential(*layers).half().requires_grad_(False)
+
+    wide, narrow = make().float(), make()
+    assert keep_weights_narrow(narrow) == 2
+    compiled = torch.compile(narrow, backend=backend)
+    results = []
+    for model in (wide, compiled):
+        x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        out = model(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
