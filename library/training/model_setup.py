@@ -29,8 +29,9 @@ def loading_options(args: argparse.Namespace, frozen_dtypes: bool = False) -> di
     ``frozen_dtypes``: read every tensor straight into the dtype it is trained in (the frozen weights'
     mixed-precision dtype, the VAE's), so a fp16 file never sits beside its cast copy; in a float32 run
     the fp16/bf16 weights of linear and conv layers stay as stored and are widened per use, which is
-    exact (:mod:`library.models.narrow_weights`). Not with ``--base_weights``: merging into them
-    would round the merged weights to the file's precision.
+    exact (:mod:`library.models.narrow_weights`), at the cost of widening them again every step.
+    Not with ``--highvram`` (kohya's "memory is plentiful": the float32 copies, no widening) nor
+    ``--base_weights`` (merging into them would round the merged weights to the file's precision).
     """
     device = None
     if getattr(args, "lowram", False):
@@ -39,9 +40,8 @@ def loading_options(args: argparse.Namespace, frozen_dtypes: bool = False) -> di
         device = PartialState().device  # the device the Accelerator made next will train on
     options = {"mmap": not getattr(args, "disable_mmap_load_safetensors", False), "device": device}
     if frozen_dtypes:
-        options.update(
-            dtype=weight_dtype(args), vae_dtype=vae_dtype(args), keep_narrow=not getattr(args, "base_weights", None)
-        )
+        keep_narrow = not (getattr(args, "base_weights", None) or getattr(args, "highvram", False))
+        options.update(dtype=weight_dtype(args), vae_dtype=vae_dtype(args), keep_narrow=keep_narrow)
     return options
 
 

@@ -150,12 +150,14 @@ def test_folders_are_loaded_narrow_only_when_every_tensor_shares_one_narrow_dtyp
     assert folder_load_dtype(tmp_path / "f8", torch.float32, True) == torch.float32
 
 
-def test_the_trainer_keeps_weights_narrow_unless_base_weights_are_merged_into_them():
-    args = argparse.Namespace(mixed_precision="no", no_half_vae=False, base_weights=None)
+def test_the_trainer_keeps_weights_narrow_unless_highvram_or_base_weights():
+    args = argparse.Namespace(mixed_precision="no", no_half_vae=False, base_weights=None, highvram=False)
     assert loading_options(args, frozen_dtypes=True)["keep_narrow"] is True
-    args.base_weights = ["base.safetensors"]
+    assert "keep_narrow" not in loading_options(args)  # other loaders (distillation, FFN compression)
+    args.highvram = True  # kohya's "memory is plentiful": float32 copies, no widening per step
     assert loading_options(args, frozen_dtypes=True)["keep_narrow"] is False
-    assert "keep_narrow" not in loading_options(args)
+    args.highvram, args.base_weights = False, ["base.safetensors"]  # merged into: would round the merge
+    assert loading_options(args, frozen_dtypes=True)["keep_narrow"] is False
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
