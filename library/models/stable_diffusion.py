@@ -18,6 +18,7 @@ import torch
 import yaml
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
@@ -242,7 +243,7 @@ def settle_dtypes(parts, keep_narrow: bool) -> None:
         if keep_narrow and dtype == torch.float32:
             keep_weights_narrow(module.requires_grad_(False), dtype)  # loaded models are frozen
         elif dtype is not None:
-            module.to(dtype)
+            nn.Module.to(module, dtype)  # torch's: diffusers' override logs a warning per cast
 
 
 def _assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, part: str) -> None:

@@ -178,3 +178,11 @@ def test_narrow_layers_compile_with_torch_compile(backend):
         results.append((out.detach(), x.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_loading_in_a_mixed_precision_dtype_casts_without_diffusers_warning(capfd):
+    model = load_stable_diffusion(TOY, tokenizer_cache_dir=TOKENIZERS, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    assert not has_narrow_weights(model.unet)  # narrow storage is for float32 parts only
+    assert "kept in float32" not in capfd.readouterr().err  # diffusers' ModelMixin.to() warns on every cast
