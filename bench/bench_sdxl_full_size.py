@@ -121,8 +121,12 @@ def main() -> None:
         args.work_dir / "sdxl_random.safetensors", args.work_dir / "tokenizers", args.work_dir / "img",
     )  # fmt: skip
     if not checkpoint.exists():
+        # In a child process: Linux carries a process' peak RSS over fork and exec, so the trainer's
+        # figure below would be at least the ~8 GiB this writer peaks at.
         started = time.perf_counter()
-        write_random_sdxl(checkpoint, tokenizers)
+        code = "from bench.bench_sdxl_full_size import write_random_sdxl as write; from pathlib import Path; "
+        code += f"write(Path({str(checkpoint)!r}), Path({str(tokenizers)!r}))"
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
         print(f"written in {time.perf_counter() - started:.0f} s ({checkpoint.stat().st_size / 2**30:.2f} GiB)")
     write_images(data, args.size, images=2)
     flags = train_flags(checkpoint, tokenizers, data, args.work_dir / "out", args.size, args.steps)

@@ -12,7 +12,16 @@ batch 1, LoRA dim 16, AdamW, cached latents, SDPA, UNet only, fp32). Each runs o
 checkpoint then sits in the page cache for both), then, in interleaved rounds, with few and with
 more steps; the difference of the time after the first step began, divided by the extra steps, is
 the time of one training step, free of start-up and model loading. Start-up is the wall time to
-the first step (the ``steps:`` progress bar); peak memory is the child process' maximum resident set size (``wait4``).
+the first step (the ``steps:`` progress bar); peak memory is the child process' maximum resident set
+size (``wait4``). ``--also_highvram`` adds a row of this suite with ``--highvram`` (frozen weights
+widened to float32 at load instead of kept as stored and widened per use).
+
+GPU mode, wherever a GPU is lent (both tools then need a CUDA torch in their environments):
+
+    python -m bench.bench_train_step --gpu --mixed_precision bf16 [--kohya_dir ... --kohya_python ...]
+
+runs at 512 px unless ``--size`` says otherwise and adds each tool's peak GPU memory (``nvidia-smi``'s
+figure for the process, sampled every 0.2 s) and it/s.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_random_sd15(checkpoint: Path, tokenizers: Path, dtype=None) -> None:
+def write_random_sd15(checkpoint: str | Path, tokenizers: str | Path, dtype=None) -> None:
     """An SD1.5-shaped random single-file checkpoint (fp16 by default) and the tokenizer folder it names."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -42,7 +52,7 @@ def write_random_sd15(checkpoint: Path, tokenizers: Path, dtype=None) -> None:
 
     print(f"writing an SD1.5-sized random checkpoint to {checkpoint} ...", flush=True)
     torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(tokenizers / SD1.tokenizer_folder, v2=False)
+    tokenizer = write_tiny_tokenizer(Path(tokenizers) / SD1.tokenizer_folder, v2=False)
     model = StableDiffusionModel(
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
         vae=AutoencoderKL(**SD_VAE),
@@ -65,7 +75,12 @@ def make_inputs(work: Path, size: int, images: int) -> tuple[Path, Path, Path]:
     tokenizers = work / "tokenizers"
     data = work / "img"
     if not checkpoint.exists():
-        write_random_sd15(checkpoint, tokenizers)
+        # In a child process: Linux carries a process' peak RSS over fork and exec, so every trainer
+        # timed later would report at least the 6 GB this writer peaks at.
+        code = (
+            f"from bench.bench_train_step import write_random_sd15 as w; w({str(checkpoint)!r}, {str(tokenizers)!r})"
+        )
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     folder = data / "10_bench"
     if not folder.exists():
         folder.mkdir(parents=True)
@@ -103,15 +118,50 @@ def common_flags(
     ]  # fmt: skip
 
 
-def timed_run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
-    """(seconds to the first step, total seconds, peak RSS in GiB) of one child process.
+def gpu_memory_by_pid(nvidia_smi_output: str) -> dict[int, float]:
+    """GiB of GPU memory per process, from nvidia-smi's
+    ``--query-compute-apps=pid,used_memory --format=csv,noheader,nounits`` (MiB per line)."""
+    used: dict[int, float] = {}
+    for line in nvidia_smi_output.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].replace(".", "", 1).isdigit():
+            used[int(fields[0])] = used.get(int(fields[0]), 0.0) + float(fields[1]) / 1024  # MiB
+    return used
+
+
+class GPUMemoryWatch:
+    """The peak GPU memory nvidia-smi reports for one process (what the driver holds for it: PyTorch's
+    cache and context included, as users see it), sampled every 0.2 s on a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.2):
+            output = subprocess.run(query, capture_output=True, text=True).stdout
+            self.peak = max(self.peak, gpu_memory_by_pid(output).get(self.pid, 0.0))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def timed_run(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None, gpu: bool = False
+) -> tuple[float, float, float, float]:
+    """(seconds to the first step, total seconds, peak RSS in GiB, peak GPU memory in GiB) of one child process.
 
     The first step is when the training loop's progress bar (``steps:``, both trainers) appears:
     everything before it (imports, loading, latent caching, network, optimizer) is start-up.
-    ``env``: the child's whole environment (default: ours).
+    ``env``: the child's whole environment (default: ours). ``gpu``: watch its GPU memory (else 0).
     """
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watch = GPUMemoryWatch(process.pid) if gpu else None
     first_step, tail = None, b""
     while chunk := process.stderr.read1(4096):
         tail = (tail + chunk)[-20000:]
@@ -119,9 +169,10 @@ def timed_run(command: list[str], cwd: Path, env: dict[str, str] | None = None) 
             first_step = time.perf_counter() - start
     _, status, usage = os.wait4(process.pid, 0)
     total = time.perf_counter() - start
+    vram = watch.stop() if watch else 0.0
     if status != 0 or first_step is None:
         raise RuntimeError(f"{' '.join(command[:2])} failed:\n{tail.decode(errors='replace')[-3000:]}")
-    return first_step, total, usage.ru_maxrss / 2**20
+    return first_step, total, usage.ru_maxrss / 2**20, vram
 
 
 def child_env(extra_path: str) -> dict[str, str]:
@@ -137,16 +188,16 @@ def child_env(extra_path: str) -> dict[str, str]:
 
 
 def measure(
-    tools: dict, cwd: dict, few: int, many: int, rounds: int, env: dict | None = None
+    tools: dict, cwd: dict, few: int, many: int, rounds: int, env: dict | None = None, gpu: bool = False
 ) -> dict[str, dict[str, float]]:
-    """Step time, start-up and peak RSS per tool, the tools interleaved round by round (medians).
+    """Step time, start-up, peak RSS (and peak GPU memory) per tool, interleaved round by round (medians).
 
     ``env``: a child environment per tool name (tools not named get ours).
     """
     env = env or {}
 
-    def run(name: str, steps: int) -> tuple[float, float, float]:
-        return timed_run(tools[name](steps), cwd[name], env.get(name))
+    def run(name: str, steps: int) -> tuple[float, float, float, float]:
+        return timed_run(tools[name](steps), cwd[name], env.get(name), gpu)
 
     for name in tools:  # warm-up: the checkpoint into the page cache
         run(name, 1)
@@ -161,6 +212,7 @@ def measure(
             "step": statistics.median(((b[1] - b[0]) - (a[1] - a[0])) / (many - few) for a, b in pairs),
             "startup": statistics.median(run[0] for pair in pairs for run in pair),
             "rss": max(run[2] for pair in pairs for run in pair),
+            "vram": max(run[3] for pair in pairs for run in pair),
         }
     return results
 
@@ -168,7 +220,10 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "sd-lite-bench")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, help="pixels (default 256, 512 with --gpu)")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU and report its peak memory and it/s")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--also_highvram", action="store_true", help="also time this suite with --highvram")
     parser.add_argument("--few", type=int, default=2, help="steps of the short run")
     parser.add_argument("--many", type=int, default=6, help="steps of the long run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians are printed)")
@@ -185,12 +240,15 @@ def main() -> None:
         help="also time this suite with the flag (kohya: SDXL only)",
     )
     args = parser.parse_args()
+    args.size = args.size or (512 if args.gpu else 256)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, tokenizers, data = make_inputs(args.work_dir, args.size, images=4)
 
     def command(python: str, script: Path, out: str, *extra: str):
         def command_for(steps: int) -> list[str]:
-            flags = common_flags(checkpoint, tokenizers, data, args.work_dir / out, args.size, steps)
+            flags = common_flags(
+                checkpoint, tokenizers, data, args.work_dir / out, args.size, steps, args.mixed_precision
+            )
             return [python, str(script), *flags, "--network_train_unet_only", *extra]
 
         return command_for
@@ -202,11 +260,17 @@ def main() -> None:
             sys.executable, REPO / "train_network.py", "out-te", "--cache_text_encoder_outputs"
         )
         cwd["ours, cached TE"] = REPO
+    if args.also_highvram:
+        tools["ours, --highvram"] = command(sys.executable, REPO / "train_network.py", "out-hv", "--highvram")
+        cwd["ours, --highvram"] = REPO
     if args.kohya_dir:
         tools["kohya"] = command(args.kohya_python or sys.executable, args.kohya_dir / "train_network.py", "out-kohya")
         cwd["kohya"] = args.kohya_dir
-    results = measure(tools, cwd, args.few, args.many, args.rounds, env={"kohya": child_env(args.extra_path)})
-    print(f"{'':16} {'s/step':>8} {'start-up s':>10} {'peak RSS GiB':>12}")
+    env = {"kohya": child_env(args.extra_path)}
+    results = measure(tools, cwd, args.few, args.many, args.rounds, env=env, gpu=args.gpu)
+    print(f"{args.size} px, --mixed_precision {args.mixed_precision}, {'GPU' if args.gpu else 'CPU'}")
+    gpu_header = f" {'it/s':>6} {'peak VRAM GiB':>13}" if args.gpu else ""
+    print(f"{'':18} {'s/step':>8} {'start-up s':>10} {'peak RSS GiB':>12}{gpu_header}")
     for name, r in results.items():
         ratio = ""
         if "kohya" in results and name != "kohya":
@@ -215,7 +279,10 @@ def main() -> None:
                 f"  vs kohya: step x{r['step'] / k['step']:.2f}, start-up x{r['startup'] / k['startup']:.2f},"
                 f" RSS x{r['rss'] / k['rss']:.2f}"
             )
-        print(f"{name:16} {r['step']:8.2f} {r['startup']:10.1f} {r['rss']:12.2f}{ratio}", flush=True)
+            if args.gpu:
+                ratio += f", VRAM x{r['vram'] / k['vram']:.2f}"
+        gpu_columns = f" {1 / r['step']:6.2f} {r['vram']:13.2f}" if args.gpu else ""
+        print(f"{name:18} {r['step']:8.2f} {r['startup']:10.1f} {r['rss']:12.2f}{gpu_columns}{ratio}", flush=True)
 
 
 if __name__ == "__main__":

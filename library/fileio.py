@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from library.errors import CheckpointError
-from library.weights_reader import DtypeFor, cast_tensor, read_safetensors_unmapped
+from library.weights_reader import DtypeFor, cast_tensor, copies_when_read, read_safetensors_unmapped, stored_dtypes
 from networks.lora_file import atomic_path, fsync_directory, fsync_file, umask
 
 logger = logging.getLogger(__name__)
@@ -197,21 +197,25 @@ def read_state_dict(
 
     ``dtype`` (one dtype, or a function of the key) casts floating tensors as they are read, so a
     fp16 file never sits beside its fp32 copy. Unmapped reads serve ``mmap=False`` (kohya's
-    ``--disable_mmap_load_safetensors``) and every cast: a cast copies each tensor anyway, and the
-    mapped pages it read would stay resident beside the copies until the file closed. Without a
-    cast, tensors are the file's mapped pages (no copy at all). Raises :class:`CheckpointError` with
-    the file name for missing, truncated or foreign files.
+    ``--disable_mmap_load_safetensors``) and every tensor that is cast: a cast copies it anyway, and
+    the mapped pages it read would stay resident beside the copy until the file closed. A tensor
+    used as stored is the file's mapped pages (no copy at all), also when others are cast. Raises
+    :class:`CheckpointError` with the file name for missing, truncated or foreign files.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         if path.suffix == ".safetensors":
-            if not mmap or dtype is not None:
+            if not mmap:
                 return read_safetensors_unmapped(path, dtype=dtype, device=device)
-            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
-                names = file.keys()  # safe_open handles are not iterable
-                return {key: file.get_tensor(key) for key in names}
+            stored = stored_dtypes(path)
+            cast = {key for key, kind in stored.items() if kind and copies_when_read(kind, key, dtype, device)}
+            tensors = read_safetensors_unmapped(path, dtype=dtype, device=device, keys=cast) if cast else {}
+            if len(cast) < len(stored):  # the rest are used as the file's mapped pages
+                with safe_open(str(path), framework="pt", device="cpu") as file:  # handles are not iterable
+                    tensors.update({key: file.get_tensor(key) for key in stored if key not in cast})
+            return {key: tensors[key] for key in stored}
         loaded = torch_load_weights(path, mmap=mmap)
     except CheckpointError:
         raise

@@ -54,7 +54,7 @@ def _header(file, path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _copies(stored: torch.dtype, key: str, dtype: DtypeFor, device) -> bool:
+def copies_when_read(stored: torch.dtype, key: str, dtype: DtypeFor, device) -> bool:
     """Whether ``cast_tensor`` returns a new tensor (a cast or a move), so the read may use a shared buffer."""
     target = dtype(key) if callable(dtype) else dtype
     if target is not None and stored.is_floating_point and target != stored:
@@ -62,10 +62,23 @@ def _copies(stored: torch.dtype, key: str, dtype: DtypeFor, device) -> bool:
     return device is not None and torch.device(device).type != "cpu"
 
 
+def stored_dtypes(path: str | os.PathLike) -> dict[str, torch.dtype | None]:
+    """Each tensor's dtype as the file stores it, from the header alone (None: one this reader lacks)."""
+    path = Path(path)
+    with open(path, "rb", buffering=0) as file:
+        header, _ = _header(file, path)
+    return {name: DTYPES.get(info.get("dtype")) for name, info in header.items()}
+
+
 def read_safetensors_unmapped(
-    path: str | os.PathLike, *, dtype: DtypeFor = None, device: torch.device | str | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: DtypeFor = None,
+    device: torch.device | str | None = None,
+    keys: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, read one at a time without a memory map; floats cast to ``dtype``, on ``device``.
+    """The file's tensors (those in ``keys``, default all), read one at a time without a memory map;
+    floats cast to ``dtype``, on ``device``.
 
     A tensor that is cast or moved is read into one scratch buffer reused for every such tensor
     (the size of the largest), so the file's bytes never take fresh memory of their own: fresh pages
@@ -77,6 +90,8 @@ def read_safetensors_unmapped(
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb", buffering=0) as file:
         header, start = _header(file, path)
+        if keys is not None:
+            header = {name: info for name, info in header.items() if name in keys}
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         for name, info in entries:
             begin, stop = info["data_offsets"]
@@ -86,14 +101,14 @@ def read_safetensors_unmapped(
                 )
         scratch_size = max(
             (stop - begin for name, info in entries for begin, stop in [info["data_offsets"]]
-             if _copies(DTYPES[info["dtype"]], name, dtype, device)),
+             if copies_when_read(DTYPES[info["dtype"]], name, dtype, device)),
             default=0,
         )  # fmt: skip
         scratch = torch.empty(scratch_size, dtype=torch.uint8)
         for name, info in entries:
             begin, stop = info["data_offsets"]
             stored = DTYPES[info["dtype"]]
-            copies = _copies(stored, name, dtype, device)
+            copies = copies_when_read(stored, name, dtype, device)
             buffer = scratch[: stop - begin] if copies else torch.empty(stop - begin, dtype=torch.uint8)
             file.seek(start + begin)
             view = memoryview(buffer.numpy())

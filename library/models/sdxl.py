@@ -32,7 +32,8 @@ from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily, make_training_scheduler
-from library.models.stable_diffusion import dtype_by_part, write_pipeline_folder, write_single_file
+from library.models.narrow_weights import folder_load_dtype
+from library.models.stable_diffusion import dtype_by_part, settle_dtypes, write_pipeline_folder, write_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +128,17 @@ def load_sdxl(
     vae_dtype: torch.dtype | None = None,
     mmap: bool = True,
     device: torch.device | str | None = None,
+    keep_narrow: bool = False,
 ) -> SDXLModel:
     """Both text encoders, VAE, UNet, both tokenizers and the training noise scheduler, offline.
 
-    ``mmap`` and ``device``: as :func:`library.models.stable_diffusion.load_stable_diffusion`.
+    ``mmap``, ``device`` and ``keep_narrow``: as :func:`library.models.stable_diffusion.load_stable_diffusion`.
     """
     path = Path(path)
     if path.is_dir():
-        model = _load_folder(path, dtype, vae_dtype or dtype)
+        model = _load_folder(path, dtype, vae_dtype or dtype, keep_narrow)
     elif path.is_file():
-        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype}
+        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype, "keep_narrow": keep_narrow}
         model = _load_single_file(path, tokenizer_cache_dir, dtype, keep_extra_state, reading)
     else:
         raise CheckpointError(f"model '{path}' not found: pass a diffusers SDXL folder or a .safetensors/.ckpt file")
@@ -145,18 +147,26 @@ def load_sdxl(
     return model
 
 
-def _load_folder(path: Path, dtype, vae_dtype) -> SDXLModel:
+def _load_folder(path: Path, dtype, vae_dtype, keep_narrow: bool) -> SDXLModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     if not (path / "text_encoder_2" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is an SD1.x/SD2.x folder (no text_encoder_2): this script trains SDXL")
+
+    def load_dtype(part: str, requested):
+        return folder_load_dtype(path / part, requested, keep_narrow)
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=load_dtype("unet", dtype))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=load_dtype("vae", vae_dtype))
+        te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=load_dtype("text_encoder", dtype))
+        te2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", dtype=load_dtype("text_encoder_2", dtype)
+        )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load diffusers folder '{path}': {str(err).splitlines()[0]}") from err
+    if keep_narrow:
+        settle_dtypes(((unet, dtype), (vae, vae_dtype), (te1, dtype), (te2, dtype)), keep_narrow)
     tokenizers = [_tokenizer_from(path / name, f"diffusers folder '{path}'") for name in ("tokenizer", "tokenizer_2")]
     return SDXLModel(te1, te2, vae, unet, *tokenizers, make_training_scheduler(False), str(path))
 
@@ -164,7 +174,8 @@ def _load_folder(path: Path, dtype, vae_dtype) -> SDXLModel:
 def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool, reading: dict) -> SDXLModel:
     # each tensor is cast as it is read (kept tensors stay as stored, for a bit-exact round trip)
     vae_dtype = reading.pop("vae_dtype", None) or dtype
-    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype)
+    keep_narrow = reading.pop("keep_narrow", False)
+    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype, keep_narrow)
     state_dict = read_state_dict(path, dtype=dtype_for, **reading)
     family = sgm.checkpoint_family(state_dict)
     if family != "sdxl":
@@ -191,8 +202,7 @@ def _load_single_file(path: Path, tokenizer_cache_dir, dtype, keep_extra: bool, 
         keys = set(module.state_dict())
         _assign(module, {k: v for k, v in state.items() if k in keys}, path, part)
     if dtype is not None:
-        for module in (unet, vae, te1, te2):
-            module.to(vae_dtype if module is vae else dtype)
+        settle_dtypes(((unet, dtype), (vae, vae_dtype), (te1, dtype), (te2, dtype)), keep_narrow)
     model = SDXLModel(te1, te2, vae, unet, *tokenizers, make_training_scheduler(False), str(path))
     if keep_extra:
         produced = set(sgm_state_dict(model))

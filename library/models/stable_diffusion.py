@@ -18,6 +18,7 @@ import torch
 import yaml
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library.errors import CheckpointError, TokenizerNotFoundError
@@ -26,6 +27,7 @@ from library.models import ldm_architecture as ldm_arch
 from library.models import ldm_conversion as conv
 from library.models import sgm_conversion as sgm
 from library.models.families import ModelFamily, family_of, make_training_scheduler
+from library.models.narrow_weights import folder_load_dtype, keep_weights_narrow
 from library.models.unet_variants import variant_of
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def load_stable_diffusion(
     vae_dtype: torch.dtype | None = None,
     mmap: bool = True,
     device: torch.device | str | None = None,
+    keep_narrow: bool = False,
 ) -> StableDiffusionModel:
     """Load text encoder, VAE, UNet, tokenizer and noise scheduler from a folder or a single file.
 
@@ -82,12 +85,14 @@ def load_stable_diffusion(
     ``dtype`` (``vae_dtype`` for the VAE) converts each tensor as it is read; ``mmap=False`` and
     ``device`` are kohya's ``--disable_mmap_load_safetensors`` and ``--lowram``
     for single files (diffusers folders load tensor by tensor through diffusers/transformers).
+    ``keep_narrow``: where a part's dtype is float32, the fp16/bf16 weights of its frozen linear and conv
+    layers stay as stored and are widened per use (:mod:`library.models.narrow_weights`; exact).
     """
     path = Path(path)
     if path.is_dir():
-        model = _load_diffusers_folder(path, v2, v_parameterization, dtype, vae_dtype or dtype)
+        model = _load_diffusers_folder(path, v2, v_parameterization, dtype, vae_dtype or dtype, keep_narrow)
     elif path.is_file():
-        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype}
+        reading = {"mmap": mmap, "device": device, "vae_dtype": vae_dtype, "keep_narrow": keep_narrow}
         model = _load_single_file(path, v2, v_parameterization, tokenizer_cache_dir, dtype, keep_extra_state, reading)
     else:
         raise CheckpointError(
@@ -99,17 +104,23 @@ def load_stable_diffusion(
     return model
 
 
-def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype, vae_dtype) -> StableDiffusionModel:
+def _load_diffusers_folder(path: Path, v2, v_parameterization, dtype, vae_dtype, keep_narrow) -> StableDiffusionModel:
     if not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"'{path}' is not a diffusers Stable Diffusion folder (no unet/config.json)")
     if (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"'{path}' is an SDXL folder: train it with sdxl_train_network.py")
     try:
-        unet = _load_unet_folder(path / "unet", dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        unet = _load_unet_folder(path / "unet", folder_load_dtype(path / "unet", dtype, keep_narrow))
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=folder_load_dtype(path / "vae", vae_dtype, keep_narrow)
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=folder_load_dtype(path / "text_encoder", dtype, keep_narrow)
+        )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load diffusers folder '{path}': {str(err).splitlines()[0]}") from err
+    if keep_narrow:
+        settle_dtypes(((unet, dtype), (vae, vae_dtype), (text_encoder, dtype)), keep_narrow)
     detected_v2 = text_encoder.config.hidden_act == "gelu"
     v2 = _reconcile_v2(v2, detected_v2, path)
     if v_parameterization is None:
@@ -165,7 +176,8 @@ def _load_single_file(
 ) -> StableDiffusionModel:
     # each tensor is cast as it is read (kept tensors stay as stored, for a bit-exact round trip)
     vae_dtype = reading.pop("vae_dtype", None) or dtype
-    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype)
+    keep_narrow = reading.pop("keep_narrow", False)
+    dtype_for = None if keep_extra or dtype is None else dtype_by_part(dtype, vae_dtype, keep_narrow)
     state_dict = read_state_dict(path, dtype=dtype_for, **reading)
     state_dict = ldm_arch.normalize_clip_keys(state_dict)
     if not ldm_arch.is_sd_checkpoint(state_dict):
@@ -190,8 +202,7 @@ def _load_single_file(
     te_keys = set(text_encoder.state_dict())
     _assign(text_encoder, {k: v for k, v in te_state.items() if k in te_keys}, path, "text encoder")
     if dtype is not None:
-        for module in (unet, vae, text_encoder):
-            module.to(vae_dtype if module is vae else dtype)
+        settle_dtypes(((unet, dtype), (vae, vae_dtype), (text_encoder, dtype)), keep_narrow)
 
     extra = {}
     if keep_extra:
@@ -213,9 +224,26 @@ def _load_single_file(
     )
 
 
-def dtype_by_part(dtype: torch.dtype, vae_dtype: torch.dtype):
-    """A per-key dtype for a single file: the VAE's (``--no_half_vae``) or everyone else's."""
-    return lambda key: vae_dtype if key.startswith(ldm_arch.VAE_PREFIX) else dtype
+def dtype_by_part(dtype: torch.dtype, vae_dtype: torch.dtype, keep_narrow: bool = False):
+    """A per-key dtype for a single file: the VAE's (``--no_half_vae``) or everyone else's.
+
+    ``keep_narrow``: float32 parts are read as stored (:func:`settle_dtypes` widens all but the
+    matmul weights).
+    """
+
+    def as_read(target: torch.dtype) -> torch.dtype | None:
+        return None if keep_narrow and target == torch.float32 else target
+
+    return lambda key: as_read(vae_dtype) if key.startswith(ldm_arch.VAE_PREFIX) else as_read(dtype)
+
+
+def settle_dtypes(parts, keep_narrow: bool) -> None:
+    """Each ``(module, dtype)`` in its dtype; with ``keep_narrow``, float32 parts keep narrow matmul weights."""
+    for module, dtype in parts:
+        if keep_narrow and dtype == torch.float32:
+            keep_weights_narrow(module.requires_grad_(False), dtype)  # loaded models are frozen
+        elif dtype is not None:
+            nn.Module.to(module, dtype)  # torch's: diffusers' override logs a warning per cast
 
 
 def _assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, part: str) -> None:

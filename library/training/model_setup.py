@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from library.data.dataset_group import DatasetGroup
 from library.errors import ConfigError
 from library.models.families import make_training_scheduler
+from library.models.narrow_weights import place_keeping_narrow
 from library.models.stable_diffusion import StableDiffusionModel, load_stable_diffusion, load_vae
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
@@ -26,7 +27,11 @@ def loading_options(args: argparse.Namespace, frozen_dtypes: bool = False) -> di
     onto the accelerator, so host RAM never holds the weights; kohya's meaning, for GPU-rich machines).
 
     ``frozen_dtypes``: read every tensor straight into the dtype it is trained in (the frozen weights'
-    mixed-precision dtype, the VAE's), so a fp16 file never sits beside its cast copy.
+    mixed-precision dtype, the VAE's), so a fp16 file never sits beside its cast copy; in a float32 run
+    the fp16/bf16 weights of linear and conv layers stay as stored and are widened per use, which is
+    exact (:mod:`library.models.narrow_weights`), at the cost of widening them again every step.
+    Not with ``--highvram`` (kohya's "memory is plentiful": the float32 copies, no widening) nor
+    ``--base_weights`` (merging into them would round the merged weights to the file's precision).
     """
     device = None
     if getattr(args, "lowram", False):
@@ -35,7 +40,8 @@ def loading_options(args: argparse.Namespace, frozen_dtypes: bool = False) -> di
         device = PartialState().device  # the device the Accelerator made next will train on
     options = {"mmap": not getattr(args, "disable_mmap_load_safetensors", False), "device": device}
     if frozen_dtypes:
-        options.update(dtype=weight_dtype(args), vae_dtype=vae_dtype(args))
+        keep_narrow = not (getattr(args, "base_weights", None) or getattr(args, "highvram", False))
+        options.update(dtype=weight_dtype(args), vae_dtype=vae_dtype(args), keep_narrow=keep_narrow)
     return options
 
 
@@ -74,9 +80,9 @@ def trained_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def place_frozen(args: argparse.Namespace, device: torch.device, *modules: torch.nn.Module) -> None:
-    """Frozen modules onto ``device`` in the mixed-precision dtype."""
+    """Frozen modules onto ``device`` in the mixed-precision dtype (narrow weights stay narrow)."""
     for module in modules:
-        module.to(device, dtype=weight_dtype(args))
+        place_keeping_narrow(module, device, weight_dtype(args))
 
 
 def enable_gradient_checkpointing(unet: torch.nn.Module, *text_encoders: torch.nn.Module) -> None:
@@ -106,7 +112,7 @@ def prepare_latents(
 ) -> None:
     """Cache latents (then the VAE leaves the accelerator), or keep the VAE there for encoding."""
     dtype = vae_dtype(args)
-    model.vae.to(accelerator.device, dtype=dtype)
+    place_keeping_narrow(model.vae, accelerator.device, dtype)
     if not args.cache_latents:
         return
     for group in groups:

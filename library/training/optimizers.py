@@ -118,8 +118,12 @@ def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> tuple[
         lr = None  # Adafactor computes its own step size; group lrs are dropped as kohya does
         for group in param_groups:
             group.pop("lr", None)
+    implementation = _fused_default(cls, kwargs, param_groups)
     try:
-        optimizer = cls(param_groups, lr=lr, **kwargs) if lr is not None else cls(param_groups, **kwargs)
+        if lr is not None:
+            optimizer = cls(param_groups, lr=lr, **kwargs, **implementation)
+        else:
+            optimizer = cls(param_groups, **kwargs, **implementation)
     except TypeError as err:
         raise ConfigError(f"--optimizer_args do not fit {cls.__name__}: {err}") from err
     logged = f"{cls.__module__}.{cls.__name__}"
@@ -128,6 +132,23 @@ def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> tuple[
     if is_schedule_free(optimizer):
         optimizer.train()  # kohya: train mode while training; eval mode around sampling, validation and saving
     return logged, optimizer
+
+
+def _fused_default(cls: Callable, kwargs: dict[str, Any], param_groups: list[dict]) -> dict[str, Any]:
+    """``fused=True`` for torch's Adam and AdamW unless ``--optimizer_args`` choose an implementation.
+
+    The same update in one kernel per step: on the CPU, torch's default for CPU tensors is a Python
+    loop over every tensor (a LoRA has hundreds), 73 ms against 15 ms per step for 6.8 M parameters
+    (``python -m bench.bench_cpu_levers --levers fused_adamw``). Not written into ``ss_optimizer``: the
+    flags are the user's, as in kohya.
+    """
+    if cls not in (torch.optim.Adam, torch.optim.AdamW) or {"fused", "foreach"} & kwargs.keys():
+        return {}
+    params = [p for group in param_groups for p in group["params"]]
+    supported = {"cpu", "cuda", "xpu", "mps"}
+    if all(p.is_floating_point() and p.device.type in supported and p.dtype != torch.float64 for p in params):
+        return {"fused": True}
+    return {}
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:

@@ -26,6 +26,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from library.errors import ConfigError
+from library.models.narrow_weights import place_keeping_narrow
 from library.models.prompt_weighting import encode_sample_prompts
 from library.models.stable_diffusion import StableDiffusionModel
 
@@ -243,7 +244,7 @@ def render_samples(
 ) -> list[tuple[Path, str]]:
     """kohya's sample images with ``unet`` (e.g. with a network patched in, or a student): (file, prompt) pairs."""
     vae_place = (model.vae.device, model.vae.dtype)
-    model.vae.to(device, torch.float32)
+    place_keeping_narrow(model.vae, device, torch.float32)
     components = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": unet}
 
     def encode_chunk(ids: torch.Tensor) -> torch.Tensor:
@@ -266,5 +267,5 @@ def render_samples(
             device=device,
         )
     finally:
-        model.vae.to(*vae_place)
+        place_keeping_narrow(model.vae, *vae_place)
     return list(zip(paths, [prompt.prompt for prompt in prompts]))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from library.models.narrow_weights import place_keeping_narrow
 from library.models.prompt_weighting import encode_sample_prompts
 from library.models.sdxl import SDXLModel
 from library.training.sampling import SamplePrompt, draw_samples, float32_decode
@@ -59,7 +60,7 @@ def render_sdxl_samples(
     The VAE decodes in float32 (SDXL's VAE overflows in float16) on ``device`` and goes back after.
     """
     vae_place = (model.vae.device, model.vae.dtype)
-    model.vae.to(device, torch.float32)
+    place_keeping_narrow(model.vae, device, torch.float32)
     components = {
         "vae": model.vae,
         "text_encoder": model.text_encoder,
@@ -101,5 +102,5 @@ def render_sdxl_samples(
             decode=float32_decode(model.vae),
         )
     finally:
-        model.vae.to(*vae_place)
+        place_keeping_narrow(model.vae, *vae_place)
     return list(zip(paths, [prompt.prompt for prompt in prompts]))

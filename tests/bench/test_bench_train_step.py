@@ -21,9 +21,9 @@ def test_child_env_puts_the_extra_path_first_and_keeps_the_rest(monkeypatch):
 def test_only_kohyas_child_gets_the_stand_in(monkeypatch, tmp_path, capsys):
     seen = {}
 
-    def fake_measure(tools, cwd, few, many, rounds, env=None):
+    def fake_measure(tools, cwd, few, many, rounds, env=None, gpu=False):
         seen.update(tools=tools, cwd=cwd, env=env)
-        return {name: {"step": 1.0, "startup": 2.0, "rss": 3.0} for name in tools}
+        return {name: {"step": 1.0, "startup": 2.0, "rss": 3.0, "vram": 0.0} for name in tools}
 
     def fake_inputs(work, size, images):
         return work / "model.safetensors", work / "tokenizers", work / "img"
@@ -49,3 +49,32 @@ def test_only_kohyas_child_gets_the_stand_in(monkeypatch, tmp_path, capsys):
     bench_train_step.main()
     assert "PYTHONPATH" not in seen["env"]["kohya"]
     assert Path(stand_in).is_dir()
+
+
+def test_nvidia_smi_lines_become_gib_per_process():
+    output = "1234, 2048\n1234, 1024\n99, 512\nNo running processes found\n"
+    assert bench_train_step.gpu_memory_by_pid(output) == {1234: 3.0, 99: 0.5}
+    assert bench_train_step.gpu_memory_by_pid("") == {}
+
+
+def test_gpu_mode_and_the_highvram_row(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_measure(tools, cwd, few, many, rounds, env=None, gpu=False):
+        seen.update(commands={name: make(3) for name, make in tools.items()}, gpu=gpu)
+        return {name: {"step": 0.5, "startup": 2.0, "rss": 3.0, "vram": 4.0 + i} for i, name in enumerate(tools)}
+
+    monkeypatch.setattr(bench_train_step, "measure", fake_measure)
+    monkeypatch.setattr(
+        bench_train_step, "make_inputs", lambda work, size, images: (work / "m", work / "t", work / "i")
+    )
+    argv = ["bench_train_step", "--work_dir", str(tmp_path), "--gpu", "--mixed_precision", "bf16", "--also_highvram"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--kohya_dir", str(tmp_path / "k")])
+    bench_train_step.main()
+    assert seen["gpu"] is True and set(seen["commands"]) == {"ours", "ours, --highvram", "kohya"}
+    for command in seen["commands"].values():
+        assert command[command.index("--resolution") + 1] == "512"
+        assert command[command.index("--mixed_precision") + 1] == "bf16"
+    assert "--highvram" in seen["commands"]["ours, --highvram"] and "--highvram" not in seen["commands"]["ours"]
+    printed = capsys.readouterr().out
+    assert "peak VRAM GiB" in printed and "VRAM x0.67" in printed  # ours 4.0 GiB against kohya's 6.0

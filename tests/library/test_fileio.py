@@ -193,3 +193,31 @@ def test_a_zip_format_ckpt_is_mapped_not_read_and_a_legacy_one_still_loads(tmp_p
             loaded = read_state_dict(ckpt, mmap=mmap)
             assert all(torch.equal(loaded[k], WEIGHTS[k]) for k in WEIGHTS)
             assert calls == [mmap and not legacy]  # torch maps only zip-format files
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+    """Address ranges of ``path``'s memory mappings in this process."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_tensors_read_as_stored_stay_mapped_when_others_are_cast(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "mixed_use.safetensors"
+    stored = {f"unet.{i}": torch.randn(256, 256).half() for i in range(4)}
+    stored |= {f"vae.{i}": torch.randn(256, 256).half() for i in range(2)}
+    save_file(stored, path)
+    loaded = read_state_dict(path, dtype=lambda key: torch.float32 if key.startswith("vae.") else None)
+    assert set(loaded) == set(stored)
+    ranges = _mapped_from(path.resolve())
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, stored[key].to(tensor.dtype))
+        inside = any(start <= tensor.data_ptr() < end for start, end in ranges)
+        assert inside == key.startswith("unet."), key  # as stored: the file's pages; cast: a copy
+        assert tensor.dtype == (torch.float32 if key.startswith("vae.") else torch.float16)

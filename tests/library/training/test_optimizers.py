@@ -63,6 +63,37 @@ def test_sgd_nesterov_and_optimizer_args():
     assert "weight_decay=0.01" in logged
 
 
+def test_adam_and_adamw_take_torchs_fused_kernel_unless_told_otherwise():
+    logged, optimizer = make_optimizer(_args(optimizer_type="AdamW"), _groups())
+    assert optimizer.defaults["fused"] is True and logged == "torch.optim.adamw.AdamW"  # ss_optimizer as kohya's
+    _, optimizer = make_optimizer(_args(optimizer_type="torch.optim.Adam"), _groups())
+    assert optimizer.defaults["fused"] is True
+    for choice in (["fused=False"], ["foreach=True"]):
+        logged, optimizer = make_optimizer(_args(optimizer_type="AdamW", optimizer_args=choice), _groups())
+        assert not optimizer.defaults["fused"] and choice[0] in logged
+    _, optimizer = make_optimizer(_args(optimizer_type="SGDNesterov"), _groups())
+    assert "fused" not in optimizer.defaults or not optimizer.defaults["fused"]
+
+
+def test_fused_adamw_takes_the_steps_of_torchs_default_implementation():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 300), torch.randn(300, 16), torch.randn(7)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    results = []
+    for optimizer_args in (None, ["fused=False"]):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:2], "lr": 1e-3}, {"params": params[2:], "lr": 5e-4}]
+        _, optimizer = make_optimizer(_args(optimizer_type="AdamW", optimizer_args=optimizer_args), groups)
+        for step in grads:
+            for param, grad in zip(params, step):
+                param.grad = grad.clone()
+            optimizer.step()
+        results.append(params)
+    for fused, reference, initial in zip(*results, start):
+        torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
+        assert (fused - initial).abs().mean() > 1e-4  # the steps moved the weights
+
+
 def test_adafactor_relative_step_drops_group_lrs():
     _, optimizer = make_optimizer(_args(optimizer_type="Adafactor"), _groups())
     assert optimizer.defaults["relative_step"] and optimizer.param_groups[0]["lr"] is None
