@@ -3,6 +3,10 @@
     python -m bench.bench_train_step                      # this suite only
     python -m bench.bench_train_step --kohya_dir ~/sd-scripts --kohya_python ~/sd-scripts/venv/bin/python
 
+kohya's child runs with ``--extra_path`` (default: ``bench/kohya_torchvision``, a torchvision stand-in
+for the three transforms kohya's training calls) on its PYTHONPATH, ours never; docs/training.md
+("Measured: memory and start-up") gives the commands that build kohya's venv.
+
 Both trainers get the same single-file checkpoint, tokenizer folder, images and flags (256 px,
 batch 1, LoRA dim 16, AdamW, cached latents, SDPA, UNet only, fp32). Each runs once to warm up (the
 checkpoint then sits in the page cache for both), then, in interleaved rounds, with few and with
@@ -99,14 +103,15 @@ def common_flags(
     ]  # fmt: skip
 
 
-def timed_run(command: list[str], cwd: Path) -> tuple[float, float, float]:
+def timed_run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
     """(seconds to the first step, total seconds, peak RSS in GiB) of one child process.
 
     The first step is when the training loop's progress bar (``steps:``, both trainers) appears:
     everything before it (imports, loading, latent caching, network, optimizer) is start-up.
+    ``env``: the child's whole environment (default: ours).
     """
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_step, tail = None, b""
     while chunk := process.stderr.read1(4096):
         tail = (tail + chunk)[-20000:]
@@ -119,14 +124,36 @@ def timed_run(command: list[str], cwd: Path) -> tuple[float, float, float]:
     return first_step, total, usage.ru_maxrss / 2**20
 
 
-def measure(tools: dict, cwd: dict, few: int, many: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Step time, start-up and peak RSS per tool, the tools interleaved round by round (medians)."""
-    for name, command_for in tools.items():  # warm-up: the checkpoint into the page cache
-        timed_run(command_for(1), cwd[name])
+def child_env(extra_path: str) -> dict[str, str]:
+    """Our environment with ``extra_path`` (os.pathsep-separated folders) in front of PYTHONPATH.
+
+    For kohya's child only: its venv lacks a torchvision that loads beside torch 2.13 CPU.
+    """
+    env = dict(os.environ)
+    path = os.pathsep.join(p for p in (extra_path, env.pop("PYTHONPATH", "")) if p)
+    if path:
+        env["PYTHONPATH"] = path
+    return env
+
+
+def measure(
+    tools: dict, cwd: dict, few: int, many: int, rounds: int, env: dict | None = None
+) -> dict[str, dict[str, float]]:
+    """Step time, start-up and peak RSS per tool, the tools interleaved round by round (medians).
+
+    ``env``: a child environment per tool name (tools not named get ours).
+    """
+    env = env or {}
+
+    def run(name: str, steps: int) -> tuple[float, float, float]:
+        return timed_run(tools[name](steps), cwd[name], env.get(name))
+
+    for name in tools:  # warm-up: the checkpoint into the page cache
+        run(name, 1)
     runs: dict[str, list] = {name: [] for name in tools}
     for _ in range(rounds):
-        for name, command_for in tools.items():
-            runs[name].append((timed_run(command_for(few), cwd[name]), timed_run(command_for(many), cwd[name])))
+        for name in tools:
+            runs[name].append((run(name, few), run(name, many)))
     results = {}
     for name, pairs in runs.items():
         results[name] = {
@@ -147,6 +174,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians are printed)")
     parser.add_argument("--kohya_dir", type=Path, help="a kohya sd-scripts checkout to compare with")
     parser.add_argument("--kohya_python", type=str, help="the python of kohya's environment")
+    parser.add_argument(
+        "--extra_path",
+        default=str(REPO / "bench" / "kohya_torchvision"),
+        help="folders put on kohya's PYTHONPATH only (default: the torchvision stand-in; '' for none)",
+    )
     parser.add_argument(
         "--cache_text_encoder_outputs",
         action="store_true",
@@ -173,7 +205,7 @@ def main() -> None:
     if args.kohya_dir:
         tools["kohya"] = command(args.kohya_python or sys.executable, args.kohya_dir / "train_network.py", "out-kohya")
         cwd["kohya"] = args.kohya_dir
-    results = measure(tools, cwd, args.few, args.many, args.rounds)
+    results = measure(tools, cwd, args.few, args.many, args.rounds, env={"kohya": child_env(args.extra_path)})
     print(f"{'':16} {'s/step':>8} {'start-up s':>10} {'peak RSS GiB':>12}")
     for name, r in results.items():
         ratio = ""

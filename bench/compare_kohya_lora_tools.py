@@ -2,9 +2,11 @@
 
 Needs a kohya sd-scripts checkout (``--kohya_dir``; its ``library`` must import). kohya's
 ``library/utils.py`` and ``train_util.py`` import torchvision, cv2 and imagesize for image code the
-LoRA tools never call; ``--extra_path`` (default: ``bench/kohya_stubs``, import stubs that raise if
-used) stands in for them, so kohya's tools run in this suite's environment; give ``--extra_path ""``
-in an environment with kohya's requirements. Writes everything under ``--work_dir``.
+LoRA tools never call; ``--extra_path`` (default: ``bench/kohya_stubs``, cv2 and imagesize import
+stubs that raise if used, and ``bench/kohya_torchvision``, a torchvision stand-in) stands in for them,
+so kohya's tools run in this suite's environment; in an environment with kohya's requirements give
+``--extra_path bench/kohya_torchvision`` (PyPI's torchvision does not load beside torch 2.13 CPU).
+Writes everything under ``--work_dir``.
 
     python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--conv] \
         [--lock /work/bigmem.lock] [--threads 1] [--extract_dim 8 [--extract_conv_dim 8]]
@@ -459,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kohya_dir", required=True, type=Path)
     parser.add_argument(
         "--extra_path",
-        default=str(REPO / "bench" / "kohya_stubs"),
-        help="folders appended to kohya's PYTHONPATH (default: the import stubs for torchvision, cv2, imagesize)",
+        default=os.pathsep.join(str(REPO / "bench" / name) for name in ("kohya_stubs", "kohya_torchvision")),
+        help="folders appended to kohya's PYTHONPATH (default: the stand-ins for cv2, imagesize and torchvision)",
     )
     parser.add_argument("--work_dir", type=Path, default=None)
     parser.add_argument("--conv", action="store_true", help="LoCon inputs (kohya's dense SVDs then take minutes)")
