@@ -1,4 +1,4 @@
-"""Our merge_lora.py / svd_merge_lora.py against kohya's own scripts on SD1.5-shaped random files, same run.
+"""Our merge_lora.py / svd_merge_lora.py / extract_lora_from_models.py against kohya's own scripts, same run.
 
 Needs a kohya sd-scripts checkout (``--kohya_dir``; its ``library`` must import). kohya's
 ``library/utils.py`` and ``train_util.py`` import torchvision, cv2 and imagesize for image code the
@@ -9,13 +9,16 @@ so kohya's tools run in this suite's environment; in an environment with kohya's
 Writes everything under ``--work_dir``.
 
     python -m bench.compare_kohya_lora_tools --kohya_dir ~/sd-scripts [--conv] \
-        [--lock /work/bigmem.lock]
+        [--lock /work/bigmem.lock] [--threads 1] [--extract_dim 8 [--extract_conv_dim 8]]
 
 Checks: ``merge_lora.py --kohya_arithmetic`` (and ``--concat``) write kohya's tensors bit for bit;
 the exact merge's update is the exact sum (kohya's is not); ``svd_merge_lora.py`` gives kohya's
 ranks and an update closer to the exact sum than kohya's; ``merge_lora.py --sd_model`` bakes an
 SD1.5-shaped random fp16 checkpoint into kohya's float32 tensors to float32 rounding, every
-untouched tensor bit for bit. Each script runs in its own process, timed (wall, CPU, peak RSS).
+untouched tensor bit for bit; ``extract_lora_from_models.py`` on that checkpoint and a copy with
+every LoCon target moved (low rank plus noise) gives kohya's keys and ranks, and both files' factors
+are scored against float64 top-rank SVDs of the stored difference (principal angles, Frobenius
+error). Each script runs in its own process, timed (wall, CPU, peak RSS).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import fcntl
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -279,6 +283,179 @@ def compare_bake(args, work: Path, kohya_path: str) -> None:
     print(f"  {result}")
 
 
+def perturbation(
+    weight: torch.Tensor, seed: int, rank: int = 64, decay: float = 0.6, relative: float = 0.2, noise: float = 0.25
+) -> torch.Tensor:
+    """A fine-tune-like float32 change of ``weight`` (conv kernels flattened): low rank plus noise.
+
+    Singular values ``i ** -decay`` for ``i <= rank`` (so every top-``dim`` subspace up to ``rank`` is
+    well separated) plus Gaussian noise of ``noise`` times that part's Frobenius norm (a flat tail
+    of full rank), scaled to ``relative * ||weight||_F``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    flat = weight.float().reshape(weight.shape[0], -1)
+    m, n = flat.shape
+    rank = min(rank, m, n)
+    left = torch.linalg.qr(torch.randn(m, rank, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(n, rank, generator=generator)).Q
+    values = torch.arange(1, rank + 1, dtype=torch.float32) ** -decay
+    low_rank = (left * values) @ right.T
+    tail = torch.randn(m, n, generator=generator)
+    change = low_rank + tail * (noise * float(values.norm()) / float(tail.norm()))
+    return (change * (relative * float(flat.norm()) / float(change.norm()))).reshape(weight.shape)
+
+
+def write_tuned(checkpoint: Path, tuned: Path) -> None:
+    """``checkpoint`` with every LoCon target weight (text encoder and UNet) moved by :func:`perturbation`, fp16."""
+    from library.lora_tools.extract import extraction_targets
+    from library.lora_tools.sd_weights import read_sd_weights, write_sd_weights
+
+    weights = read_sd_weights(checkpoint)
+    for index, target in enumerate(extraction_targets(weights, conv=True)):
+        part, key = ("te", "unet")[target.prefix != "lora_te"], f"{target.path}.weight"
+        before = weights.tensor(part, key)
+        weights.replace(part, key, (before.float() + perturbation(before, seed=index)).to(before.dtype))
+    write_sd_weights(weights, tuned)
+
+
+@dataclass(frozen=True)
+class TopReference:
+    """The top-``k`` singular triplets of a float64 matrix: ``U`` (m x k), ``S`` (k), ``V`` (n x k)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def top_reference(matrix: torch.Tensor, k: int) -> TopReference:
+    """Float64 top-``k`` singular triplets from an eigendecomposition of the smaller Gram matrix.
+
+    Cheaper than a dense SVD of the 1280 x 11520 convs; the Gram matrix squares the condition but
+    its eigenvectors' error stays near ``1e-16 * S[0]^2 / (S[k-1]^2 - S[k]^2)``, far below float32's.
+    """
+    a = matrix.double()
+    wide = a.shape[0] <= a.shape[1]
+    gram = a @ a.T if wide else a.T @ a
+    values, vectors = torch.linalg.eigh(gram)
+    order = torch.argsort(values, descending=True)[:k]
+    s = values[order].clamp_min(0).sqrt()
+    side = vectors[:, order]
+    other = (a.T @ side if wide else a @ side) / s
+    return TopReference(side, s, other) if wide else TopReference(other, s, side)
+
+
+@dataclass
+class ExtractComparison:
+    """Two extracted LoRAs (kohya's, ours) against float64 top-``rank`` SVDs of the stored differences."""
+
+    modules: int = 0
+    same_keys: bool = False
+    same_ranks: bool = False
+    ranks: set[int] = field(default_factory=set)
+    # per module: sin of the largest principal angle of up's columns / down's rows to the reference
+    kohya_left: list[float] = field(default_factory=list)
+    kohya_right: list[float] = field(default_factory=list)
+    ours_left: list[float] = field(default_factory=list)
+    ours_right: list[float] = field(default_factory=list)
+    # per module: ||alpha / rank * up @ down - U_k S_k V_k^T||_F / ||U_k S_k V_k^T||_F
+    kohya_fro: list[float] = field(default_factory=list)
+    ours_fro: list[float] = field(default_factory=list)
+    # per module: kohya's clamp at +-max(entries) cut its most negative entry (it does at --clamp_quantile 1)
+    kohya_clamped: list[bool] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def stats(values: list[float]) -> str:
+            return f"max {max(values):.1e} median {statistics.median(values):.1e}"
+
+        subspace_ours = [max(a, b) for a, b in zip(self.ours_left, self.ours_right)]
+        subspace_kohya = [max(a, b) for a, b in zip(self.kohya_left, self.kohya_right)]
+        not_worse = sum(o <= k for o, k in zip(subspace_ours, subspace_kohya))
+        kept = [i for i, cut in enumerate(self.kohya_clamped) if not cut]
+        unclamped = (
+            f"    kohya, the {len(kept)} modules its clamp left alone: up "
+            f"{stats([self.kohya_left[i] for i in kept])}, down {stats([self.kohya_right[i] for i in kept])}\n"
+            if kept
+            else ""
+        )
+        return (
+            f"{self.modules} modules, same keys {self.same_keys}, same ranks {self.same_ranks} "
+            f"({sorted(self.ranks)}); subspace error (sin of the largest principal angle, up and down):\n"
+            f"    kohya up {stats(self.kohya_left)}, down {stats(self.kohya_right)}\n{unclamped}"
+            f"    ours  up {stats(self.ours_left)}, down {stats(self.ours_right)}; "
+            f"ours <= kohya's in {not_worse}/{self.modules} modules\n"
+            f"  relative Frobenius error of the update to the float64 rank-k truncation: "
+            f"kohya {stats(self.kohya_fro)}, ours {stats(self.ours_fro)}; "
+            f"kohya's clamp cut {sum(self.kohya_clamped)} modules"
+        )
+
+
+def compare_extracted(original: Path, tuned: Path, kohya: Path, ours: Path) -> ExtractComparison:
+    """Every module of both extracted files against the float64 top-``rank`` SVD of ``tuned - original``."""
+    from library.lora_tools.extract import extraction_targets
+    from library.lora_tools.sd_weights import read_sd_weights
+    from library.lora_tools.truncated_svd import span_error
+
+    base, moved = read_sd_weights(original), read_sd_weights(tuned)
+    targets = {t.name: t for t in extraction_targets(base, conv=True)}
+    theirs, mine = load_file(kohya), load_file(ours)
+    result = ExtractComparison(same_keys=set(theirs) == set(mine))
+    names = sorted(k.removesuffix(".lora_down.weight") for k in mine if k.endswith(".lora_down.weight"))
+    result.same_ranks = result.same_keys
+    for name in names:
+        target = targets[name]
+        part, key = ("te", "unet")[target.prefix != "lora_te"], f"{target.path}.weight"
+        difference = (moved.tensor(part, key).double() - base.tensor(part, key).double()).reshape(
+            target.out_features, -1
+        )
+        rank = mine[f"{name}.lora_down.weight"].shape[0]
+        result.ranks.add(rank)
+        if name + ".lora_down.weight" not in theirs or theirs[f"{name}.lora_down.weight"].shape[0] != rank:
+            result.same_ranks = False
+            continue
+        truth = top_reference(difference, rank)
+        best = (truth.U * truth.S) @ truth.V.T
+        for tensors, left, right, fro in (
+            (theirs, result.kohya_left, result.kohya_right, result.kohya_fro),
+            (mine, result.ours_left, result.ours_right, result.ours_fro),
+        ):
+            up = tensors[f"{name}.lora_up.weight"].double().reshape(target.out_features, rank)
+            down = tensors[f"{name}.lora_down.weight"].double().reshape(rank, -1)
+            left.append(span_error(up, truth.U))
+            right.append(span_error(down.T, truth.V))
+            fro.append(float(torch.linalg.matrix_norm(update(tensors, name) - best) / torch.linalg.matrix_norm(best)))
+        joined = torch.cat([theirs[f"{name}.lora_up.weight"].flatten(), theirs[f"{name}.lora_down.weight"].flatten()])
+        result.kohya_clamped.append(float(joined.min()) == -float(joined.max()))
+        result.modules += 1
+    return result
+
+
+def compare_extract(args, work: Path, kohya_path: str) -> None:
+    from bench.bench_train_step import write_random_sd15
+
+    checkpoint, tuned = work / "sd15_random_fp16.safetensors", work / "sd15_tuned_fp16.safetensors"
+    script = "networks/extract_lora_from_models.py"
+    flags = ["--dim", str(args.extract_dim), "--clamp_quantile", "1", "--save_precision", "float", "--device", "cpu"]
+    if args.extract_conv_dim is not None:
+        flags += ["--conv_dim", str(args.extract_conv_dim)]
+    label = "_".join(flag.strip("-") + value for flag, value in zip(flags[::2], flags[1::2]))
+    kohya_out, ours_out = work / f"kohya_extract_{label}.safetensors", work / f"ours_extract_{label}.safetensors"
+    common = ["--model_org", str(checkpoint), "--model_tuned", str(tuned), *flags]
+    with held(args.lock):
+        if not checkpoint.exists():
+            write_random_sd15(checkpoint, work / "tokenizers")
+        if not tuned.exists():
+            print(f"writing {tuned} (every LoCon target moved) ...", flush=True)
+            write_tuned(checkpoint, tuned)
+        kohya_t = run(args.kohya_dir, script, [*common, "--save_to", str(kohya_out)], kohya_path)
+        ours_t = run(REPO, script, [*common, "--save_to", str(ours_out)], "")
+        result = compare_extracted(checkpoint, tuned, kohya_out, ours_out)
+    print(
+        f"extract_lora_from_models {' '.join(flags)}: kohya {kohya_t}; ours {ours_t}; "
+        f"ours x{kohya_t.cpu / ours_t.cpu:.1f} less CPU, x{kohya_t.wall / ours_t.wall:.1f} less wall"
+    )
+    print(f"  {result}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kohya_dir", required=True, type=Path)
@@ -292,8 +469,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip_merge", action="store_true", help="leave out the LoRA-into-LoRA merges")
     parser.add_argument("--skip_svd", action="store_true", help="leave out svd_merge_lora.py")
     parser.add_argument("--skip_bake", action="store_true", help="leave out baking into an SD1.5-shaped checkpoint")
+    parser.add_argument("--skip_extract", action="store_true", help="leave out extract_lora_from_models.py")
+    parser.add_argument("--extract_dim", type=int, default=8, help="extraction: --dim of both scripts")
+    parser.add_argument(
+        "--extract_conv_dim",
+        type=int,
+        default=None,
+        help="extraction: --conv_dim of both (kohya: ~20 CPU min)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of every script (OMP_NUM_THREADS); on a loaded machine idle threads spin and bill CPU",
+    )
     parser.add_argument("--lock", type=Path, default=None, help="a file to flock while the bake runs (big memory)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kohya_compare_"))
     work.mkdir(parents=True, exist_ok=True)
     kohya_path = os.pathsep.join(p for p in (str(args.kohya_dir), args.extra_path) if p)
@@ -309,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         compare_svd_merge(args, work, files, names, kohya_path)
     if not args.skip_bake:
         compare_bake(args, work, kohya_path)
+    if not args.skip_extract:
+        compare_extract(args, work, kohya_path)
 
 
 if __name__ == "__main__":

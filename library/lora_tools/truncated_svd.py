@@ -92,3 +92,11 @@ def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
     """sin of the largest principal angle between the spans of two orthonormal bases (columns), in float64."""
     basis, reference = basis.double(), reference.double()
     return float(torch.linalg.matrix_norm(basis - reference @ (reference.T @ basis), ord=2))
+
+
+def span_error(columns: torch.Tensor, reference: torch.Tensor) -> float:
+    """sin of the largest principal angle between the column spans of two full-rank matrices, in float64.
+
+    For factors as files store them (``up = U S`` is not orthonormal): both are orthonormalised first.
+    """
+    return subspace_error(torch.linalg.qr(columns.double()).Q, torch.linalg.qr(reference.double()).Q)

@@ -1,14 +1,29 @@
 """The helpers of bench/compare_kohya_lora_tools.py on tiny tensors (no kohya checkout needed)."""
 
 import fcntl
+import math
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from bench.compare_kohya_lora_tools import compare_baked, float32_ulps, held, relative_errors, run, update
+from bench.compare_kohya_lora_tools import (
+    compare_baked,
+    compare_extracted,
+    float32_ulps,
+    held,
+    perturbation,
+    relative_errors,
+    run,
+    top_reference,
+    update,
+    write_tuned,
+)
+from library.lora_tools.truncated_svd import subspace_error
 from library.synthetic_lora import LoRATarget, random_lora
+from networks import extract_lora_from_models
+from tests.cli_runs import exit_status
 
 LINEAR = LoRATarget("lora_unet", "down_blocks.0.attentions.0.proj_in", 12, 10)
 CONV = LoRATarget("lora_unet", "down_blocks.0.resnets.0.conv1", 6, 4, (3, 3), is_conv=True)
@@ -106,3 +121,60 @@ def test_held_takes_the_lock_for_the_block(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(lock) as other:  # released after the block
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_perturbation_has_the_asked_spectrum_and_size():
+    weight = torch.randn(40, 6, 3, 3, generator=torch.Generator().manual_seed(3)).half()
+    change = perturbation(weight, seed=1, rank=8, decay=0.6, relative=0.2, noise=0.01)
+    assert change.shape == weight.shape and change.dtype == torch.float32
+    assert float(change.norm()) == pytest.approx(0.2 * float(weight.float().norm()), rel=1e-5)
+    s = torch.linalg.svdvals(change.double().reshape(40, -1))
+    decay = torch.arange(1, 9, dtype=torch.float64) ** -0.6
+    torch.testing.assert_close(s[:8] / s[0], decay, rtol=0.05, atol=0)  # the low-rank part, noise barely moves it
+    assert float(s[8]) < 0.1 * float(s[7])  # then only the small noise tail
+    assert torch.equal(change, perturbation(weight, seed=1, rank=8, decay=0.6, relative=0.2, noise=0.01))
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_top_reference_matches_a_dense_float64_svd(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    top = top_reference(matrix, 5)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(top.S, s[:5], rtol=1e-12, atol=0)
+    assert subspace_error(top.U, u[:, :5]) < 1e-12 and subspace_error(top.V, vh[:5].T) < 1e-12
+    torch.testing.assert_close((top.U * top.S) @ top.V.T, (u[:, :5] * s[:5]) @ vh[:5], rtol=0, atol=1e-12)
+
+
+def test_compare_extracted_scores_exact_and_rotated_factors(tiny_sd, tmp_path):
+    """An extraction of the tuned tiny model against itself scores ~0; turning one module's up
+    factor by a known angle gives that angle's sine, and halving the update a Frobenius error of 1/2."""
+    tuned = tmp_path / "tuned.safetensors"
+    write_tuned(tiny_sd.sd1_file, tuned)
+    ours = tmp_path / "ours.safetensors"
+    assert exit_status(extract_lora_from_models.main, "--model_org", tiny_sd.sd1_file, "--model_tuned", tuned,
+                       "--dim", 2, "--clamp_quantile", 1, "--save_to", ours) == 0  # fmt: skip
+    exact = compare_extracted(tiny_sd.sd1_file, tuned, ours, ours)
+    assert exact.same_keys and exact.same_ranks and exact.ranks == {2} and exact.modules > 0
+    assert max(exact.ours_left + exact.ours_right + exact.kohya_left) < 1e-5  # float32 storage of the factors
+    assert max(exact.ours_fro) < 1e-5 and not any(exact.kohya_clamped)
+    tensors = load_file(ours)
+    name = next(k for k in tensors if k.endswith(".lora_up.weight") and tensors[k].dim() == 2)[
+        : -len(".lora_up.weight")
+    ]
+    up = tensors[f"{name}.lora_up.weight"].double()
+    q = torch.linalg.qr(up, mode="complete").Q
+    outside = q[:, 2]  # orthogonal to both columns: turn the second column towards it by 0.2 rad
+    column = up[:, 1]
+    up[:, 1] = column.norm() * (math.cos(0.2) * column / column.norm() + math.sin(0.2) * outside)
+    tensors[f"{name}.lora_up.weight"] = up.float()
+    halved = {
+        k: v * 0.5 if k.endswith(".lora_up.weight") and k != f"{name}.lora_up.weight" else v
+        for k, v in tensors.items()
+    }
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(halved, kohya)
+    result = compare_extracted(tiny_sd.sd1_file, tuned, kohya, ours)
+    assert max(result.kohya_left) == pytest.approx(math.sin(0.2), rel=1e-4)
+    assert max(result.kohya_right) < 1e-5
+    assert sorted(result.kohya_fro)[len(result.kohya_fro) // 2] == pytest.approx(0.5, rel=1e-4)
+    assert "modules its clamp left alone" in str(result)

@@ -1,9 +1,11 @@
 """top_singular against float64 dense SVDs: within kohya's own float32 error, and exact fallbacks."""
 
+import math
+
 import pytest
 import torch
 
-from library.lora_tools.truncated_svd import subspace_error, top_singular
+from library.lora_tools.truncated_svd import span_error, subspace_error, top_singular
 from library.synthetic_lora import decaying_matrix
 
 
@@ -34,3 +36,17 @@ def test_small_and_zero_matrices():
     assert top.S.shape == (30,) and top.iterations == 0
     zero = top_singular(torch.zeros(300, 400), 4)
     assert float(zero.S.abs().max()) == 0
+
+
+def test_span_error_is_the_sine_of_the_largest_principal_angle_of_unnormalised_columns():
+    angle = 0.3
+    e = torch.eye(4, dtype=torch.float64)
+    reference = torch.stack([5 * e[0], 0.5 * e[1]], dim=1)  # like up = U S: orthogonal, not orthonormal
+    tilted = math.cos(angle) * e[1] + math.sin(angle) * e[2]
+    # span{e0, tilted} meets the reference plane along e0 and leaves it at `angle`; the columns are
+    # neither orthogonal nor unit length.
+    columns = torch.stack([-2 * e[0], e[0] + 3 * tilted], dim=1)
+    assert span_error(columns, reference) == pytest.approx(math.sin(angle), rel=1e-12)
+    assert span_error(columns.float(), reference) == pytest.approx(math.sin(angle), rel=1e-6)
+    assert span_error(reference * -3, reference) < 1e-15  # scaling and signs do not move a span
+    assert span_error(e[:, 2:], reference) == pytest.approx(1.0)
