@@ -14,7 +14,7 @@ backward pass, and a training step holds the float32 model again. Here a custom 
 saves only the narrow weight and widens it again in backward, so at most one widened weight exists
 at a time. The cost is two widening passes over the weights per step: memory traffic, none of the
 arithmetic (x1.11 to x1.22 of an SD1.5 LoRA step at 256 px on a 2-core CPU, docs/training.md;
-about a millisecond on a GPU). ``--highvram`` keeps float32 copies instead.
+on a GPU, by its bandwidth, a few milliseconds: not measured). ``--highvram`` keeps float32 copies.
 
 diffusers' ``ModelMixin.dtype``, transformers' ``PreTrainedModel.dtype`` and the pipelines built on them
 read a model's dtype from its first parameter, so that one is never kept narrow (SD's ``conv_in``:
