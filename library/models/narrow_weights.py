@@ -23,7 +23,6 @@ read a model's dtype from its first parameter, so that one is never kept narrow 
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.weights_reader import stored_dtypes
+
 NARROW_DTYPES = (torch.float16, torch.bfloat16)
-# safetensors' header names for the dtypes a folder's weights may be kept in
-_STORED_NAMES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _MARK = "_widened_per_use"
 
 _scratch = threading.local()
@@ -155,16 +154,11 @@ def stored_float_dtype(files: Iterable[str | Path]) -> torch.dtype | None:
     """The one floating dtype every tensor of these ``.safetensors`` files is stored in (None: mixed or unknown)."""
     found: set[torch.dtype] = set()
     for file in files:
-        with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        header.pop("__metadata__", None)
-        for info in header.values():
-            name = info.get("dtype") if isinstance(info, dict) else None
-            if name in _STORED_NAMES:
-                found.add(_STORED_NAMES[name])
-            elif name is None or name.startswith("F8"):
+        for kind in stored_dtypes(file).values():
+            if kind is None or (kind.is_floating_point and kind.itemsize == 1):  # unknown, or fp8: never kept
                 return None
+            if kind.is_floating_point:
+                found.add(kind)
     return found.pop() if len(found) == 1 else None
 
 
