@@ -91,7 +91,7 @@ def test_locon_unet_only_with_cached_text_outputs_on_disk(tiny_sd, data):
     caches = sorted((data / "img" / "10_sks toy").glob("*_te_outputs.npz"))
     assert len(caches) == 6  # kohya's <image stem>_te_outputs.npz beside each image
     with np.load(caches[0]) as npz:
-        assert set(npz.files) == {"hidden_state1", "hidden_state2", "pool2", "caption"}  # kohya's keys + ours
+        assert set(npz.files) == {"hidden_state1", "hidden_state2", "pool2", "caption", "text_encoder_fingerprint"}
         assert npz["hidden_state1"].shape == (77, 64) and npz["hidden_state2"].shape == (77, 128)
         assert npz["pool2"].shape == (128,)
     model = load_sdxl(tiny_sd.sdxl_dir)

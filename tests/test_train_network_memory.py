@@ -13,6 +13,8 @@ import torch
 import train_network
 from library.data.text_encoder_cache import te_outputs_npz_path
 from library.errors import SuiteError
+from library.models.fingerprint import weights_fingerprint
+from library.models.stable_diffusion import load_stable_diffusion
 from library.training import skeleton
 from library.training.args import parse_args, train_network_parser
 from library.training.network_trainer import NetworkTask, NetworkTrainer
@@ -113,13 +115,26 @@ def test_disk_cache_is_written_in_kohyas_format_and_reused(tiny_sd, data):
     key = next(k for k in first.text_outputs if k.endswith(image.stem) or image.stem in k)
     caption = image.with_suffix(".txt").read_text().strip()
     with np.load(te_outputs_npz_path(image)) as npz:
-        assert set(npz.files) == {"hidden_state1", "clip_skip", "caption"} and int(npz["clip_skip"]) == 0
+        assert set(npz.files) == {"hidden_state1", "clip_skip", "caption", "text_encoder_fingerprint"}
+        assert int(npz["clip_skip"]) == 0
         assert np.array_equal(npz["hidden_state1"], first.text_outputs[key][0].numpy())
         assert str(npz["caption"]) == caption
-    marked = {"hidden_state1": np.full((77, 8), 3.0, np.float32), "clip_skip": np.array(0), "caption": caption}
+        fingerprint = str(npz["text_encoder_fingerprint"])
+    model = load_stable_diffusion(tiny_sd.sd1_dir, tokenizer_cache_dir=tiny_sd.tokenizer_cache_dir)
+    assert fingerprint == weights_fingerprint(model.text_encoder)  # the text encoder trained on
+    marked = {
+        "hidden_state1": np.full((77, 8), 3.0, np.float32),
+        "clip_skip": np.array(0),
+        "caption": caption,
+        "text_encoder_fingerprint": fingerprint,
+    }
     np.savez(te_outputs_npz_path(image), **marked)  # a valid file is reused as it is
     _, second = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "b")
     assert torch.equal(second.text_outputs[key][0], torch.full((77, 8), 3.0))
+    # one written by another checkpoint's text encoder is encoded again (kohya would train on it)
+    np.savez(te_outputs_npz_path(image), **{**marked, "text_encoder_fingerprint": "0" * 16})
+    _, other = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "o")
+    assert torch.equal(other.text_outputs[key][0], first.text_outputs[key][0])
     # an edited caption (or a file without one, as kohya writes them) is encoded again
     image.with_suffix(".txt").write_text(caption + ", edited\n")
     _, edited = run(tiny_sd, data, *CACHED, "--cache_text_encoder_outputs_to_disk", "--output_name", "e")

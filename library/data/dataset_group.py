@@ -54,6 +54,7 @@ from library.data.loss_masks import collate_loss_masks, conditioning_mask
 from library.data.metadata import dataset_metadata
 from library.data.samples import cached_sample, image_sample
 from library.errors import DatasetError
+from library.models.fingerprint import weights_fingerprint
 from library.models.text_encoding import tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -207,12 +208,13 @@ class DatasetGroup(torch.utils.data.Dataset):
     ) -> None:
         """VAE-encode every image once: into memory, or into kohya's ``.npz`` files beside the images.
 
-        With ``to_disk``, existing valid files are reused, and image i (in a fixed order) is
-        encoded by process ``i % num_processes``; call ``accelerator.wait_for_everyone()`` after.
-        The VAE must already be on ``device`` in ``dtype``.
+        With ``to_disk``, existing valid files are reused (not those another VAE wrote), and image i
+        (in a fixed order) is encoded by process ``i % num_processes``; call
+        ``accelerator.wait_for_everyone()`` after. The VAE must already be on ``device`` in ``dtype``.
         """
         memory_jobs, disk_jobs, reused = [], [], 0
         claimed: dict = {}
+        fingerprint = weights_fingerprint(vae) if to_disk else None
         for job in self._cache_jobs():
             record = job.record
             if not to_disk:
@@ -230,15 +232,16 @@ class DatasetGroup(torch.utils.data.Dataset):
             record.npz_path = path
             if (len(claimed) - 1) % num_processes != process_index:
                 continue
-            if is_cache_valid(path, record.bucket, job.flip_aug, job.use_alpha_mask):
+            if is_cache_valid(path, record.bucket, job.flip_aug, job.use_alpha_mask, fingerprint):
                 reused += 1
             else:
                 disk_jobs.append(job)
         if process_index == 0:
             remove_stale_temporaries({path.parent for path in claimed})
         options = dict(batch_size=vae_batch_size, device=device, dtype=dtype, seed=self.seed + process_index)
-        encode_jobs(disk_jobs, vae, to_disk=True, show_progress=process_index == 0, **options)
-        encode_jobs(memory_jobs, vae, to_disk=False, show_progress=process_index == 0, **options)
+        show = process_index == 0
+        encode_jobs(disk_jobs, vae, to_disk=True, show_progress=show, vae_fingerprint=fingerprint, **options)
+        encode_jobs(memory_jobs, vae, to_disk=False, show_progress=show, **options)
         logger.info("latents: %d encoded, %d reused from disk", len(disk_jobs) + len(memory_jobs), reused)
 
     def _cache_jobs(self) -> list[CacheJob]:

@@ -5,7 +5,9 @@ beside the image (W, H: original image size), or an existing legacy ``<image ste
 ``latents`` (4, H/8, W/8) float32 -- the *unscaled* ``latent_dist.sample()`` --, ``original_size``
 [w, h], ``crop_ltrb`` [l, t, r, b], ``latents_flipped`` with flip_aug and ``alpha_mask`` (H, W) with
 alpha_mask. Unlike kohya, a cache whose latent shape does not match the image's bucket (left
-from another resolution) is rebuilt instead of being trained on.
+from another resolution) is rebuilt instead of being trained on, and so is one written by another
+VAE: files written here also hold ``vae_fingerprint`` (``library.models.fingerprint``; kohya's
+loaders ignore the key). Files without it (kohya's) are trusted, as kohya trusts them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MIN_BATCHES_AHEAD = 2
 # A write's temporary file older than this belongs to a run that was killed mid-write (one npz takes
 # milliseconds); younger ones may belong to another process caching into the same folder right now.
 STALE_TEMPORARY_AGE_S = 600.0
+VAE_FINGERPRINT_KEY = "vae_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,22 @@ def npz_path_for(image_path: Path, original_size: Size, suffix: str = NPZ_SUFFIX
     return image_path.with_name(f"{image_path.stem}_{original_size[0]:04d}x{original_size[1]:04d}{suffix}")
 
 
-def is_cache_valid(npz_path: Path, bucket: Size, flip_aug: bool, use_alpha_mask: bool) -> bool:
-    """The file exists and holds everything this image needs, at this bucket's latent size."""
+def is_cache_valid(
+    npz_path: Path, bucket: Size, flip_aug: bool, use_alpha_mask: bool, vae_fingerprint: str | None = None
+) -> bool:
+    """The file exists and holds everything this image needs, at this bucket's latent size.
+
+    With ``vae_fingerprint``, a file that names another VAE's fingerprint is not valid.
+    """
     if not npz_path.is_file():
         return False
     latent_hw = (bucket[1] // VAE_STRIDE, bucket[0] // VAE_STRIDE)
     try:
         with np.load(npz_path) as npz:
             if not {"latents", "original_size", "crop_ltrb"} <= set(npz.files):
+                return False
+            written_by = npz[VAE_FINGERPRINT_KEY].tolist() if VAE_FINGERPRINT_KEY in npz.files else None
+            if vae_fingerprint is not None and written_by not in (None, vae_fingerprint):
                 return False
             if npz["latents"].shape[1:] != latent_hw:
                 return False
@@ -147,8 +158,9 @@ def encode_jobs(
     dtype: torch.dtype,
     seed: int,
     show_progress: bool = True,
+    vae_fingerprint: str | None = None,
 ) -> None:
-    """Encode every job's image; fill the records in memory, or write their ``.npz`` files."""
+    """Encode every job's image; fill the records in memory, or write their ``.npz`` files (with the fingerprint)."""
     jobs = sorted(jobs, key=lambda job: (job.condition, str(job.record.path)))
     batches = []
     for _, same_condition in groupby(jobs, key=lambda job: job.condition):
@@ -159,7 +171,10 @@ def encode_jobs(
     with progress:
         ahead = max(MIN_BATCHES_AHEAD, math.ceil(LOAD_THREADS / batch_size))
         for batch, images in _with_images_loaded_ahead(batches, ahead):
-            _encode_batch(batch, images, vae, to_disk=to_disk, device=device, dtype=dtype, generator=generator)
+            _encode_batch(
+                batch, images, vae, to_disk=to_disk, device=device, dtype=dtype, generator=generator,
+                vae_fingerprint=vae_fingerprint,
+            )  # fmt: skip
             progress.update()
 
 
@@ -179,7 +194,9 @@ def _with_images_loaded_ahead(
             yield ready, [future.result() for future in futures]
 
 
-def _encode_batch(batch: list[CacheJob], images: list[np.ndarray], vae, *, to_disk, device, dtype, generator) -> None:
+def _encode_batch(
+    batch: list[CacheJob], images: list[np.ndarray], vae, *, to_disk, device, dtype, generator, vae_fingerprint=None
+) -> None:
     first = batch[0]
     pixels = torch.stack([to_tensor(image) for image in images]).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -202,6 +219,8 @@ def _encode_batch(batch: list[CacheJob], images: list[np.ndarray], vae, *, to_di
                 arrays["latents_flipped"] = flipped[index].numpy()
             if mask is not None:
                 arrays["alpha_mask"] = mask.numpy()
+            if vae_fingerprint is not None:
+                arrays[VAE_FINGERPRINT_KEY] = np.array(vae_fingerprint)
             save_npz(record.npz_path, arrays)
         else:
             record.latents = latents[index].clone()

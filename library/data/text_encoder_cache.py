@@ -6,6 +6,8 @@ kohya's SDXL keys ``hidden_state1`` (CLIP-L), ``hidden_state2`` (bigG) and ``poo
 text), float32 without a batch dimension. kohya caches nothing for SD1/SD2; here the same file holds
 the one text encoder's conditioning as ``hidden_state1`` plus ``clip_skip`` (0 for none), so a file
 written with another ``--clip_skip`` (or by SDXL, which has other keys) is recomputed, not reused.
+Both also hold ``text_encoder_fingerprint`` (``library.models.fingerprint``), so outputs of another
+checkpoint's text encoder are recomputed too (kohya would train on them).
 Existing valid files are reused. A caption must then be the same every epoch, so options that
 change it per step are refused before anything is encoded.
 """
@@ -29,6 +31,7 @@ TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
 TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")  # kohya's SDXL keys
 CAPTION_KEY = "caption"  # ours, not kohya's: the processed caption a file's outputs encode
 SD_TE_OUTPUT_KEYS = ("hidden_state1",)  # SD1/SD2: the UNet's conditioning (clip skip applied)
+TE_FINGERPRINT_KEY = "text_encoder_fingerprint"  # ours: which text encoder wrote the file
 # Caption options that change a caption between steps (kohya's list, plus per-epoch dropout).
 _CHANGING_OPTIONS = (
     "shuffle_caption",
@@ -77,13 +80,14 @@ def cache_text_encoder_outputs(
     to_disk: bool,
     batch_size: int = 8,
     keys: tuple[str, ...] = TE_OUTPUT_KEYS,
-    extra: dict[str, int] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> dict[str, TextOutputs]:
     """{image key: outputs named by ``keys``} for every image of ``groups``, on the CPU.
 
     ``encode(captions)`` returns batched outputs, one per key; captions are processed as a training
     step would (prefix/suffix, keep-tokens separator), with nothing random left to apply. ``extra``
-    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``). Each file also holds
+    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``; the text encoders'
+    fingerprint). Each file also holds
     the caption it encodes (``caption``, beside kohya's keys, which kohya's loaders ignore): a file
     whose caption was edited since, or one without it (written by kohya), is encoded again.
     """

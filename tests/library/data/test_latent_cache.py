@@ -11,6 +11,7 @@ from PIL import Image
 from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import BatchKey, batch_latents, build_dataset_group
 from library.errors import ConfigError, DatasetError
+from library.models.fingerprint import weights_fingerprint
 from tests.library.dataset_helpers import PoolingVAE, dataset_args, pooled_latents
 
 
@@ -82,7 +83,7 @@ def test_disk_cache_is_kohyas_npz_format(data, tokenizer):
     ]
     image = pixels(_bucket_image(data.subject / "toy_04.png"))
     with np.load(data.subject / "toy_04_0128x0064_sd.npz") as npz:
-        assert sorted(npz.files) == ["crop_ltrb", "latents", "latents_flipped", "original_size"]
+        assert sorted(npz.files) == ["crop_ltrb", "latents", "latents_flipped", "original_size", "vae_fingerprint"]
         assert npz["latents"].shape == (4, 8, 8) and npz["latents"].dtype == np.float32
         assert npz["original_size"].tolist() == [128, 64]
         assert npz["crop_ltrb"].tolist() == [0, 16, 64, 48]  # kohya: 128x64 fitted inside 64x64
@@ -114,6 +115,22 @@ def test_valid_caches_are_reused_and_stale_ones_rebuilt(data, tokenizer):
     with np.load(data.subject / "toy_00_0064x0064_sd.npz") as npz:
         assert npz["latents"].shape == (4, 16, 16)
     assert all(b["latents"].shape[2:] == (16, 16) for b in all_batches(group))
+
+
+def test_a_cache_another_vae_wrote_is_encoded_again(data, tokenizer):
+    make_group(data, tokenizer).cache_latents(PoolingVAE(), to_disk=True)
+    other = PoolingVAE()
+    with torch.no_grad():
+        other.anchor.fill_(1.0)  # another checkpoint's VAE (kohya would train on the old latents)
+    make_group(data, tokenizer).cache_latents(other, to_disk=True)
+    assert other.encoded_images == 6
+    with np.load(data.subject / "toy_00_0064x0064_sd.npz") as npz:
+        assert str(npz["vae_fingerprint"]) == weights_fingerprint(other)
+    same = PoolingVAE()
+    with torch.no_grad():
+        same.anchor.fill_(1.0)
+    make_group(data, tokenizer).cache_latents(same, to_disk=True)
+    assert same.encoded_images == 0
 
 
 def test_a_kohya_written_cache_is_used(data, tokenizer):

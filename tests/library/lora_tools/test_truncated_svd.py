@@ -5,17 +5,19 @@ import math
 import pytest
 import torch
 
-from library.lora_tools.truncated_svd import span_error, subspace_error, top_singular
+from library.lora_tools.truncated_svd import REFINE_BELOW, span_error, subspace_error, top_singular
 from library.synthetic_lora import decaying_matrix
 
 
-@pytest.mark.parametrize("m, n, k", [(320, 960, 4), (700, 240, 8), (400, 400, 16)])
+# (1100, 1000): above REFINE_BELOW, float32 iterations only; the others end with a float64 one.
+@pytest.mark.parametrize("m, n, k", [(320, 960, 4), (700, 240, 8), (400, 400, 16), (1100, 1000, 8)])
 def test_top_subspace_within_kohyas_float32_error(m, n, k):
     matrix = decaying_matrix(m, n, 0.6, seed=k)
     u64, s64, vh64 = torch.linalg.svd(matrix.double(), full_matrices=False)
     kohya_u = torch.linalg.svd(matrix)[0][:, :k]  # kohya: float32, full matrices
     top = top_singular(matrix, k)
     assert top.iterations > 0  # the randomized path, not the dense fallback
+    assert (m * n > REFINE_BELOW) == ((m, n) == (1100, 1000))
     kohya_error = subspace_error(kohya_u, u64[:, :k])
     assert subspace_error(top.U, u64[:, :k]) <= kohya_error
     assert subspace_error(top.V, vh64[:k].T) <= subspace_error(torch.linalg.svd(matrix)[2][:k].T, vh64[:k].T)
