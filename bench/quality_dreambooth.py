@@ -115,6 +115,20 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="kohya's flag for every network run (default: the network trains the text encoder too, kohya's default)",
     )
+    g.add_argument(
+        "--prior_loss_weight",
+        type=float,
+        default=1.0,
+        help="kohya's flag for every run (1: kohya's default; 3 with --other_reg_per_combination 1 keeps other "
+        "prompts closest to the base, docs/quality.md)",
+    )
+    g.add_argument(
+        "--other_reg_per_combination",
+        type=int,
+        default=0,
+        help="also train on N captioned images of each other-shape pretraining combination (a second "
+        "--reg_data_dir folder; default 0: class images only)",
+    )
     g.add_argument("--lr_scheduler", default="constant", help="kohya's flag for every run (constant: kohya's default)")
     g.add_argument("--full_lr", type=float, default=1e-4, help="learning rate of full UNet fine-tuning")
     g.add_argument("--resize_sv_ratios", default="128,64,32,16,8,4,2", help="resize_lora.py sv_ratio values")
@@ -163,13 +177,11 @@ def network_parameters(base, method: Method, unet_only: bool) -> int:
 def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, name: str) -> Trained:
     method = METHODS[name]
     out = work / name.replace(" ", "_")
-    extra = [
-        f"--save_every_n_steps={args.save_every}",
-        f"--lr_scheduler={args.lr_scheduler}",
-    ]
+    extra = [f"--save_every_n_steps={args.save_every}"]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
-                            seed=args.seed, caption_dropout_rate=args.caption_dropout_rate)  # fmt: skip
+                            seed=args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                            prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
         argv = _full_finetune_argv(args, concept_dir, out, run)
         seconds = _cpu_run(distill_unet.main, argv + extra)
         final = out / "concept"
@@ -178,7 +190,8 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
         return Trained(final, _checkpoints(out), seconds, parameters, weights.stat().st_size)
     run = DreamBoothRun(method.module, method.dim, method.alpha, method.network_args, method.learning_rate,
                         args.steps, args.batch, args.seed, caption_dropout_rate=args.caption_dropout_rate,
-                        train_text_encoder=not args.network_train_unet_only)  # fmt: skip
+                        train_text_encoder=not args.network_train_unet_only,
+                        prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
     argv = train_network_argv(args.model, args.tokenizers, concept_dir, out, run)
     seconds = _cpu_run(train_network.main, argv + extra)
     final = out / "concept.safetensors"
@@ -231,7 +244,8 @@ def _concept_set(args: argparse.Namespace, work: Path) -> tuple[Concept, Path]:
     concept = Concept(*args.concept.split(), args.token)
     concept_dir = work / "concept"
     if not concept_dir.exists():
-        write_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed)
+        write_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed,
+                          args.other_reg_per_combination)  # fmt: skip
     return concept, concept_dir
 
 

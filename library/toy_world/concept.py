@@ -3,8 +3,11 @@
 The concept is a colour/shape combination the base model never saw (a held-out one by default),
 shown in a few instance images captioned ``a <token> <shape>``; the regularisation images are the
 same shape in the other pretraining colours, with their true captions, so prior preservation is
-what kohya's DreamBooth recipe teaches. Folders follow kohya's ``<repeats>_<class>`` naming, so
-``--train_data_dir`` and ``--reg_data_dir`` take them as they are.
+what kohya's DreamBooth recipe teaches. Optionally a second regularisation folder holds pretraining
+images of the *other* shapes (a wider prior set): the class images protect only the class, while
+the text encoder the network trains is shared by every prompt (docs/quality.md). Folders follow
+kohya's ``<repeats>_<class>`` naming, so ``--train_data_dir`` and ``--reg_data_dir`` take them as
+they are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from library.toy_world.generator import COLOURS, SHAPES, combination_split, samp
 # Image indices apart from the pretraining and evaluation ranges (library.toy_world.pretrain).
 CONCEPT_IMAGES_FROM = 30_000_000
 REGULARISATION_IMAGES_FROM = 31_000_000
+OTHER_REGULARISATION_IMAGES_FROM = 31_500_000
+# The wider prior folder's name sorts after every shape's class folder: kohya's balancing takes reg
+# images folder by folder and gives the extra repeats from the first, so the class images keep the
+# larger share (calibrated that way, docs/quality.md).
+OTHER_REGULARISATION_FOLDER = "1_wider prior"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,11 @@ class Concept:
                 "pick a held-out one (tools/make_toy_world.py writes them to split.json)"
             )
 
+    def other_combinations(self, seed: int) -> list[tuple[str, str]]:
+        """The pretraining combinations of the other shapes: what the class images do not cover."""
+        pretraining, _ = combination_split(seed)
+        return [(colour, shape) for colour, shape in pretraining if shape != self.shape]
+
     def class_colours(self, seed: int) -> list[str]:
         """The colours the base model knows this shape in: the prior that training must keep."""
         pretraining, _ = combination_split(seed)
@@ -53,9 +66,20 @@ class Concept:
 
 
 def write_concept_set(
-    out: str | os.PathLike, concept: Concept, images: int, repeats: int, reg_per_colour: int, seed: int
+    out: str | os.PathLike,
+    concept: Concept,
+    images: int,
+    repeats: int,
+    reg_per_colour: int,
+    seed: int,
+    other_reg_per_combination: int = 0,
 ) -> tuple[Path, Path]:
-    """``out/img/<repeats>_<token> <shape>`` (instance images) and ``out/reg/1_<shape>`` (class images)."""
+    """``out/img/<repeats>_<token> <shape>`` (instance images) and ``out/reg/1_<shape>`` (class images).
+
+    ``other_reg_per_combination`` > 0 adds ``out/reg/1_wider prior``: that many captioned images of
+    each other-shape pretraining combination, trained with the class images under the same prior
+    loss weight (kohya's ``--reg_data_dir`` takes every sub-folder).
+    """
     concept.check(seed)
     instance = Path(out) / "img" / f"{repeats}_{concept.token} {concept.shape}"
     regularisation = Path(out) / "reg" / f"1_{concept.shape}"
@@ -73,4 +97,13 @@ def write_concept_set(
         stem = f"{index:03d}_{spec.colour}"
         image.save(regularisation / f"{stem}.png")
         (regularisation / f"{stem}.txt").write_text(spec.caption + "\n")
+    if other_reg_per_combination > 0:
+        wider = Path(out) / "reg" / OTHER_REGULARISATION_FOLDER
+        wider.mkdir(parents=True, exist_ok=True)
+        others = concept.other_combinations(seed)
+        drawn = sample_images(others, other_reg_per_combination * len(others), seed, OTHER_REGULARISATION_IMAGES_FROM)
+        for index, (spec, image) in enumerate(drawn):
+            stem = f"{index:03d}_{spec.colour}_{spec.shape}"
+            image.save(wider / f"{stem}.png")
+            (wider / f"{stem}.txt").write_text(spec.caption + "\n")
     return instance, regularisation

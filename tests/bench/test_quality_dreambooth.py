@@ -44,7 +44,7 @@ def toy_files(tmp_path_factory):
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
                   seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1,
-                  network_train_unet_only=False,
+                  network_train_unet_only=False, prior_loss_weight=1.0, other_reg_per_combination=0,
                   samples=1, concept="purple triangle", token="sks")  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
@@ -108,6 +108,8 @@ def test_full_finetuning_is_distill_unet_on_the_dreambooth_flags(toy_files, tmp_
     assert not [flag for flag in argv if flag.startswith("--network")] and "--network_args" not in argv
     assert f"--teacher={args.model}" in argv and "--output_kd_weight=0" in argv and "--feature_kd_weight=0" in argv
     assert f"--reg_data_dir={toy_files / 'concept' / 'reg'}" in argv and "--prior_loss_weight=1.0" in argv
+    heavier = _full_finetune_argv(args, toy_files / "concept", tmp_path, DreamBoothRun(prior_loss_weight=3.0))
+    assert "--prior_loss_weight=3.0" in heavier and "--prior_loss_weight=1.0" not in heavier
 
     base = load_base(args.model, args.tokenizers)
     trained = train_method(args, base, toy_files / "concept", tmp_path, "full unet")

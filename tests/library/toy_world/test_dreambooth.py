@@ -6,7 +6,7 @@ import pytest
 
 import train_network
 from library.models.stable_diffusion import save_ldm_checkpoint
-from library.toy_world.concept import Concept, write_concept_set
+from library.toy_world.concept import OTHER_REGULARISATION_FOLDER, Concept, write_concept_set
 from library.toy_world.dreambooth import (
     DreamBoothRun,
     apply_network_file,
@@ -15,6 +15,7 @@ from library.toy_world.dreambooth import (
     train_network_argv,
 )
 from library.toy_world.evaluate import generate
+from library.toy_world.generator import SHAPES, combination_split
 from library.toy_world.model import build_toy_model, tokenizer_cache_folder, write_toy_tokenizer
 from networks.lora_file import load_lora_file
 
@@ -49,6 +50,31 @@ def test_a_unet_only_run_passes_kohyas_flag():
     run = DreamBoothRun(train_text_encoder=False)
     assert "--network_train_unet_only" in train_network_argv("m", "t", "c", "o", run)
     assert "--network_train_unet_only" not in train_network_argv("m", "t", "c", "o", DreamBoothRun())
+
+
+def test_prior_weight_and_scheduler_reach_kohyas_flags():
+    default = train_network_argv("m", "t", "c", "o", DreamBoothRun())
+    assert "--prior_loss_weight=1.0" in default and "--lr_scheduler=constant" in default
+    tuned = train_network_argv("m", "t", "c", "o", DreamBoothRun(prior_loss_weight=3.0, lr_scheduler="cosine"))
+    assert "--prior_loss_weight=3.0" in tuned and "--lr_scheduler=cosine" in tuned
+
+
+def test_the_wider_prior_folder_holds_every_other_shape_and_trains_as_regularisation(toy_files, tmp_path):
+    concept = Concept("purple", "triangle")
+    write_concept_set(tmp_path / "concept", concept, images=2, repeats=2, reg_per_colour=1, seed=0,
+                      other_reg_per_combination=1)  # fmt: skip
+    wider = tmp_path / "concept" / "reg" / OTHER_REGULARISATION_FOLDER
+    captions = sorted(path.read_text().strip() for path in wider.glob("*.txt"))
+    pretraining, _ = combination_split(0)
+    assert captions == sorted(f"a {c} {s}" for c, s in pretraining if s != "triangle")
+    assert len(list(wider.glob("*.png"))) == len(captions)
+    # after every class folder, so kohya's balancing repeats the class images first
+    assert all(f"1_{shape}" < OTHER_REGULARISATION_FOLDER for shape in SHAPES)
+    run = DreamBoothRun(max_train_steps=1, train_batch_size=2, prior_loss_weight=3.0)
+    model_file, tokenizers = toy_files / "toy.safetensors", toy_files / "tokenizers"
+    train_network.main(train_network_argv(model_file, tokenizers, tmp_path / "concept", tmp_path / "out", run))
+    _, metadata = load_lora_file(tmp_path / "out" / "concept.safetensors")
+    assert metadata["ss_num_reg_images"] == str(10 + len(captions)) and metadata["ss_prior_loss_weight"] == "3.0"
 
 
 def test_the_report_scores_concept_and_prior_prompts(toy_files):
