@@ -94,7 +94,7 @@ def is_cache_valid(
             if not {"latents", "original_size", "crop_ltrb"} <= set(npz.files):
                 return False
             written_by = npz[VAE_FINGERPRINT_KEY].tolist() if VAE_FINGERPRINT_KEY in npz.files else None
-            if vae_fingerprint is not None and written_by not in (None, vae_fingerprint):
+            if vae_fingerprint is not None and written_by not in (None, vae_fingerprint):  # None: kohya's, trusted
                 return False
             if npz["latents"].shape[1:] != latent_hw:
                 return False

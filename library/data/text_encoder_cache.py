@@ -15,7 +15,7 @@ change it per step are refused before anything is encoded.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from library.data.dataset_config import DatasetBlueprint
 from library.data.dataset_group import DatasetGroup
 from library.data.latent_cache import save_npz
 from library.errors import ConfigError
+from library.models.fingerprint import weights_fingerprint
 
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
 TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")  # kohya's SDXL keys
@@ -81,17 +82,20 @@ def cache_text_encoder_outputs(
     batch_size: int = 8,
     keys: tuple[str, ...] = TE_OUTPUT_KEYS,
     extra: dict[str, object] | None = None,
+    text_encoders: Sequence[torch.nn.Module] = (),
 ) -> dict[str, TextOutputs]:
     """{image key: outputs named by ``keys``} for every image of ``groups``, on the CPU.
 
     ``encode(captions)`` returns batched outputs, one per key; captions are processed as a training
     step would (prefix/suffix, keep-tokens separator), with nothing random left to apply. ``extra``
-    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``; the text encoders'
-    fingerprint). Each file also holds
-    the caption it encodes (``caption``, beside kohya's keys, which kohya's loaders ignore): a file
-    whose caption was edited since, or one without it (written by kohya), is encoded again.
+    names scalars a file must also hold to be reused (SD1/SD2: ``clip_skip``). Each file also holds
+    the caption it encodes (``caption``, beside kohya's keys, which kohya's loaders ignore) and the
+    fingerprint of ``text_encoders``: a file whose caption was edited since, one another checkpoint
+    wrote, or one without them (written by kohya), is encoded again.
     """
-    extra = extra or {}
+    extra = dict(extra or {})
+    if to_disk and text_encoders:
+        extra[TE_FINGERPRINT_KEY] = weights_fingerprint(*text_encoders)
     jobs: dict[str, tuple[Path, str]] = {}
     for group in groups:
         if group is None:

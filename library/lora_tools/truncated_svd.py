@@ -84,7 +84,7 @@ def top_singular(
         # q^T A = R^T P^T (a thin QR of its transpose): the Ritz triplets come from the SVD of the
         # w x w matrix R^T instead of the w x n block (3x less CPU per iteration on 768 x 768), and
         # A P, the product that starts the next iteration, gives the residual: v = P v_small.
-        # (float64: as cheap as the w x n SVD it replaces is not, and no float32 rounding added)
+        # The QR runs in float64: cheap on n x w, and it adds no float32 rounding to the Ritz values.
         row_basis, r = torch.linalg.qr((q.T @ a).T.double())  # q^T A, then transposed: 2x faster than A^T q
         product = a @ row_basis.to(a.dtype)
         small_u, s, small_vh = torch.linalg.svd(r.T)

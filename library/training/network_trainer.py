@@ -19,13 +19,11 @@ from library.data.dataset_config import build_blueprints
 from library.data.dataset_group import DatasetGroup, batch_latents
 from library.data.text_encoder_cache import (
     SD_TE_OUTPUT_KEYS,
-    TE_FINGERPRINT_KEY,
     TextOutputs,
     batch_text_outputs,
     cache_text_encoder_outputs,
     check_text_encoder_outputs_cacheable,
 )
-from library.models.fingerprint import weights_fingerprint
 from library.models.stable_diffusion import StableDiffusionModel
 from library.models.text_encoding import tokenize_captions
 from library.training.args import verify_training_args
@@ -228,8 +226,7 @@ class NetworkTrainer(TrainerSkeleton):
 
         cache = cache_text_encoder_outputs(
             [inputs.group, inputs.validation], encode, to_disk=args.cache_text_encoder_outputs_to_disk,
-            keys=SD_TE_OUTPUT_KEYS,
-            extra={"clip_skip": args.clip_skip or 0, TE_FINGERPRINT_KEY: weights_fingerprint(model.text_encoder)},
+            keys=SD_TE_OUTPUT_KEYS, extra={"clip_skip": args.clip_skip or 0}, text_encoders=[model.text_encoder],
         )  # fmt: skip
         accelerator.wait_for_everyone()
         logger.info("cached text encoder outputs of %d images (%s)", len(cache), weight_dtype(args))

@@ -16,14 +16,8 @@ import torch
 
 from library.data.buckets import SDXL_BUCKET_RESO_STEPS_MULTIPLE
 from library.data.latent_cache import SDXL_NPZ_SUFFIX
-from library.data.text_encoder_cache import (
-    TE_FINGERPRINT_KEY,
-    TextOutputs,
-    batch_text_outputs,
-    cache_text_encoder_outputs,
-)
+from library.data.text_encoder_cache import TextOutputs, batch_text_outputs, cache_text_encoder_outputs
 from library.models.families import make_training_scheduler
-from library.models.fingerprint import weights_fingerprint
 from library.models.sdxl import SDXLModel, load_sdxl
 from library.models.sdxl_conditioning import encode_sdxl_prompt, sdxl_unet_conditioning, size_time_ids
 from library.models.sgm_conversion import SDXL_VAE_SCALE_FACTOR
@@ -120,7 +114,7 @@ class SDXLNetworkTrainer(NetworkTrainer):
 
         cache = cache_text_encoder_outputs(
             [inputs.group, inputs.validation], encode, to_disk=args.cache_text_encoder_outputs_to_disk,
-            extra={TE_FINGERPRINT_KEY: weights_fingerprint(*model.text_encoders)},
+            text_encoders=model.text_encoders,
         )  # fmt: skip
         accelerator.wait_for_everyone()
         logger.info("cached text encoder outputs of %d images (%s)", len(cache), weight_dtype(args))
