@@ -180,7 +180,7 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
     extra = [f"--save_every_n_steps={args.save_every}"]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
-                            seed=args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                            seed=args.train_seed, caption_dropout_rate=args.caption_dropout_rate,
                             prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
         argv = _full_finetune_argv(args, concept_dir, out, run)
         seconds = _cpu_run(distill_unet.main, argv + extra)
@@ -189,7 +189,7 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
         parameters = sum(p.numel() for p in base.unet.parameters())
         return Trained(final, _checkpoints(out), seconds, parameters, weights.stat().st_size)
     run = DreamBoothRun(method.module, method.dim, method.alpha, method.network_args, method.learning_rate,
-                        args.steps, args.batch, args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                        args.steps, args.batch, args.train_seed, caption_dropout_rate=args.caption_dropout_rate,
                         train_text_encoder=not args.network_train_unet_only,
                         prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
     argv = train_network_argv(args.model, args.tokenizers, concept_dir, out, run)

@@ -12,6 +12,7 @@ from library.toy_world.dreambooth import (
     apply_network_file,
     concept_report,
     load_base,
+    report_jobs,
     train_network_argv,
 )
 from library.toy_world.evaluate import generate
@@ -82,6 +83,21 @@ def test_the_report_scores_concept_and_prior_prompts(toy_files):
     report = concept_report(model, Concept("purple", "triangle"), samples=4, steps=2)
     assert set(report) == {"concept", "concept_colour", "class_prior", "other_prior"}
     assert all(0.0 <= value <= 1.0 for value in report.values())
+
+
+def test_report_jobs_sample_every_fifth_other_prompt_or_all_of_them():
+    concept = Concept("purple", "triangle")
+    pretraining, _ = combination_split(0)
+    others = [(c, s) for c, s in pretraining if s != "triangle"]
+    known = [c for c, s in pretraining if s == "triangle"]
+    bench = report_jobs(concept, 0, concept_samples=16, class_samples=4, other_samples=4)
+    assert bench["concept"] == [("a sks triangle", "purple", "triangle")] * 16
+    assert [(c, s) for _, c, s in bench["class_prior"]] == [(c, "triangle") for c in known for _ in range(4)]
+    assert [(c, s) for _, c, s in bench["other_prior"][::4]] == others[::5] and len(bench["other_prior"]) == 40
+    wide = report_jobs(concept, 0, concept_samples=32, class_samples=8, other_samples=4, all_other_prompts=True)
+    assert len(wide["concept"]) == 32 and len(wide["class_prior"]) == 8 * len(known) == 80
+    assert [(c, s) for _, c, s in wide["other_prior"][::4]] == others and len(wide["other_prior"]) == 200
+    assert all(prompt == f"a {c} {s}" for jobs in (wide["class_prior"], wide["other_prior"]) for prompt, c, s in jobs)
 
 
 def test_load_base_casts_an_fp16_file_to_float32_without_diffusers_warnings(tmp_path, monkeypatch):
