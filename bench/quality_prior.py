@@ -3,12 +3,12 @@
 The quality bench scores 16 concept samples and 40 per prior: a rate then has a standard error of
 about 0.06, too coarse for a 5-point bar. This calibration trains one DreamBooth recipe (LoRA r4,
 kohya's flags through :class:`library.toy_world.dreambooth.DreamBoothRun`) at several training seeds
-and scores the chosen checkpoints on 32 concept samples, 8 per class colour (80) and 4 of every
+and scores the chosen checkpoints on 64 concept samples, 8 per class colour (80) and 4 of every
 other-shape pretraining prompt (200). The base model is scored on the same noise, so the change of
 each prior is a paired difference with its own standard error (about 0.03 on 200 samples).
 
     python -m bench.quality_prior --model assets/toy_world/toy_sd1.safetensors \\
-        --tokenizers assets/toy_world/tokenizers       # the documented recipe, seeds 0 1 2
+        --tokenizers assets/toy_world/tokenizers   # the documented recipe, 5 seeds, ~12 min on 2 cores
 
 Training seeds vary kohya's ``--seed`` only. The world (held-out split, concept and prior images,
 sample noise) comes from ``--world_seed``, which must be the model's pretraining seed (0 for the
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import train_network  # noqa: E402
 from bench.quality_dreambooth import _checkpoints, _cpu_run, _in_workers, with_trained  # noqa: E402
-from library.toy_world.concept import Concept, write_concept_set  # noqa: E402
+from library.toy_world.concept import Concept, ensure_concept_set  # noqa: E402
 from library.toy_world.dreambooth import (  # noqa: E402
     DreamBoothRun,
     load_base,
@@ -100,8 +100,12 @@ def score_seed(args: argparse.Namespace, work: Path, train_seed: int | None) -> 
     earlier = [step for step in args.score_steps if step < args.steps]
     if earlier:
         argv.append(f"--save_every_n_steps={math.gcd(*earlier)}")
-    seconds = _cpu_run(train_network.main, argv)
-    files = _checkpoints(out) | {args.steps: out / "concept.safetensors"}
+    final = out / "concept.safetensors"
+    kept = set(_checkpoints(out)) | ({args.steps} if final.exists() else set())
+    seconds = 0.0  # not trained in this run
+    if not (args.reuse and kept.issuperset(args.score_steps)):
+        seconds = _cpu_run(train_network.main, argv)
+    files = _checkpoints(out) | {args.steps: final}
     hits = {step: hits_of(with_trained(base, files[step], False)) for step in args.score_steps}
     return Scored(train_seed, hits, seconds)
 
@@ -142,19 +146,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="captioned images of each other-shape pretraining combination in a second reg folder (0: none)",
     )  # fmt: skip
     parser.add_argument("--world_seed", type=int, default=0, help="the model's pretraining seed (split, noise)")
-    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2], help="kohya's --seed, one run each")
+    parser.add_argument(
+        "--train_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="kohya's --seed, one run each"
+    )
     parser.add_argument("--prior_loss_weight", type=float, default=4.0)
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=600, help="kohya's --max_train_steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--score_steps", type=int, nargs="+", default=[500, 600], help="checkpoints to score")
-    parser.add_argument("--concept_samples", type=int, default=32)
+    parser.add_argument("--concept_samples", type=int, default=64)
     parser.add_argument("--class_samples", type=int, default=8, help="samples per known class colour")
     parser.add_argument("--other_samples", type=int, default=4, help="samples per other-shape pretraining prompt")
     parser.add_argument("--sample_steps", type=int, default=20, help="Euler steps per sample (the bench's 20)")
     parser.add_argument("--concept_bar", type=float, default=0.8)
     parser.add_argument("--prior_points", type=float, default=5.0, help="the most a prior may fall, in points")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="score the runs already in --work_dir (trained with the same flags) instead of training them again",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (processes, one thread each)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -171,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict[int | None, Scored]:
     concept.check(args.world_seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
-        if not (work / "concept").exists():
-            write_concept_set(work / "concept", concept, args.images, args.repeats, args.reg_per_colour,
-                              args.world_seed, args.other_reg_per_combination)  # fmt: skip
+        ensure_concept_set(work / "concept", concept, args.images, args.repeats, args.reg_per_colour,
+                           args.world_seed, args.other_reg_per_combination)  # fmt: skip
         print(
             f"LoRA r4 '{args.concept}' as '{args.token}': --prior_loss_weight {args.prior_loss_weight:g} "
             f"--lr_scheduler {args.lr_scheduler} --learning_rate {args.learning_rate:g} --max_train_steps "
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[int | None, Scored]:
             print(f"step {step}: all bars met at {len(met)} of {len(args.train_seeds)} training seeds; "
                   f"other prior - base, mean {100 * mean:+.1f} points")  # fmt: skip
         cpu = [results[s].train_cpu_seconds for s in args.train_seeds]
-        print(f"training CPU s per run: {', '.join(f'{c:.0f}' for c in cpu)}")
+        print(f"training CPU s per run: {', '.join(f'{c:.0f}' if c else 'reused' for c in cpu)}")
     return results
 
 

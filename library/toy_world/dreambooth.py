@@ -48,8 +48,9 @@ class DreamBoothRun:
     # and moves the priors further (docs/quality.md).
     train_text_encoder: bool = True
     # kohya's --prior_loss_weight (the weight of the regularisation images' loss). 1 is kohya's default
-    # and the bench's; 3 with the concept set's wider prior folder, cosine lr and 400 steps keeps other
-    # prompts closest to the base (docs/quality.md, "Prior preservation on a larger prior set").
+    # and the bench's; 4 with the concept set's wider prior folder, cosine lr and 600 steps keeps both
+    # priors within 5 points of the base at five of five training seeds (bench/quality_prior.py,
+    # docs/quality.md "Prior preservation on a larger prior set").
     prior_loss_weight: float = 1.0
     # kohya's --lr_scheduler. Constant lr 1e-3 makes single checkpoints swing (concept 0.03 at step
     # 150, 0.81 at 200 in one run); cosine ends each run at a settled state.

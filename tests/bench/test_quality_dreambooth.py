@@ -45,7 +45,8 @@ def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
                   seed=0, train_seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant",
                   threads=1, network_train_unet_only=False, prior_loss_weight=1.0, other_reg_per_combination=0,
-                  samples=1, concept="purple triangle", token="sks")  # fmt: skip
+                  samples=1, concept="purple triangle", token="sks", images=2, repeats=2,
+                  reg_per_colour=1)  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
 

@@ -43,13 +43,16 @@ def toy_files(tmp_path_factory):
     return root
 
 
-def test_a_run_trains_each_seed_and_scores_each_checkpoint_on_the_bases_samples(toy_files, tmp_path, capsys):
-    results = main([
+def test_a_run_trains_each_seed_and_scores_each_checkpoint_on_the_bases_samples(
+    toy_files, tmp_path, capsys, monkeypatch
+):
+    argv = [
         "--model", str(toy_files / "toy.safetensors"), "--tokenizers", str(toy_files / "tokenizers"),
         "--work_dir", str(tmp_path), "--train_seeds", "0", "1", "--steps", "2", "--score_steps", "1", "2",
         "--images", "2", "--repeats", "1", "--reg_per_colour", "1", "--batch", "2", "--concept_samples", "2",
         "--class_samples", "1", "--other_samples", "1", "--sample_steps", "2", "--jobs", "1",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    results = main(argv)
     assert set(results) == {None, 0, 1}
     sizes = {"concept": 2, "class_prior": 10, "other_prior": 50}  # 10 known colours, 50 other prompts
     assert {name: len(hits) for name, hits in results[None].hits[0].items()} == sizes
@@ -68,6 +71,14 @@ def test_a_run_trains_each_seed_and_scores_each_checkpoint_on_the_bases_samples(
     assert [r.split(" | ")[:2] for r in rows] == [["| base model", "-"], ["| 0", "1"], ["| 0", "2"], ["| 1", "1"],
                                                   ["| 1", "2"]]  # fmt: skip
     assert "step 2: all bars met at" in table
+
+    # --reuse scores the same files again without training: the same verdicts, sample by sample
+    import train_network
+
+    monkeypatch.setattr(train_network, "main", lambda argv: pytest.fail("--reuse trained again"))
+    again = main([*argv, "--reuse", "--train_seeds", "1"])
+    assert again[1].hits == results[1].hits and again[1].train_cpu_seconds == 0.0
+    assert "training CPU s per run: reused" in capsys.readouterr().out
 
 
 def test_a_score_step_past_the_run_is_refused_before_anything_loads(tmp_path, capsys):

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 import train_network
+from library.errors import ConfigError
 from library.models.stable_diffusion import save_ldm_checkpoint
-from library.toy_world.concept import OTHER_REGULARISATION_FOLDER, Concept, write_concept_set
+from library.toy_world.concept import (
+    OTHER_REGULARISATION_FOLDER,
+    RECIPE_FILE,
+    Concept,
+    ensure_concept_set,
+    write_concept_set,
+)
 from library.toy_world.dreambooth import (
     DreamBoothRun,
     apply_network_file,
@@ -76,6 +83,20 @@ def test_the_wider_prior_folder_holds_every_other_shape_and_trains_as_regularisa
     train_network.main(train_network_argv(model_file, tokenizers, tmp_path / "concept", tmp_path / "out", run))
     _, metadata = load_lora_file(tmp_path / "out" / "concept.safetensors")
     assert metadata["ss_num_reg_images"] == str(10 + len(captions)) and metadata["ss_prior_loss_weight"] == "3.0"
+
+
+def test_a_reused_folder_must_hold_the_set_asked_for(tmp_path):
+    concept, out = Concept("purple", "triangle"), tmp_path / "concept"
+    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
+    written = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)  # the same set: kept
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == written
+    with pytest.raises(ConfigError, match=r"other_reg_per_combination 0 -> 1\): use another --work_dir"):
+        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, other_reg_per_combination=1)
+    assert not (out / "reg" / OTHER_REGULARISATION_FOLDER).exists()  # nothing added to the old set
+    (out / RECIPE_FILE).unlink()  # as an interrupted write leaves it
+    with pytest.raises(ConfigError, match=f"holds no {RECIPE_FILE}"):
+        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
 
 
 def test_the_report_scores_concept_and_prior_prompts(toy_files):
