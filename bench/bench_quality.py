@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per DreamBooth run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="seeded samples per scored prompt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="the world's seed (held-out split, concept and prior images, sample noise): the model's pretraining "
+        "seed, 0 for the committed model; another split scores prompts the model never learnt",
+    )  # fmt: skip
+    parser.add_argument("--train_seed", type=int, default=0, help="kohya's --seed of every training run")
     parser.add_argument(
         "--guidance", type=float, nargs="+", default=[SAMPLE_GUIDANCE], help="CFG scales of the base rows"
     )

@@ -18,7 +18,8 @@ SD1.5-shaped random fp16 checkpoint into kohya's float32 tensors to float32 roun
 untouched tensor bit for bit; ``extract_lora_from_models.py`` on that checkpoint and a copy with
 every LoCon target moved (low rank plus noise) gives kohya's keys and ranks, and both files' factors
 are scored against float64 top-rank SVDs of the stored difference (principal angles, Frobenius
-error). Each script runs in its own process, timed (wall, CPU, peak RSS).
+error). Each script runs in its own process, timed (wall, CPU, peak RSS), after its input files
+have been read into the page cache, so neither tool pays for the other's disk reads.
 """
 
 from __future__ import annotations
@@ -77,7 +78,23 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(cwd: Path, script: str, args: list[str], pythonpath: str) -> Timing:
+def warm_page_cache(paths: list[Path | str]) -> None:
+    """Read every input file once, so each timed run starts from the same, cached, state.
+
+    Both tools map their inputs; whichever runs first would otherwise also pay for reading them from
+    disk, and on this VM the host shrinks the page cache after a large run (kohya's extraction peaks
+    at 10 GiB), so the second run re-reads gigabytes that the first had cached.
+    """
+    buffer = bytearray(16 * 2**20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def run(cwd: Path, script: str, args: list[str], pythonpath: str, inputs: list[Path | str] = ()) -> Timing:
+    """Run ``script`` in its own process (``inputs`` read into the page cache first): time and peak RSS."""
+    warm_page_cache(inputs)
     env = dict(os.environ, PYTHONPATH=pythonpath)
     start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(
@@ -224,15 +241,18 @@ def compare_merges(args, work: Path, files: list[str], names: list[str], kohya_p
     for label, extra, chosen in [("sum", [], [0, 1]), ("concat", ["--concat"], [0, 2])]:
         kohya_out, ours_out = work / f"kohya_{label}.safetensors", work / f"ours_{label}.safetensors"
         common = ["--models", *(files[i] for i in chosen), "--ratios", "0.7", "-0.4", *extra]
-        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
-        ours_t = run(REPO, "networks/merge_lora.py", [*common, "--kohya_arithmetic", "--save_to", str(ours_out)], "")
+        chosen_files = [files[i] for i in chosen]
+        kohya_args = [*common, "--save_to", str(kohya_out)]
+        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", kohya_args, kohya_path, chosen_files)
+        ours_args = [*common, "--kohya_arithmetic", "--save_to", str(ours_out)]
+        ours_t = run(REPO, "networks/merge_lora.py", ours_args, "", chosen_files)
         kohya, ours = load_file(kohya_out), load_file(ours_out)
         same = set(kohya) == set(ours) and all(torch.equal(kohya[k], ours[k]) for k in kohya)
         dtypes = sorted({str(v.dtype) for v in kohya.values()} | {str(v.dtype) for v in ours.values()})
         print(f"merge_lora {label}: kohya {kohya_t}; ours --kohya_arithmetic {ours_t}; tensors equal: {same} {dtypes}")
         if label == "sum":
             exact_out = work / "ours_exact.safetensors"
-            exact_t = run(REPO, "networks/merge_lora.py", [*common, "--save_to", str(exact_out)], "")
+            exact_t = run(REPO, "networks/merge_lora.py", [*common, "--save_to", str(exact_out)], "", chosen_files)
             exact = load_file(exact_out)
             ranks = sorted({exact[f"{n}.lora_down.weight"].shape[0] for n in names})
             ours_errors = relative_errors(exact, [inputs[i] for i in chosen], [0.7, -0.4], names)
@@ -247,8 +267,9 @@ def compare_merges(args, work: Path, files: list[str], names: list[str], kohya_p
 def compare_svd_merge(args, work: Path, files: list[str], names: list[str], kohya_path: str) -> None:
     kohya_out, ours_out = work / "kohya_svd.safetensors", work / "ours_svd.safetensors"
     common = ["--models", *files[:2], "--ratios", "0.7", "-0.4", "--new_rank", "8", "--new_conv_rank", "4"]
-    kohya_t = run(args.kohya_dir, "networks/svd_merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
-    ours_t = run(REPO, "networks/svd_merge_lora.py", [*common, "--save_to", str(ours_out)], "")
+    kohya_args = [*common, "--save_to", str(kohya_out)]
+    kohya_t = run(args.kohya_dir, "networks/svd_merge_lora.py", kohya_args, kohya_path, files[:2])
+    ours_t = run(REPO, "networks/svd_merge_lora.py", [*common, "--save_to", str(ours_out)], "", files[:2])
     kohya, ours = load_file(kohya_out), load_file(ours_out)
     inputs = [load_file(f) for f in files[:2]]
     ranks_kohya = [kohya[f"{n}.lora_down.weight"].shape[0] for n in names]
@@ -275,9 +296,11 @@ def compare_bake(args, work: Path, kohya_path: str) -> None:
         files = write_loras(work, sd15_targets(), [(16, 8.0, 8, 4.0), (8, 8.0, 4, 4.0)], "locon")
         kohya_out, ours_out = work / "kohya_baked.safetensors", work / "ours_baked.safetensors"
         common = ["--sd_model", str(checkpoint), "--models", *files, "--ratios", "0.7", "-0.4"]
-        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", [*common, "--save_to", str(kohya_out)], kohya_path)
+        inputs = [checkpoint, *files]
+        kohya_args = [*common, "--save_to", str(kohya_out)]
+        kohya_t = run(args.kohya_dir, "networks/merge_lora.py", kohya_args, kohya_path, inputs)
         ours_args = [*common, "--save_precision", "float", "--save_to", str(ours_out)]
-        ours_t = run(REPO, "networks/merge_lora.py", ours_args, "")
+        ours_t = run(REPO, "networks/merge_lora.py", ours_args, "", inputs)
         result = compare_baked(checkpoint, kohya_out, ours_out)
     print(f"merge_lora --sd_model (LoCon, {len(sd15_targets())} modules each): kohya {kohya_t}; ours {ours_t}")
     print(f"  {result}")
@@ -446,8 +469,8 @@ def compare_extract(args, work: Path, kohya_path: str) -> None:
         if not tuned.exists():
             print(f"writing {tuned} (every LoCon target moved) ...", flush=True)
             write_tuned(checkpoint, tuned)
-        kohya_t = run(args.kohya_dir, script, [*common, "--save_to", str(kohya_out)], kohya_path)
-        ours_t = run(REPO, script, [*common, "--save_to", str(ours_out)], "")
+        kohya_t = run(args.kohya_dir, script, [*common, "--save_to", str(kohya_out)], kohya_path, [checkpoint, tuned])
+        ours_t = run(REPO, script, [*common, "--save_to", str(ours_out)], "", [checkpoint, tuned])
         result = compare_extracted(checkpoint, tuned, kohya_out, ours_out)
     print(
         f"extract_lora_from_models {' '.join(flags)}: kohya {kohya_t}; ours {ours_t}; "

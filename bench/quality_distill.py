@@ -78,7 +78,7 @@ def distill_rows(args: argparse.Namespace, work: Path) -> list[str]:
         rows.append(_row(student, "init", count_parameters(unet), mse, samples, reference, None))
         print(rows[-1], flush=True)
         for mode in args.distill_modes:
-            run = DistillRun(student, mode, args.distill_steps, args.distill_batch, args.distill_lr, args.seed)
+            run = DistillRun(student, mode, args.distill_steps, args.distill_batch, args.distill_lr, args.train_seed)
             out = work / f"{student}_{mode}"
             started = time.process_time()
             distill_unet.main(distill_argv(args.model, args.tokenizers, data, out, run))

@@ -43,7 +43,7 @@ from safetensors import safe_open
 import distill_unet
 import resize_lora
 import train_network
-from library.toy_world.concept import Concept, write_concept_set
+from library.toy_world.concept import Concept, ensure_concept_set
 from library.toy_world.dreambooth import (
     DreamBoothRun,
     apply_network_file,
@@ -119,8 +119,8 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
         "--prior_loss_weight",
         type=float,
         default=1.0,
-        help="kohya's flag for every run (1: kohya's default; 3 with --other_reg_per_combination 1 keeps other "
-        "prompts closest to the base, docs/quality.md)",
+        help="kohya's flag for every run (1: kohya's default; 4 with --other_reg_per_combination 1, --lr_scheduler "
+        "cosine and --steps 600 keeps both priors within 5 points, docs/quality.md)",
     )
     g.add_argument(
         "--other_reg_per_combination",
@@ -180,7 +180,7 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
     extra = [f"--save_every_n_steps={args.save_every}"]
     if method is None:
         run = DreamBoothRun(learning_rate=args.full_lr, max_train_steps=args.steps, train_batch_size=args.batch,
-                            seed=args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                            seed=args.train_seed, caption_dropout_rate=args.caption_dropout_rate,
                             prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
         argv = _full_finetune_argv(args, concept_dir, out, run)
         seconds = _cpu_run(distill_unet.main, argv + extra)
@@ -189,7 +189,7 @@ def train_method(args: argparse.Namespace, base, concept_dir: Path, work: Path, 
         parameters = sum(p.numel() for p in base.unet.parameters())
         return Trained(final, _checkpoints(out), seconds, parameters, weights.stat().st_size)
     run = DreamBoothRun(method.module, method.dim, method.alpha, method.network_args, method.learning_rate,
-                        args.steps, args.batch, args.seed, caption_dropout_rate=args.caption_dropout_rate,
+                        args.steps, args.batch, args.train_seed, caption_dropout_rate=args.caption_dropout_rate,
                         train_text_encoder=not args.network_train_unet_only,
                         prior_loss_weight=args.prior_loss_weight, lr_scheduler=args.lr_scheduler)  # fmt: skip
     argv = train_network_argv(args.model, args.tokenizers, concept_dir, out, run)
@@ -243,9 +243,8 @@ def _report_cells(report: dict[str, float]) -> str:
 def _concept_set(args: argparse.Namespace, work: Path) -> tuple[Concept, Path]:
     concept = Concept(*args.concept.split(), args.token)
     concept_dir = work / "concept"
-    if not concept_dir.exists():
-        write_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed,
-                          args.other_reg_per_combination)  # fmt: skip
+    ensure_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed,
+                       args.other_reg_per_combination)  # fmt: skip
     return concept, concept_dir
 
 

@@ -62,7 +62,7 @@ def _common_argv(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
         f"--train_data_dir={data}",
         "--caption_extension=.txt",
         "--resolution=64",
-        f"--seed={args.seed}",
+        f"--seed={args.train_seed}",
         "--max_data_loader_n_workers=0",
         "--train_batch_size=16",
     ]

@@ -12,8 +12,9 @@ they are.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from library.errors import ConfigError
@@ -27,6 +28,8 @@ OTHER_REGULARISATION_IMAGES_FROM = 31_500_000
 # images folder by folder and gives the extra repeats from the first, so the class images keep the
 # larger share (calibrated that way, docs/quality.md).
 OTHER_REGULARISATION_FOLDER = "1_wider prior"
+# What a set was written with, beside its folders: a reused folder must be the set asked for.
+RECIPE_FILE = "concept_set.json"
 
 
 @dataclass(frozen=True)
@@ -106,4 +109,44 @@ def write_concept_set(
             stem = f"{index:03d}_{spec.colour}_{spec.shape}"
             image.save(wider / f"{stem}.png")
             (wider / f"{stem}.txt").write_text(spec.caption + "\n")
+    recipe = _recipe(concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)
+    (Path(out) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     return instance, regularisation
+
+
+def _recipe(concept: Concept, *counts: int) -> dict:
+    names = ("images", "repeats", "reg_per_colour", "seed", "other_reg_per_combination")
+    return {"concept": asdict(concept), **dict(zip(names, counts))}
+
+
+def ensure_concept_set(
+    out: str | os.PathLike,
+    concept: Concept,
+    images: int,
+    repeats: int,
+    reg_per_colour: int,
+    seed: int,
+    other_reg_per_combination: int = 0,
+) -> None:
+    """Write the set into ``out`` unless it already holds this very set (benches reuse a work folder).
+
+    A folder written with other arguments, or without its recipe file (an interrupted write), is
+    refused in one line: training on it would measure another set than the flags say.
+    """
+    recipe = _recipe(concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)
+    written = Path(out) / RECIPE_FILE
+    if written.exists():
+        found = json.loads(written.read_text())
+        if found != recipe:
+            changed = ", ".join(
+                f"{key} {found.get(key)} -> {value}" for key, value in recipe.items() if found.get(key) != value
+            )
+            raise ConfigError(
+                f"{out} holds a concept set written with other arguments ({changed}): use another --work_dir"
+            )
+        return
+    if Path(out).exists():
+        raise ConfigError(
+            f"{out} holds no {RECIPE_FILE} (an interrupted or older set): remove it or use another --work_dir"
+        )
+    write_concept_set(out, concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)

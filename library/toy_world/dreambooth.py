@@ -48,8 +48,9 @@ class DreamBoothRun:
     # and moves the priors further (docs/quality.md).
     train_text_encoder: bool = True
     # kohya's --prior_loss_weight (the weight of the regularisation images' loss). 1 is kohya's default
-    # and the bench's; 3 with the concept set's wider prior folder, cosine lr and 400 steps keeps other
-    # prompts closest to the base (docs/quality.md, "Prior preservation on a larger prior set").
+    # and the bench's; 4 with the concept set's wider prior folder, cosine lr and 600 steps keeps both
+    # priors within 5 points of the base at five of five training seeds (bench/quality_prior.py,
+    # docs/quality.md "Prior preservation on a larger prior set").
     prior_loss_weight: float = 1.0
     # kohya's --lr_scheduler. Constant lr 1e-3 makes single checkpoints swing (concept 0.03 at step
     # 150, 0.81 at 200 in one run); cosine ends each run at a settled state.
@@ -115,7 +116,13 @@ def apply_network_file(model: StableDiffusionModel, path: str | os.PathLike, net
     network.to(torch.float32).eval().requires_grad_(False)
 
 
-def score_prompts(model: StableDiffusionModel, jobs: list[tuple[str, str, str]], seed: int, steps: int) -> Accuracy:
+# (prompt, expected colour, expected shape): one scored sample.
+Job = tuple[str, str, str]
+# Each scored set draws its noise from its own seed (``seed + offset``), so sets never share samples.
+REPORT_SEED_OFFSETS = {"concept": 0, "class_prior": 1, "other_prior": 2}
+
+
+def score_prompts(model: StableDiffusionModel, jobs: list[Job], seed: int, steps: int) -> Accuracy:
     """``jobs``: (prompt, expected colour, expected shape); one sample each, seeds from ``seed``."""
     accuracy = Accuracy()
     for first in range(0, len(jobs), 64):
@@ -127,21 +134,47 @@ def score_prompts(model: StableDiffusionModel, jobs: list[tuple[str, str, str]],
     return accuracy
 
 
+def report_jobs(
+    concept: Concept,
+    seed: int,
+    concept_samples: int,
+    class_samples: int,
+    other_samples: int,
+    all_other_prompts: bool = False,
+) -> dict[str, list[Job]]:
+    """The samples a concept report draws, by set: ``concept_samples`` of the concept prompt,
+    ``class_samples`` of the class shape in each colour the base model knows it in, and
+    ``other_samples`` of each other-shape pretraining prompt (every fifth of them, or all)."""
+    pretraining, _ = combination_split(seed)
+    others = concept.other_combinations(seed)
+    if not all_other_prompts:
+        others = others[:: max(1, len(pretraining) // 12)]
+    shape, known = concept.shape, concept.class_colours(seed)
+    return {
+        "concept": [(concept.prompt, concept.colour, shape)] * concept_samples,
+        "class_prior": [(caption(c, shape), c, shape) for c in known for _ in range(class_samples)],
+        "other_prior": [(caption(c, s), c, s) for c, s in others for _ in range(other_samples)],
+    }
+
+
+def score_report(
+    model: StableDiffusionModel, jobs: dict[str, list[Job]], seed: int, steps: int = 20
+) -> dict[str, Accuracy]:
+    """Each set of :func:`report_jobs` sampled and read; the same ``seed`` gives every model the same noise."""
+    return {name: score_prompts(model, jobs[name], seed + REPORT_SEED_OFFSETS[name], steps) for name in jobs}
+
+
 def concept_report(
     model: StableDiffusionModel, concept: Concept, samples: int, seed: int = 0, steps: int = 20
 ) -> dict[str, float]:
-    """Concept accuracy (both words right) and prior accuracy (the class's known colours and the
-    other shapes' pretraining prompts), ``samples`` seeded samples per prompt."""
-    concept_jobs = [(concept.prompt, concept.colour, concept.shape)] * samples
-    known = concept.class_colours(seed)
-    pretraining, _ = combination_split(seed)
-    others = [(c, s) for c, s in pretraining if s != concept.shape][:: max(1, len(pretraining) // 12)]
-    class_jobs = [(caption(c, concept.shape), c, concept.shape) for c in known for _ in range(max(1, samples // 4))]
-    other_jobs = [(caption(c, s), c, s) for c, s in others for _ in range(max(1, samples // 4))]
-    concept_rates = score_prompts(model, concept_jobs, seed, steps).rates()
+    """Concept accuracy (both words right) and prior accuracy (the class's known colours and every
+    fifth other-shape pretraining prompt), ``samples`` concept samples and a quarter as many per prior prompt."""
+    per_prompt = max(1, samples // 4)
+    scored = score_report(model, report_jobs(concept, seed, samples, per_prompt, per_prompt), seed, steps)
+    concept_rates = scored["concept"].rates()
     return {
         "concept": concept_rates["both"],
         "concept_colour": concept_rates["colour"],
-        "class_prior": score_prompts(model, class_jobs, seed + 1, steps).rates()["both"],
-        "other_prior": score_prompts(model, other_jobs, seed + 2, steps).rates()["both"],
+        "class_prior": scored["class_prior"].rates()["both"],
+        "other_prior": scored["other_prior"].rates()["both"],
     }

@@ -24,20 +24,26 @@ from library.training.sampling import make_sampler
 
 @dataclass
 class Accuracy:
-    """Counts of correct readings; ``confusion`` maps (expected, read) to a count of the mistakes."""
+    """Counts of correct readings; ``confusion`` maps (expected, read) to a count of the mistakes.
+
+    ``hits`` keeps each sample's verdict (colour and shape right) in order, so two models scored on
+    the same seeds can be compared sample by sample (a paired difference has a smaller error).
+    """
 
     total: int = 0
     colour: int = 0
     shape: int = 0
     both: int = 0
     confusion: dict[tuple[str, str], int] = field(default_factory=dict)
+    hits: list[bool] = field(default_factory=list)
 
     def add(self, colour: str, shape: str, image) -> None:
         reading = classify(image)
         self.total += 1
         self.colour += reading.colour == colour
         self.shape += reading.shape == shape
-        self.both += reading.colour == colour and reading.shape == shape
+        self.hits.append(reading.colour == colour and reading.shape == shape)
+        self.both += self.hits[-1]
         for expected, read in ((colour, reading.colour), (shape, reading.shape)):
             if expected != read:
                 self.confusion[(expected, read)] = self.confusion.get((expected, read), 0) + 1

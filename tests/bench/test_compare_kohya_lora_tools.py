@@ -2,6 +2,7 @@
 
 import fcntl
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from bench.compare_kohya_lora_tools import (
     run,
     top_reference,
     update,
+    warm_page_cache,
     write_tuned,
 )
 from library.lora_tools.truncated_svd import subspace_error
@@ -113,6 +115,38 @@ def test_run_reports_time_and_peak_memory_and_the_failure_line(tmp_path):
     assert timing.wall > 0 and timing.cpu > 0 and 0.25 <= timing.peak_gib < 2
     with pytest.raises(RuntimeError, match="bad input"):
         run(tmp_path, "script.py", ["no"], "")
+
+
+def _bytes_read_by_this_process() -> int:
+    return int(re.search(r"^rchar: (\d+)$", open("/proc/self/io").read(), re.M).group(1))
+
+
+def test_warm_page_cache_reads_every_byte_of_every_input(tmp_path):
+    sizes = [0, 1, 16 * 2**20 + 7, 3 * 2**20]  # empty, tiny, more than one buffer, less than one
+    paths = []
+    for index, size in enumerate(sizes):
+        paths.append(tmp_path / f"input{index}.bin")
+        paths[-1].write_bytes(b"\x01" * size)
+    before = _bytes_read_by_this_process()
+    warm_page_cache(paths)
+    read = _bytes_read_by_this_process() - before
+    assert sum(sizes) <= read < sum(sizes) + 2**20  # every byte once (plus /proc/self/io itself)
+
+
+def test_run_reads_its_inputs_before_the_script_starts(tmp_path, monkeypatch):
+    import bench.compare_kohya_lora_tools as compare
+
+    marker, warmed = tmp_path / "warmed", []
+
+    def record(paths):
+        warmed.append(list(paths))
+        marker.write_text("done")
+
+    monkeypatch.setattr(compare, "warm_page_cache", record)
+    script = "import pathlib, sys\nsys.exit(0 if pathlib.Path('warmed').exists() else 'cold')\n"
+    (tmp_path / "script.py").write_text(script)
+    compare.run(tmp_path, "script.py", [], "", [tmp_path / "a", tmp_path / "b"])
+    assert warmed == [[tmp_path / "a", tmp_path / "b"]]
 
 
 def test_held_takes_the_lock_for_the_block(tmp_path):

@@ -43,9 +43,10 @@ def toy_files(tmp_path_factory):
 
 def _args(toy_files, **overrides) -> argparse.Namespace:
     values = dict(model=toy_files / "toy.safetensors", tokenizers=toy_files / "tokenizers", steps=2, batch=2,
-                  seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant", threads=1,
-                  network_train_unet_only=False, prior_loss_weight=1.0, other_reg_per_combination=0,
-                  samples=1, concept="purple triangle", token="sks")  # fmt: skip
+                  seed=0, train_seed=0, save_every=1, full_lr=1e-4, caption_dropout_rate=0.1, lr_scheduler="constant",
+                  threads=1, network_train_unet_only=False, prior_loss_weight=1.0, other_reg_per_combination=0,
+                  samples=1, concept="purple triangle", token="sks", images=2, repeats=2,
+                  reg_per_colour=1)  # fmt: skip
     return argparse.Namespace(**values | overrides)
 
 
@@ -121,10 +122,11 @@ def test_full_finetuning_is_distill_unet_on_the_dreambooth_flags(toy_files, tmp_
 
 
 def test_a_lora_run_keeps_its_checkpoints_and_resizes_to_the_rank_asked(toy_files, tmp_path):
-    args = _args(toy_files)
+    args = _args(toy_files, train_seed=5)  # the world (split, concept set) stays seed 0
     base = load_base(args.model, args.tokenizers)
     trained = train_method(args, base, toy_files / "concept", tmp_path, "lora r4")
     assert sorted(trained.checkpoints) == [1]
+    assert load_lora_file(trained.final)[1]["ss_seed"] == "5"  # kohya's --seed is the training seed
     assert mean_rank(trained.final) == 4
     (tmp_path / "concept").symlink_to(toy_files / "concept")  # the bench's work folder holds the concept set
     row = score_resized(args, tmp_path, ("lora r4", trained.final, "rank 2", ["--new_rank=2"]))

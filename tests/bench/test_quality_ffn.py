@@ -21,8 +21,8 @@ COMBINATIONS = [("red", "star"), ("blue", "ring"), ("white", "cross"), ("green",
 
 
 def _args(root, **overrides) -> argparse.Namespace:
-    values = dict(model=root / "toy.safetensors", tokenizers=root / "tokenizers", seed=0, ffn_blocks="all",
-                  ffn_images=4, ffn_blockwise_steps=2, ffn_theseus_steps=4, ffn_lr=1e-3,
+    values = dict(model=root / "toy.safetensors", tokenizers=root / "tokenizers", seed=0, train_seed=0,
+                  ffn_blocks="all", ffn_images=4, ffn_blockwise_steps=2, ffn_theseus_steps=4, ffn_lr=1e-3,
                   ffn_last_stage="theseus")  # fmt: skip
     return argparse.Namespace(**values | overrides)
 

@@ -5,13 +5,21 @@ import numpy as np
 import pytest
 
 import train_network
+from library.errors import ConfigError
 from library.models.stable_diffusion import save_ldm_checkpoint
-from library.toy_world.concept import OTHER_REGULARISATION_FOLDER, Concept, write_concept_set
+from library.toy_world.concept import (
+    OTHER_REGULARISATION_FOLDER,
+    RECIPE_FILE,
+    Concept,
+    ensure_concept_set,
+    write_concept_set,
+)
 from library.toy_world.dreambooth import (
     DreamBoothRun,
     apply_network_file,
     concept_report,
     load_base,
+    report_jobs,
     train_network_argv,
 )
 from library.toy_world.evaluate import generate
@@ -77,11 +85,40 @@ def test_the_wider_prior_folder_holds_every_other_shape_and_trains_as_regularisa
     assert metadata["ss_num_reg_images"] == str(10 + len(captions)) and metadata["ss_prior_loss_weight"] == "3.0"
 
 
+def test_a_reused_folder_must_hold_the_set_asked_for(tmp_path):
+    concept, out = Concept("purple", "triangle"), tmp_path / "concept"
+    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
+    written = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)  # the same set: kept
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == written
+    with pytest.raises(ConfigError, match=r"other_reg_per_combination 0 -> 1\): use another --work_dir"):
+        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, other_reg_per_combination=1)
+    assert not (out / "reg" / OTHER_REGULARISATION_FOLDER).exists()  # nothing added to the old set
+    (out / RECIPE_FILE).unlink()  # as an interrupted write leaves it
+    with pytest.raises(ConfigError, match=f"holds no {RECIPE_FILE}"):
+        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
+
+
 def test_the_report_scores_concept_and_prior_prompts(toy_files):
     model = load_base(toy_files / "toy.safetensors", toy_files / "tokenizers")
     report = concept_report(model, Concept("purple", "triangle"), samples=4, steps=2)
     assert set(report) == {"concept", "concept_colour", "class_prior", "other_prior"}
     assert all(0.0 <= value <= 1.0 for value in report.values())
+
+
+def test_report_jobs_sample_every_fifth_other_prompt_or_all_of_them():
+    concept = Concept("purple", "triangle")
+    pretraining, _ = combination_split(0)
+    others = [(c, s) for c, s in pretraining if s != "triangle"]
+    known = [c for c, s in pretraining if s == "triangle"]
+    bench = report_jobs(concept, 0, concept_samples=16, class_samples=4, other_samples=4)
+    assert bench["concept"] == [("a sks triangle", "purple", "triangle")] * 16
+    assert [(c, s) for _, c, s in bench["class_prior"]] == [(c, "triangle") for c in known for _ in range(4)]
+    assert [(c, s) for _, c, s in bench["other_prior"][::4]] == others[::5] and len(bench["other_prior"]) == 40
+    wide = report_jobs(concept, 0, concept_samples=32, class_samples=8, other_samples=4, all_other_prompts=True)
+    assert len(wide["concept"]) == 32 and len(wide["class_prior"]) == 8 * len(known) == 80
+    assert [(c, s) for _, c, s in wide["other_prior"][::4]] == others and len(wide["other_prior"]) == 200
+    assert all(prompt == f"a {c} {s}" for jobs in (wide["class_prior"], wide["other_prior"]) for prompt, c, s in jobs)
 
 
 def test_load_base_casts_an_fp16_file_to_float32_without_diffusers_warnings(tmp_path, monkeypatch):

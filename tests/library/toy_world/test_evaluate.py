@@ -38,6 +38,7 @@ def test_accuracy_counts_colour_shape_and_confusions():
     accuracy.add("green", "square", image)  # the right colour, the wrong shape
     assert accuracy.rates() == {"colour": 1.0, "shape": 2 / 3, "both": 2 / 3}
     assert accuracy.confusion == {("square", "cross"): 1}
+    assert accuracy.hits == [True, True, False]  # each sample's verdict, in order, for paired comparisons
 
 
 def test_a_model_loaded_from_its_single_file_samples_the_same_images(model, tmp_path):
