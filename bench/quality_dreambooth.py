@@ -43,7 +43,7 @@ from safetensors import safe_open
 import distill_unet
 import resize_lora
 import train_network
-from library.toy_world.concept import Concept, ensure_concept_set
+from library.toy_world.concept import Concept, write_concept_set
 from library.toy_world.dreambooth import (
     DreamBoothRun,
     apply_network_file,
@@ -243,8 +243,8 @@ def _report_cells(report: dict[str, float]) -> str:
 def _concept_set(args: argparse.Namespace, work: Path) -> tuple[Concept, Path]:
     concept = Concept(*args.concept.split(), args.token)
     concept_dir = work / "concept"
-    ensure_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed,
-                       args.other_reg_per_combination)  # fmt: skip
+    write_concept_set(concept_dir, concept, args.images, args.repeats, args.reg_per_colour, args.seed,
+                      args.other_reg_per_combination, reuse=True)  # fmt: skip
     return concept, concept_dir
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import train_network  # noqa: E402
 from bench.quality_dreambooth import _checkpoints, _cpu_run, _in_workers, with_trained  # noqa: E402
-from library.toy_world.concept import Concept, ensure_concept_set  # noqa: E402
+from library.toy_world.concept import Concept, write_concept_set  # noqa: E402
 from library.toy_world.dreambooth import (  # noqa: E402
     DreamBoothRun,
     load_base,
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict[int | None, Scored]:
     concept.check(args.world_seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
-        ensure_concept_set(work / "concept", concept, args.images, args.repeats, args.reg_per_colour,
-                           args.world_seed, args.other_reg_per_combination)  # fmt: skip
+        write_concept_set(work / "concept", concept, args.images, args.repeats, args.reg_per_colour,
+                          args.world_seed, args.other_reg_per_combination, reuse=True)  # fmt: skip
         print(
             f"LoRA r4 '{args.concept}' as '{args.token}': --prior_loss_weight {args.prior_loss_weight:g} "
             f"--lr_scheduler {args.lr_scheduler} --learning_rate {args.learning_rate:g} --max_train_steps "

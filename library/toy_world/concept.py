@@ -76,16 +76,32 @@ def write_concept_set(
     reg_per_colour: int,
     seed: int,
     other_reg_per_combination: int = 0,
+    reuse: bool = False,
 ) -> tuple[Path, Path]:
     """``out/img/<repeats>_<token> <shape>`` (instance images) and ``out/reg/1_<shape>`` (class images).
 
     ``other_reg_per_combination`` > 0 adds ``out/reg/1_wider prior``: that many captioned images of
     each other-shape pretraining combination, trained with the class images under the same prior
-    loss weight (kohya's ``--reg_data_dir`` takes every sub-folder).
+    loss weight (kohya's ``--reg_data_dir`` takes every sub-folder). The arguments are written
+    beside the folders (``concept_set.json``). ``reuse`` keeps an ``out`` that already holds this
+    very set (benches reuse a work folder) and refuses, in one line, one written with other
+    arguments or without that file (an interrupted write): training on it would measure another set
+    than the flags say.
     """
     concept.check(seed)
     instance = Path(out) / "img" / f"{repeats}_{concept.token} {concept.shape}"
     regularisation = Path(out) / "reg" / f"1_{concept.shape}"
+    recipe = {
+        "concept": asdict(concept),
+        "images": images,
+        "repeats": repeats,
+        "reg_per_colour": reg_per_colour,
+        "seed": seed,
+        "other_reg_per_combination": other_reg_per_combination,
+    }
+    if reuse and Path(out).exists():
+        _check_reused(Path(out), recipe)
+        return instance, regularisation
     for folder in (instance, regularisation):
         folder.mkdir(parents=True, exist_ok=True)
     for index, (_, image) in enumerate(
@@ -109,44 +125,21 @@ def write_concept_set(
             stem = f"{index:03d}_{spec.colour}_{spec.shape}"
             image.save(wider / f"{stem}.png")
             (wider / f"{stem}.txt").write_text(spec.caption + "\n")
-    recipe = _recipe(concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)
     (Path(out) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     return instance, regularisation
 
 
-def _recipe(concept: Concept, *counts: int) -> dict:
-    names = ("images", "repeats", "reg_per_colour", "seed", "other_reg_per_combination")
-    return {"concept": asdict(concept), **dict(zip(names, counts))}
-
-
-def ensure_concept_set(
-    out: str | os.PathLike,
-    concept: Concept,
-    images: int,
-    repeats: int,
-    reg_per_colour: int,
-    seed: int,
-    other_reg_per_combination: int = 0,
-) -> None:
-    """Write the set into ``out`` unless it already holds this very set (benches reuse a work folder).
-
-    A folder written with other arguments, or without its recipe file (an interrupted write), is
-    refused in one line: training on it would measure another set than the flags say.
-    """
-    recipe = _recipe(concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)
-    written = Path(out) / RECIPE_FILE
-    if written.exists():
-        found = json.loads(written.read_text())
-        if found != recipe:
-            changed = ", ".join(
-                f"{key} {found.get(key)} -> {value}" for key, value in recipe.items() if found.get(key) != value
-            )
-            raise ConfigError(
-                f"{out} holds a concept set written with other arguments ({changed}): use another --work_dir"
-            )
-        return
-    if Path(out).exists():
+def _check_reused(out: Path, recipe: dict) -> None:
+    written = out / RECIPE_FILE
+    if not written.exists():
         raise ConfigError(
             f"{out} holds no {RECIPE_FILE} (an interrupted or older set): remove it or use another --work_dir"
         )
-    write_concept_set(out, concept, images, repeats, reg_per_colour, seed, other_reg_per_combination)
+    found = json.loads(written.read_text())
+    changed = ", ".join(
+        f"{key} {found.get(key)} -> {value}" for key, value in recipe.items() if found.get(key) != value
+    )
+    if changed:
+        raise ConfigError(
+            f"{out} holds a concept set written with other arguments ({changed}): use another --work_dir"
+        )

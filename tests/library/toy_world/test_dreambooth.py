@@ -11,7 +11,6 @@ from library.toy_world.concept import (
     OTHER_REGULARISATION_FOLDER,
     RECIPE_FILE,
     Concept,
-    ensure_concept_set,
     write_concept_set,
 )
 from library.toy_world.dreambooth import (
@@ -87,16 +86,16 @@ def test_the_wider_prior_folder_holds_every_other_shape_and_trains_as_regularisa
 
 def test_a_reused_folder_must_hold_the_set_asked_for(tmp_path):
     concept, out = Concept("purple", "triangle"), tmp_path / "concept"
-    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
+    write_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, reuse=True)
     written = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
-    ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)  # the same set: kept
+    write_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, reuse=True)  # the same set: kept
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == written
     with pytest.raises(ConfigError, match=r"other_reg_per_combination 0 -> 1\): use another --work_dir"):
-        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, other_reg_per_combination=1)
+        write_concept_set(out, concept, 2, 2, 1, seed=0, other_reg_per_combination=1, reuse=True)
     assert not (out / "reg" / OTHER_REGULARISATION_FOLDER).exists()  # nothing added to the old set
     (out / RECIPE_FILE).unlink()  # as an interrupted write leaves it
     with pytest.raises(ConfigError, match=f"holds no {RECIPE_FILE}"):
-        ensure_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0)
+        write_concept_set(out, concept, images=2, repeats=2, reg_per_colour=1, seed=0, reuse=True)
 
 
 def test_the_report_scores_concept_and_prior_prompts(toy_files):
