@@ -1,5 +1,9 @@
 """networks/merge_lora.py end to end: LoRAs baked into the tiny SD1/SD2 checkpoints, LoRA merges, bad input."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,6 +123,45 @@ def test_lora_merge_cli_writes_exact_merge_and_kohya_bytes(tiny_targets, write_l
     torch.testing.assert_close(kohya_sd[f"{name}.lora_up.weight"], up, rtol=0, atol=0)
     torch.testing.assert_close(kohya_sd[f"{name}.lora_down.weight"], down, rtol=0, atol=0)
     assert metadata["sshs_model_hash"] and metadata["ss_network_dim"] == "8"
+
+
+# Runs a script as ``python script args`` would, then names the model libraries it imported.
+_IMPORTED = """import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit_:
+    assert not exit_.code, exit_.code
+print(sorted({"diffusers", "transformers"} & set(sys.modules)))
+"""
+
+
+def test_lora_merges_and_help_do_not_import_the_model_libraries(tiny_targets, write_lora, tmp_path):
+    """Only a checkpoint bake needs diffusers and transformers (3-4 s to import); merging LoRAs into a
+    LoRA, the SVD merge and --help answer without them."""
+    targets = tiny_targets["sd1"][:2]
+    first, second = str(write_lora(targets, "a", seed=1)), str(write_lora(targets, "b", seed=2))
+    runs = [
+        ["networks/merge_lora.py", "--models", first, second, "--save_to", str(tmp_path / "ab.safetensors")],
+        [
+            "networks/svd_merge_lora.py",
+            "--models",
+            first,
+            second,
+            "--new_rank",
+            "2",
+            "--save_to",
+            str(tmp_path / "ab2.safetensors"),
+        ],  # fmt: skip
+        ["networks/merge_lora.py", "--help"],
+        ["networks/svd_merge_lora.py", "--help"],
+    ]
+    repo = Path(__file__).resolve().parents[2]
+    for argv in runs:
+        done = subprocess.run([sys.executable, "-c", _IMPORTED, *argv], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "[]", argv
+    assert (tmp_path / "ab.safetensors").is_file() and (tmp_path / "ab2.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
