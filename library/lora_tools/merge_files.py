@@ -9,10 +9,8 @@ from pathlib import Path
 import torch
 
 from library.errors import ConfigError
-from library.lora_tools.checkpoint_merge import bake_loras
 from library.lora_tools.lora_merge import exact_merge, kohya_merge, merged_metadata, merged_state_dict
 from library.lora_tools.lora_sets import read_loras
-from library.lora_tools.sd_weights import read_sd_weights, write_sd_weights
 from library.resize.files import OUTPUT_SUFFIXES, SAVE_PRECISIONS, save_dtype
 from networks.lora_file import save_lora_file
 
@@ -38,6 +36,10 @@ def merge_into_checkpoint(
     sd_model: str, models: list[str], ratios: list[float] | None, save_to: str, save_precision: str | None
 ) -> None:
     """Bake the LoRAs into ``sd_model`` and write it (same layout; its dtypes unless ``save_precision``)."""
+    # Checkpoints need transformers and diffusers (3-4 s to import); LoRA-to-LoRA merges do not.
+    from library.lora_tools.checkpoint_merge import bake_loras
+    from library.lora_tools.sd_weights import read_sd_weights, write_sd_weights
+
     target = check_save_to(save_to, [sd_model, *models])
     dtype = precision_dtype(save_precision)
     inputs, ratios = read_loras(models, ratios)

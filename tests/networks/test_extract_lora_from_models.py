@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from networks import extract_lora_from_models, merge_lora
 from networks.lora_file import load_lora_file
-from tests.cli_runs import exit_status
+from tests.cli_runs import exit_status, heavy_imports
 from tests.kohya_reference import dense_delta
 
 
@@ -67,3 +67,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_sd, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("SD1" in err[0] and "SD2" in err[0] if case == "families" else "SDXL" in err[0])
     assert not out.exists()
+
+
+def test_help_answers_before_the_model_libraries_import():
+    """torch, diffusers and transformers take 4-5 s to import; --help needs none of them."""
+    assert heavy_imports("networks/extract_lora_from_models.py", "--help") == []

@@ -9,7 +9,7 @@ from library.models.stable_diffusion import load_stable_diffusion
 from library.synthetic_lora import LoRATarget
 from networks import merge_lora
 from networks.lora_file import load_lora_file
-from tests.cli_runs import exit_status
+from tests.cli_runs import exit_status, heavy_imports
 from tests.kohya_reference import dense_delta
 
 
@@ -119,6 +119,31 @@ def test_lora_merge_cli_writes_exact_merge_and_kohya_bytes(tiny_targets, write_l
     torch.testing.assert_close(kohya_sd[f"{name}.lora_up.weight"], up, rtol=0, atol=0)
     torch.testing.assert_close(kohya_sd[f"{name}.lora_down.weight"], down, rtol=0, atol=0)
     assert metadata["sshs_model_hash"] and metadata["ss_network_dim"] == "8"
+
+
+def test_lora_merges_and_help_do_not_import_the_model_libraries(tiny_targets, write_lora, tmp_path):
+    """Only a checkpoint bake needs diffusers and transformers (3-4 s to import); merging LoRAs into a
+    LoRA, the SVD merge and --help answer without them."""
+    targets = tiny_targets["sd1"][:2]
+    first, second = str(write_lora(targets, "a", seed=1)), str(write_lora(targets, "b", seed=2))
+    runs = [
+        ["networks/merge_lora.py", "--models", first, second, "--save_to", str(tmp_path / "ab.safetensors")],
+        [
+            "networks/svd_merge_lora.py",
+            "--models",
+            first,
+            second,
+            "--new_rank",
+            "2",
+            "--save_to",
+            str(tmp_path / "ab2.safetensors"),
+        ],  # fmt: skip
+        ["networks/merge_lora.py", "--help"],
+        ["networks/svd_merge_lora.py", "--help"],
+    ]
+    for argv in runs:
+        assert {"diffusers", "transformers"}.isdisjoint(heavy_imports(*argv)), argv
+    assert (tmp_path / "ab.safetensors").is_file() and (tmp_path / "ab2.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
