@@ -41,8 +41,6 @@ from library.toy_world.dreambooth import (  # noqa: E402
     train_network_argv,
 )
 
-SETS = ("concept", "class_prior", "other_prior")
-
 
 @dataclass
 class Scored:
@@ -71,7 +69,8 @@ def meets_bars(hits: dict[str, list[bool]], base: dict[str, list[bool]], concept
     """The concept read at ``concept_bar`` or better, and neither prior more than ``points`` below the base."""
     concept = sum(hits["concept"]) / len(hits["concept"])
     drops = [paired_change(hits[name], base[name])[0] for name in ("class_prior", "other_prior")]
-    return concept >= concept_bar and all(drop >= -points / 100 for drop in drops)
+    # 1e-9: a drop of exactly ``points`` (e.g. 10 of 200 samples) is at the bar, whatever the float rounding
+    return concept >= concept_bar and all(drop >= -points / 100 - 1e-9 for drop in drops)
 
 
 def _concept(args: argparse.Namespace) -> Concept:
