@@ -240,8 +240,8 @@ def compare_merges(args, work: Path, files: list[str], names: list[str], kohya_p
     inputs = [load_file(f) for f in files]
     for label, extra, chosen in [("sum", [], [0, 1]), ("concat", ["--concat"], [0, 2])]:
         kohya_out, ours_out = work / f"kohya_{label}.safetensors", work / f"ours_{label}.safetensors"
-        common = ["--models", *(files[i] for i in chosen), "--ratios", "0.7", "-0.4", *extra]
         chosen_files = [files[i] for i in chosen]
+        common = ["--models", *chosen_files, "--ratios", "0.7", "-0.4", *extra]
         kohya_args = [*common, "--save_to", str(kohya_out)]
         kohya_t = run(args.kohya_dir, "networks/merge_lora.py", kohya_args, kohya_path, chosen_files)
         ours_args = [*common, "--kohya_arithmetic", "--save_to", str(ours_out)]

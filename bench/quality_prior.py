@@ -117,16 +117,10 @@ def row(label: str, step: str, hits: dict[str, list[bool]], base: dict[str, list
     """A table row: rates, the priors' paired changes against the base, and the verdict."""
     cells = [label, step, f"{_rate(hits['concept']):.2f}"]
     for name in ("class_prior", "other_prior"):
-        cells.append(f"{_rate(hits[name]):.3f}")
-        if base is None:
-            cells.append("-")
-        else:
-            change, error = paired_change(hits[name], base[name])
-            cells.append(f"{100 * change:+.1f} ({100 * error:.1f})")
-    if base is not None:
-        cells.append("met" if meets_bars(hits, base, args.concept_bar, args.prior_points) else "not met")
-    else:
-        cells.append("-")
+        change, error = paired_change(hits[name], base[name]) if base else (None, None)
+        cells += [f"{_rate(hits[name]):.3f}", "-" if base is None else f"{100 * change:+.1f} ({100 * error:.1f})"]
+    met = base is not None and meets_bars(hits, base, args.concept_bar, args.prior_points)
+    cells.append("-" if base is None else "met" if met else "not met")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -176,8 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[int | None, Scored]:
     args = parse_args(argv)
-    concept = _concept(args)
-    concept.check(args.world_seed)
+    concept = _concept(args)  # write_concept_set checks it against the world before anything loads
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         write_concept_set(work / "concept", concept, args.images, args.repeats, args.reg_per_colour,

@@ -33,7 +33,6 @@ class Accuracy:
     total: int = 0
     colour: int = 0
     shape: int = 0
-    both: int = 0
     confusion: dict[tuple[str, str], int] = field(default_factory=dict)
     hits: list[bool] = field(default_factory=list)
 
@@ -43,10 +42,14 @@ class Accuracy:
         self.colour += reading.colour == colour
         self.shape += reading.shape == shape
         self.hits.append(reading.colour == colour and reading.shape == shape)
-        self.both += self.hits[-1]
         for expected, read in ((colour, reading.colour), (shape, reading.shape)):
             if expected != read:
                 self.confusion[(expected, read)] = self.confusion.get((expected, read), 0) + 1
+
+    @property
+    def both(self) -> int:
+        """Samples with colour and shape both right."""
+        return sum(self.hits)
 
     def rates(self) -> dict[str, float]:
         n = max(self.total, 1)
