@@ -8,8 +8,10 @@ python distill_unet.py --pretrained_model_name_or_path model.safetensors --stude
 from __future__ import annotations
 
 from library.cli import collector_paused_for_imports, run_cli
-from library.distill.args import distill_unet_parser
 from library.training.args import parse_or_write_config
+
+with collector_paused_for_imports():  # the parser checks student configs against diffusers' UNet: imports it
+    from library.distill.args import distill_unet_parser
 
 
 def setup_parser():
