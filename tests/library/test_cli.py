@@ -82,13 +82,23 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("script", ["train_network", "sdxl_train_network", "distill_unet"])
-def test_the_trainers_import_their_libraries_with_the_collector_paused(script, tmp_path):
+def _argv(script: str, tmp_path: Path) -> list[str]:
+    """Arguments that parse; no file is read (the run stops at the first diffusers import)."""
+    if script == "networks.extract_lora_from_models":
+        return ["--model_org", "a.safetensors", "--model_tuned", "b.safetensors", "--save_to", "lora.safetensors"]
     model = tmp_path / "model.safetensors"
-    model.write_bytes(b"")  # never read: the run stops at the first diffusers import
-    argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", tmp_path, "--output_dir", tmp_path / "out"]
-    argv += ["--network_module", "networks.lora"]
-    command = [sys.executable, "-c", _IMPORT_PROBE.format(script=script), *map(str, argv)]
+    model.write_bytes(b"")
+    return [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),
+        "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script", ["train_network", "sdxl_train_network", "distill_unet", "networks.extract_lora_from_models"]
+)
+def test_the_scripts_import_their_libraries_with_the_collector_paused(script, tmp_path):
+    command = [sys.executable, "-c", _IMPORT_PROBE.format(script=script), *_argv(script, tmp_path)]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert done.stdout.splitlines() == [
         "collector enabled while importing diffusers: False",
