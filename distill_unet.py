@@ -7,9 +7,11 @@ python distill_unet.py --pretrained_model_name_or_path model.safetensors --stude
 
 from __future__ import annotations
 
-from library.cli import run_cli
-from library.distill.args import distill_unet_parser
+from library.cli import collector_paused_for_imports, run_cli
 from library.training.args import parse_or_write_config
+
+with collector_paused_for_imports():  # the parser checks student configs against diffusers' UNet: imports it
+    from library.distill.args import distill_unet_parser
 
 
 def setup_parser():
@@ -21,8 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_or_write_config(setup_parser(), argv)
     if args is None:
         return
-    import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
-    from library.distill.trainer import DistillTrainer  # heavy imports only when training
+    with collector_paused_for_imports():
+        import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
+        from library.distill.trainer import DistillTrainer  # heavy imports only when training
 
     DistillTrainer(args).train()
 

@@ -6,7 +6,7 @@ python sdxl_train_network.py --pretrained_model_name_or_path sdxl.safetensors --
 
 from __future__ import annotations
 
-from library.cli import run_cli
+from library.cli import collector_paused_for_imports, run_cli
 from library.file_hash import prefetch_model_hashes
 from library.training.args import parse_or_write_config
 from library.training.sdxl_args import sdxl_train_network_parser
@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     if args is None:
         return
     prefetch_model_hashes(args)  # hashed on another core while the libraries import and the model loads
-    import library.features  # noqa: F401  (feature packages register what they add)
-    from library.training.sdxl_trainer import SDXLNetworkTrainer  # heavy imports only when training
+    with collector_paused_for_imports():
+        import library.features  # noqa: F401  (feature packages register what they add)
+        from library.training.sdxl_trainer import SDXLNetworkTrainer  # heavy imports only when training
 
     SDXLNetworkTrainer(args).train()
 

@@ -6,7 +6,7 @@ python train_network.py --pretrained_model_name_or_path model.safetensors --netw
 
 from __future__ import annotations
 
-from library.cli import run_cli
+from library.cli import collector_paused_for_imports, run_cli
 from library.file_hash import prefetch_model_hashes
 from library.training.args import parse_or_write_config, train_network_parser
 
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     if args is None:
         return
     prefetch_model_hashes(args)  # hashed on another core while the libraries import and the model loads
-    import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
-    from library.training.network_trainer import NetworkTrainer  # heavy imports only when training
+    with collector_paused_for_imports():
+        import library.features  # noqa: F401  (feature packages register what they add, e.g. UNet variants)
+        from library.training.network_trainer import NetworkTrainer  # heavy imports only when training
 
     NetworkTrainer(args).train()
 

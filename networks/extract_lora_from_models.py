@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cli import run_cli  # the root must be on sys.path first
+from library.cli import collector_paused_for_imports, run_cli  # the root must be on sys.path first
 from library.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,13 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
-    # After parsing: these import torch, diffusers and transformers (4-5 s), which --help never needs.
-    from library.lora_tools.extract import ExtractRequest, extract_lora, extract_metadata
-    from library.lora_tools.merge_files import check_save_to
-    from library.lora_tools.sd_weights import read_sd_weights
-    from library.resize.files import OUTPUT_SUFFIXES, save_dtype
-    from networks.lora_file import save_lora_file
+    # After parsing: these import torch, diffusers and transformers (4 s), which --help never needs.
+    with collector_paused_for_imports():
+        from library.lora_tools.extract import ExtractRequest, extract_lora, extract_metadata
+        from library.lora_tools.merge_files import check_save_to
+        from library.lora_tools.sd_weights import read_sd_weights
+        from library.resize.files import OUTPUT_SUFFIXES, save_dtype
+        from networks.lora_file import save_lora_file
 
     if args.sdxl:
         raise ConfigError("--sdxl: SDXL checkpoints are not supported yet; SD1.x and SD2.x are")
