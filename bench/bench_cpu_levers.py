@@ -2,12 +2,17 @@
 
     python -m bench.bench_cpu_levers                    # eager, channels_last, narrow weights, fused AdamW
     python -m bench.bench_cpu_levers --levers eager inductor --rounds 3
+    python -m bench.bench_cpu_levers --levers eager narrow narrow_low_f32 narrow_lower_f32 --rounds 5
 
 Every lever runs the same step in the same process, interleaved round by round against the eager
 float32 baseline (medians, ratios printed): a random SD1.5 UNet (fp16-rounded weights, so the narrow
 variant is exact) at ``--size`` px, batch 1, gradients flowing back through every layer as they do
 to a LoRA. ``channels_last``: model and input in NHWC. ``narrow``: frozen weights kept in fp16 and
 widened per use (``library.models.narrow_weights``, the trainer's default in float32 runs).
+``narrow_low_f32`` / ``narrow_lower_f32``: the same, but the lowest-resolution blocks (4x4 latents
+at 256 px, whose convs are bound by reading their weights), then also the level above, keep float32
+copies: what memory buys back of the widening's cost (docs/training.md). Each row prints the UNet
+weights' size.
 ``inductor``: ``torch.compile`` (kohya's ``--torch_compile --dynamo_backend inductor``), its
 compile time printed apart. ``fused_adamw``: one AdamW step over a LoRA dim 16's 6.8 M parameters,
 ``fused=True`` against the default ``foreach``.
@@ -25,7 +30,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STEP_LEVERS = ("eager", "channels_last", "narrow", "inductor")
+# Blocks kept in float32 by the partly narrow levers.
+FLOAT32_BLOCKS = {
+    "narrow": (),
+    "narrow_low_f32": ("down_blocks.3", "mid_block", "up_blocks.0"),
+    "narrow_lower_f32": ("down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0"),
+}
+STEP_LEVERS = ("eager", "channels_last", *FLOAT32_BLOCKS, "inductor")
 LORA_DIM16_PARAMS = 6_782_976  # trainable parameters of the bench's LoRA (train_network's log)
 
 
@@ -53,11 +64,19 @@ def variant(base, lever: str):
     model = copy.deepcopy(base)
     if lever == "channels_last":
         return model.to(memory_format=torch.channels_last), torch.channels_last, 0.0
-    if lever == "narrow":
-        keep_weights_narrow(model.half(), torch.float32)
+    if lever in FLOAT32_BLOCKS:
+        model.half()
+        for name in FLOAT32_BLOCKS[lever]:
+            model.get_submodule(name).float()
+        keep_weights_narrow(model, torch.float32)
         return model, torch.contiguous_format, 0.0
     compiled = torch.compile(model, backend="inductor")
     return compiled, torch.contiguous_format, None  # compile time: the first step's
+
+
+def weights_gib(model) -> float:
+    """The size of ``model``'s parameters as held (narrow ones at 2 bytes)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
 
 def one_step(model, size: int, memory_format) -> float:
@@ -114,11 +133,12 @@ def main() -> None:
         for lever, (model, memory_format, _) in models.items():
             times[lever].append(one_step(model, args.size, memory_format))
     baseline = statistics.median(times["eager"])
-    print(f"{'lever':16} {'s/step':>8} {'vs eager':>9}")
+    print(f"{'lever':16} {'s/step':>8} {'vs eager':>9} {'weights GiB':>12}")
     for lever, values in times.items():
         median = statistics.median(values)
         extra = f"  (first step, compiling: {compile_seconds[lever]:.0f} s)" if lever in compile_seconds else ""
-        print(f"{lever:16} {median:8.2f} {median / baseline:8.2f}x{extra}", flush=True)
+        size = weights_gib(models[lever][0])
+        print(f"{lever:16} {median:8.2f} {median / baseline:8.2f}x {size:12.2f}{extra}", flush=True)
     if "fused_adamw" in args.levers:
         adamw = time_fused_adamw(args.rounds)
         print(

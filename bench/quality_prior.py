@@ -117,7 +117,7 @@ def row(label: str, step: str, hits: dict[str, list[bool]], base: dict[str, list
     """A table row: rates, the priors' paired changes against the base, and the verdict."""
     cells = [label, step, f"{_rate(hits['concept']):.2f}"]
     for name in ("class_prior", "other_prior"):
-        change, error = paired_change(hits[name], base[name]) if base else (None, None)
+        change, error = paired_change(hits[name], base[name]) if base is not None else (None, None)
         cells += [f"{_rate(hits[name]):.3f}", "-" if base is None else f"{100 * change:+.1f} ({100 * error:.1f})"]
     met = base is not None and meets_bars(hits, base, args.concept_bar, args.prior_points)
     cells.append("-" if base is None else "met" if met else "not met")
